@@ -1,0 +1,154 @@
+"""The checked spec: parameters resolved, names bound, shapes known. Levels are the nodes of the
+level graph; streams and gates are what flows into them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import sympy
+
+from . import ast
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One resolved option of a level: `huber(delta = d, form = norm)` -> kind 'huber', args.
+    Scalar arguments are sympy expressions over numbers and gate symbols."""
+    kind: str
+    args: Mapping[str, object]
+    span: ast.Span | None
+    inner: "Choice | None" = None  # `omega(...) of l2`
+
+    def arg(self, name: str):
+        return self.args[name]
+
+    def describe(self) -> str:
+        parts = [f"{k}={_show(v)}" for k, v in self.args.items() if v is not None]
+        text = f"{self.kind}({', '.join(parts)})" if parts else self.kind
+        return f"{text} of {self.inner.describe()}" if self.inner else text
+
+
+def _show(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).replace("gate_", "")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Memory architecture. matrix: S [K, V], o = S^T q. vector: m [V] (K == V), o = m * q.
+    mlp: residual MLP of `depth` layers (depth 1 = a plain matrix W unless residual/norm are asked)."""
+    kind: str  # matrix | vector | mlp
+    depth: int = 1
+    expand: float = 4.0
+    act: str = "gelu"
+    residual: bool = False
+    gated: bool = False
+    norm: str = "none"  # none | layernorm
+    bias: bool = False
+    span: ast.Span | None = None
+
+    def describe(self) -> str:
+        if self.kind != "mlp":
+            return self.kind
+        flags = [f"depth={self.depth}", f"expand={_show(self.expand)}", f"act={self.act}"]
+        flags += [n for n, on in (("residual", self.residual), ("gated", self.gated),
+                                  ("bias", self.bias)) if on]
+        if self.norm != "none":
+            flags.append(f"norm={self.norm}")
+        return f"mlp({', '.join(flags)})"
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A per-token tensor computed from the input: shape excludes [B, T]."""
+    name: str
+    shape: tuple[int, ...]
+    expr: ast.Expr | None  # None for the input x and for level outputs
+    span: ast.Span | None
+    source: str = "let"  # let | input | level
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A named scalar/vector gate. shape: (H,) scalar per head or (H, D) vector per channel.
+    granularity: token | chunk (held over chunks of `chunk` tokens) | constant (no input dependence)."""
+    name: str
+    shape: tuple[int, ...]
+    granularity: str
+    chunk: int | None
+    expr: ast.Expr
+    span: ast.Span
+
+
+@dataclass(frozen=True)
+class Level:
+    """A stateful memory and how it learns: the node of the level graph."""
+    name: str
+    memory: Memory
+    bias: Choice
+    retention: Choice
+    algorithm: Choice
+    period: int | None           # None: 'outer' (updated only by the outer training loop)
+    grad_at: str                 # current | retained | chunk
+    grad_chunk: int | None       # chunk size when grad_at == 'chunk'
+    read: str                    # after | before
+    init: str                    # zero | learned
+    key: str
+    value: str
+    query: str
+    heads: int
+    d_key: int
+    d_value: int
+    gates: tuple[str, ...]       # gate names this level's rule uses, in signature order
+    gate_axes: Mapping[str, str] = field(default_factory=dict)  # gate -> scalar | key | value
+    span: ast.Span | None = None
+
+    def replace(self, **kw) -> "Level":
+        return replace(self, **kw)
+
+    def describe(self) -> dict[str, str]:
+        period = "outer" if self.period is None else f"every {self.period}"
+        grad = {"current": "current state", "retained": "retained state",
+                "chunk": f"chunk start ({self.grad_chunk})"}[self.grad_at]
+        return {"memory": self.memory.describe(), "bias": self.bias.describe(),
+                "retention": self.retention.describe(), "algorithm": self.algorithm.describe(),
+                "update": period, "gradient": grad, "read": f"{self.read} write", "init": self.init}
+
+
+@dataclass(frozen=True)
+class Space:
+    """A design space over one level: the valid points and the invalid ones with their reasons."""
+    name: str
+    level: str
+    axes: tuple[tuple[str, tuple[str, ...]], ...]
+    size: int
+    valid: tuple[dict, ...]
+    invalid: tuple[tuple[str, str], ...]
+    span: ast.Span
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    name: str
+    file: str
+    source: str
+    params: Mapping[str, float]
+    streams: Mapping[str, Stream]
+    gates: Mapping[str, Gate]
+    levels: tuple[Level, ...]
+    output: ast.Expr
+    spaces: tuple[Space, ...]
+    spans: Mapping[str, ast.Span]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.params["d_model"])
+
+    def level(self, name: str) -> Level:
+        return next(l for l in self.levels if l.name == name)
+
+
+def gate_symbol(name: str) -> sympy.Symbol:
+    """The sympy symbol standing for a gate inside derived expressions."""
+    return sympy.Symbol(f"gate_{name}", real=True)

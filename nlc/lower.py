@@ -1,0 +1,633 @@
+"""Check a parsed spec and lower it to `ir.CheckedSpec`: resolve parameters and names, infer shapes,
+parse level options against `nlc.options`, enforce the validity rules of MATH.md §5.7.
+Every problem becomes a diagnostic pointing at the spec."""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace as dc_replace
+
+import sympy
+
+from . import ast, ir, options
+from .diagnostics import Collector, SpecError, nearest
+
+ELEMENTWISE = {"silu", "gelu", "relu", "sigmoid", "tanh", "softplus", "exp", "log", "elu1",
+               "logsigmoid", "abs"}
+NORMS = {"l2norm", "rmsnorm", "layernorm"}
+STREAM_FUNCS = ELEMENTWISE | NORMS | {"linear", "conv", "poly", "learned"}
+BUILTINS = {"x", "head"}
+
+
+class _Abort(Exception):
+    """Stop checking one declaration; its diagnostic is already recorded."""
+
+
+def lower(spec: ast.Spec, overrides: dict | None = None, with_spaces: bool = True) -> ir.CheckedSpec:
+    """Check `spec`; raise SpecError with every problem found, else return the checked spec.
+    Warnings and notes are kept on the returned object's diagnostics (see `check`)."""
+    return _Lowering(spec, dict(overrides or {}), with_spaces).run()
+
+
+class _Lowering:
+    def __init__(self, spec: ast.Spec, overrides: dict, with_spaces: bool):
+        self.spec, self.overrides, self.with_spaces = spec, overrides, with_spaces
+        self.diag = Collector(spec.source)
+        self.params: dict[str, float] = {}
+        self.streams: dict[str, ir.Stream] = {}
+        self.gates: dict[str, ir.Gate] = {}
+        self.spans: dict[str, ast.Span] = {}
+
+    # ---- driver ----------------------------------------------------------------------------
+    def run(self) -> ir.CheckedSpec:
+        decls = self.spec.decls
+        models = [d for d in decls if isinstance(d, ast.ModelDecl)]
+        if not models:
+            self.diag.error("the spec declares no model", None, "a line `model <name>` at the top")
+        for extra in models[1:]:
+            self.diag.error(f"second model declaration '{extra.name}'", extra.span,
+                            "one `model` per spec")
+        name = models[0].name if models else "model"
+        self._declare_names(decls)
+        self._params([d for d in decls if isinstance(d, ast.ParamDecl)])
+        for required in ("d_model", "heads"):
+            if required not in self.params and models:
+                self.diag.error(f"the spec has no parameter '{required}'", models[0].span,
+                                f"`param {required} = ...`", "every spec declares d_model and heads")
+        self.diag.raise_if_errors()
+        self.streams["x"] = ir.Stream("x", (int(self.params["d_model"]),), None, None, "input")
+        level_decls = [d for d in decls if isinstance(d, ast.LevelDecl)]
+        self._gates([d for d in decls if isinstance(d, ast.GateDecl)])
+        self._streams_and_levels([d for d in decls if isinstance(d, ast.LetDecl)], level_decls)
+        outputs = [d for d in decls if isinstance(d, ast.OutputDecl)]
+        if not outputs and models:
+            self.diag.error("the spec has no output", models[0].span,
+                            "`output = <expression of x and levels>`")
+        for extra in outputs[1:]:
+            self.diag.error("second output declaration", extra.span, "one `output = ...`")
+        if outputs:
+            try:
+                shape = self._shape(outputs[0].value, (int(self.params["d_model"]),))
+                if shape != (int(self.params["d_model"]),):
+                    self.diag.error(f"the output has shape {list(shape)}", outputs[0].value.span,
+                                    f"shape [{int(self.params['d_model'])}] (d_model)",
+                                    "end the output with linear(...) to project back to d_model")
+            except _Abort:
+                pass
+        self.diag.raise_if_errors()
+        spaces = ()
+        if self.with_spaces:
+            spaces = tuple(self._space(d) for d in decls if isinstance(d, ast.SpaceDecl))
+        self.diag.raise_if_errors()
+        checked = ir.CheckedSpec(name, self.spec.file, self.spec.source, dict(self.params),
+                                 dict(self.streams), dict(self.gates), tuple(self.levels),
+                                 outputs[0].value, spaces, dict(self.spans))
+        self.checked_diagnostics = tuple(self.diag.items)
+        return checked
+
+    def _declare_names(self, decls) -> None:
+        """Every declared name is unique and not a builtin."""
+        seen: dict[str, ast.Span] = {}
+        for d in decls:
+            if isinstance(d, (ast.ParamDecl, ast.LetDecl, ast.GateDecl, ast.LevelDecl)):
+                if d.name in BUILTINS or d.name in STREAM_FUNCS:
+                    self.diag.error(f"'{d.name}' is a built-in name and cannot be redeclared",
+                                    d.span, "a fresh name")
+                elif d.name in seen:
+                    self.diag.error(f"'{d.name}' is declared twice", d.span,
+                                    "a fresh name", f"first declared at {seen[d.name]}")
+                else:
+                    seen[d.name] = d.span
+        self.spans = seen
+
+    # ---- parameters ----------------------------------------------------------------------
+    def _params(self, decls) -> None:
+        known = {d.name for d in decls}
+        for key in self.overrides:
+            if key not in known:
+                hint = nearest(key, known)
+                self.diag.error(f"no parameter named '{key}' to override", None,
+                                "one of: " + ", ".join(sorted(known)), hint)
+        for d in decls:
+            try:
+                value = self.overrides[d.name] if d.name in self.overrides else self._number(d.value)
+            except _Abort:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                self.diag.error(f"parameter '{d.name}' must be a finite number, got {value!r}",
+                                d.span, "a number")
+                continue
+            self.params[d.name] = float(value)
+
+    def _number(self, e: ast.Expr) -> float:
+        """Evaluate a constant expression over numbers and parameters."""
+        match e:
+            case ast.Number(value=v):
+                return v
+            case ast.Name(id=n):
+                if n in self.params:
+                    return self.params[n]
+                self._unknown(n, e.span, self.params, "a parameter")
+            case ast.Neg(operand=o):
+                return -self._number(o)
+            case ast.BinOp(op=op, left=l, right=r):
+                a, b = self._number(l), self._number(r)
+                try:
+                    value = {"+": a + b, "-": a - b, "*": a * b}.get(op)
+                    if value is None:
+                        value = a / b if op == "/" else a ** b
+                except (ZeroDivisionError, OverflowError):
+                    self._fail(f"cannot evaluate '{op}' on {a:g} and {b:g}", e.span, "a finite value")
+                if isinstance(value, complex) or not math.isfinite(value):
+                    self._fail("this expression has no finite real value", e.span, "a finite value")
+                return value
+        self._fail("expected a constant here", e.span, "a number or a parameter expression")
+
+    def _int(self, e: ast.Expr, what: str, minimum: int = 1) -> int:
+        v = self._number(e)
+        if not float(v).is_integer() or v < minimum:
+            self._fail(f"{what} must be an integer >= {minimum}, got {v:g}", e.span,
+                       f"an integer >= {minimum}")
+        return int(v)
+
+    # ---- gates and streams ---------------------------------------------------------------
+    def _dims(self, shape, span) -> tuple[int, ...]:
+        return tuple(self._int(s, "a dimension") for s in shape)
+
+    def _gates(self, decls) -> None:
+        for d in decls:
+            try:
+                shape = self._dims(d.shape, d.span) if d.shape else (int(self.params["heads"]),)
+                if shape[0] != int(self.params["heads"]) or len(shape) > 2:
+                    self._fail(f"gate '{d.name}' has shape {list(shape)}", d.span,
+                               "[heads] (scalar per head) or [heads, channels] (vector per head)")
+                gran, chunk = "token", None
+                if d.granularity is not None:
+                    gran = d.granularity.unit
+                    if gran not in ("token", "chunk"):
+                        self._fail(f"unknown gate granularity '{gran}'", d.granularity.span,
+                                   "per token or per chunk(C)", nearest(gran, ("token", "chunk")))
+                    if gran == "chunk":
+                        size = d.granularity.size
+                        chunk = self._int(size, "a chunk size") if size is not None else (
+                            int(self.params["chunk"]) if "chunk" in self.params else None)
+                        if chunk is None:
+                            self._fail("per chunk needs a size", d.granularity.span,
+                                       "per chunk(C), or a `chunk` parameter")
+                self.gates[d.name] = ir.Gate(d.name, shape, gran, chunk, d.value, d.span)
+            except _Abort:
+                continue
+        for g in list(self.gates.values()):
+            try:
+                got = self._shape(g.value if False else g.expr, g.shape, in_gate=True)
+                if got not in (g.shape, (1,), ()):
+                    if not (len(got) == 1 and len(g.shape) == 2 and got[0] == g.shape[0]):
+                        self._fail(f"gate '{g.name}' computes shape {list(got)}", g.expr.span,
+                                   f"shape {list(g.shape)}")
+                if not self._depends_on_input(g.expr):
+                    self.gates[g.name] = dc_replace(g, granularity="constant")
+            except _Abort:
+                continue
+
+    def _depends_on_input(self, e: ast.Expr) -> bool:
+        match e:
+            case ast.Name(id=n):
+                return n == "x" or n in self.streams or (n in self.gates and self._depends_on_input(
+                    self.gates[n].expr))
+            case ast.Call(func="learned"):
+                return False
+            case ast.Call(args=args):
+                return any(self._depends_on_input(a) for a in args)
+            case ast.BinOp(left=l, right=r):
+                return self._depends_on_input(l) or self._depends_on_input(r)
+            case ast.Neg(operand=o):
+                return self._depends_on_input(o)
+        return False
+
+    def _streams_and_levels(self, lets, levels) -> None:
+        """Lets and levels depend on each other (a CMS chain keys one level on another's output):
+        resolve them in dependency order and report cycles with their path."""
+        self.levels: list[ir.Level] = []
+        pending = {d.name: d for d in [*lets, *levels]}
+        deps = {n: self._refs(d) & set(pending) for n, d in pending.items()}
+        done: set[str] = set()
+        while pending:
+            ready = [n for n in pending if deps[n] <= done]
+            if not ready:
+                cycle = _find_cycle({n: deps[n] & set(pending) for n in pending})
+                first = pending[cycle[0]]
+                path = " -> ".join(f"{n} ({pending[n].span})" for n in cycle + [cycle[0]])
+                self.diag.error("cycle in the level graph: " + " -> ".join(cycle + [cycle[0]]),
+                                first.span, "streams and levels that read only earlier ones",
+                                f"path: {path}")
+                return
+            for n in ready:
+                d = pending.pop(n)
+                done.add(n)
+                try:
+                    if isinstance(d, ast.LetDecl):
+                        self._let(d)
+                    else:
+                        self._level(d)
+                except _Abort:
+                    continue
+
+    def _refs(self, d) -> set[str]:
+        if isinstance(d, ast.LetDecl):
+            return _names(d.value)
+        out = set()
+        for f in d.fields:
+            if f.key in ("key", "value", "query"):
+                out |= _names(f.value)
+        defaults = {"key": "k", "value": "v", "query": "q"}
+        given = {f.key for f in d.fields}
+        return out | {v for k, v in defaults.items() if k not in given}
+
+    def _let(self, d: ast.LetDecl) -> None:
+        declared = self._dims(d.shape, d.span) if d.shape else None
+        shape = self._shape(d.value, declared)
+        if declared is not None and shape != declared:
+            self._fail(f"'{d.name}' computes shape {list(shape)} but is declared {list(declared)}",
+                       d.value.span, f"shape {list(declared)}")
+        self.streams[d.name] = ir.Stream(d.name, shape, d.value, d.span)
+
+    def _shape(self, e: ast.Expr, want: tuple[int, ...] | None, in_gate: bool = False
+               ) -> tuple[int, ...]:
+        """Per-token shape of a stream expression. `want` is the shape the context asks for; it sizes
+        `linear(...)` and `learned(...)`, which have no shape of their own."""
+        match e:
+            case ast.Number():
+                return ()
+            case ast.Name(id="head"):
+                return (int(self.params["heads"]),)
+            case ast.Name(id=n):
+                if n in self.streams:
+                    return self.streams[n].shape
+                if n in self.gates:
+                    return self.gates[n].shape
+                if n in self.params:
+                    return ()
+                self._unknown(n, e.span, [*self.streams, *self.gates, *self.params, "x", "head"],
+                              "a stream, gate or parameter")
+            case ast.Neg(operand=o):
+                return self._shape(o, want, in_gate)
+            case ast.BinOp(left=l, right=r):
+                try:
+                    left = self._shape(l, None, in_gate)
+                except _NeedsShape:
+                    right = self._shape(r, want, in_gate)
+                    left = self._shape(l, right or want, in_gate)
+                    return _broadcast(left, right, e.span, self)
+                right = self._shape(r, left or want, in_gate)
+                return _broadcast(left, right, e.span, self)
+            case ast.Call(func=f):
+                return self._call_shape(e, want, in_gate)
+        self._fail("this expression cannot appear in a stream", e.span,
+                   "arithmetic, calls and names")
+
+    def _call_shape(self, e: ast.Call, want, in_gate) -> tuple[int, ...]:
+        f = e.func
+        if f not in STREAM_FUNCS:
+            self._unknown(f, e.span, STREAM_FUNCS, "a stream function")
+        allowed_kw = {"linear": {"bias"}, "conv": {"kernel"}, "poly": {"degree"}}.get(f, set())
+        for k, v in e.kwargs:
+            if k not in allowed_kw:
+                self._fail(f"{f}() takes no argument '{k}'", v.span,
+                           ", ".join(sorted(allowed_kw)) or "no keyword arguments")
+        if f == "learned":
+            if len(e.args) != 1:
+                self._fail("learned() takes one initial value", e.span, "learned(<number>)")
+            self._number(e.args[0])
+            if want is None:
+                raise _NeedsShape(e)
+            return want
+        if not e.args:
+            self._fail(f"{f}() needs an input", e.span, f"{f}(<stream>)")
+        if f == "linear":
+            if len(e.args) > 2:
+                self._fail("linear() takes an input and an optional size", e.span, "linear(x[, size])")
+            self._shape(e.args[0], None, in_gate)
+            if len(e.args) == 2:
+                return (self._int(e.args[1], "a linear size"),)
+            if want is None:
+                raise _NeedsShape(e)
+            return want
+        if len(e.args) > 1 and f not in ("conv", "poly"):
+            self._fail(f"{f}() takes one input", e.args[1].span, f"{f}(<stream>)")
+        inner = self._shape(e.args[0], want if f != "poly" else None, in_gate)
+        if f == "conv":
+            if in_gate:
+                self._fail("conv() in a gate", e.span, "gates of the current token only")
+            kernel = e.kwarg("kernel") or (e.args[1] if len(e.args) > 1 else None)
+            if kernel is not None:
+                self._int(kernel, "a conv kernel size")
+            return inner
+        if f == "poly":
+            degree = e.kwarg("degree") or (e.args[1] if len(e.args) > 1 else None)
+            p = self._int(degree, "a polynomial degree") if degree is not None else 2
+            if not inner:
+                self._fail("poly() needs a vector input", e.span, "a stream with a channel axis")
+            d = inner[-1]
+            return (*inner[:-1], sum(d ** i for i in range(p + 1)))
+        if f in NORMS and not inner:
+            self._fail(f"{f}() needs a vector input", e.span, "a stream with a channel axis")
+        return inner
+
+    # ---- levels --------------------------------------------------------------------------
+    def _level(self, d: ast.LevelDecl) -> None:
+        fields: dict[str, ast.Field] = {}
+        for f in d.fields:
+            if f.key not in options.LEVEL_FIELDS:
+                self.diag.error(f"unknown level field '{f.key}'", f.span,
+                                "one of: " + ", ".join(options.LEVEL_FIELDS),
+                                nearest(f.key, options.LEVEL_FIELDS))
+            elif f.key in fields:
+                self.diag.error(f"level field '{f.key}' given twice", f.span, "one value per field")
+            else:
+                fields[f.key] = f
+        for required in ("memory", "bias", "algorithm"):
+            if required not in fields:
+                self.diag.error(f"level '{d.name}' has no '{required}'", d.span,
+                                f"a `{required} ...` line inside the level")
+        if any(r not in fields for r in ("memory", "bias", "algorithm")):
+            raise _Abort
+        level = self.level_from_fields(d, fields)
+        self.levels.append(level)
+        self.streams[d.name] = ir.Stream(d.name, (level.heads, level.d_value), None, d.span, "level")
+
+    def level_from_fields(self, d: ast.LevelDecl, fields: dict[str, ast.Field]) -> ir.Level:
+        memory = self._memory(fields["memory"].value)
+        bias = self._choice("bias", fields["bias"].value)
+        retention = (self._choice("retention", fields["retention"].value)
+                     if "retention" in fields else ir.Choice("none", {}, None))
+        algorithm = self._choice("algorithm", fields["algorithm"].value)
+        period = 1
+        if "update" in fields:
+            v = fields["update"].value
+            if isinstance(v, ast.Every):
+                period = self._int(v.period, "an update period")
+            elif isinstance(v, ast.Name) and v.id == "outer":
+                period = None
+            else:
+                self._fail("bad update period", v.span, "every <C> or outer")
+        grad_at, grad_chunk = "current", None
+        if "gradient" in fields:
+            v = fields["gradient"].value
+            if isinstance(v, ast.Name) and v.id in ("current", "retained"):
+                grad_at = v.id
+            elif isinstance(v, ast.Call) and v.func == "chunk_start" and len(v.args) == 1:
+                grad_at, grad_chunk = "chunk", self._int(v.args[0], "a gradient chunk size")
+            else:
+                name = v.id if isinstance(v, ast.Name) else getattr(v, "func", "")
+                self._fail("bad gradient point", v.span,
+                           "current, retained or chunk_start(C)", nearest(name, options.GRADIENT_POINTS))
+        read = self._word(fields, "read", options.READ_POINTS, "after")
+        init = self._word(fields, "init", options.INITS, "learned" if memory.kind == "mlp" else "zero")
+        names = {}
+        for role, default in (("key", "k"), ("value", "v"), ("query", "q")):
+            v = fields[role].value if role in fields else ast.Name(default, d.span)
+            if not isinstance(v, ast.Name):
+                self._fail(f"the {role} of a level must name a stream", v.span,
+                           "a `let` name, x, or a level name", "declare it with `let` first")
+            if v.id not in self.streams:
+                self._unknown(v.id, v.span if role in fields else d.span,
+                              [n for n in self.streams], f"a stream for the level's {role}")
+            names[role] = v.id
+        k_shape, v_shape, q_shape = (self._head_shape(self.streams[names[r]].shape)
+                                     for r in ("key", "value", "query"))
+        if k_shape != q_shape:
+            self._fail(f"key {list(k_shape)} and query {list(q_shape)} of level '{d.name}' differ",
+                       d.span, "keys and queries of the same shape")
+        if k_shape[0] != v_shape[0]:
+            self._fail(f"key has {k_shape[0]} heads but value has {v_shape[0]}", d.span,
+                       "the same number of heads")
+        heads, d_key, d_value = k_shape[0], k_shape[1], v_shape[1]
+        level = ir.Level(d.name, memory, bias, retention, algorithm, period, grad_at, grad_chunk,
+                         read, init, names["key"], names["value"], names["query"], heads, d_key,
+                         d_value, (), {}, d.span)
+        level = level.replace(gates=self._level_gates(level))
+        level = level.replace(gate_axes=self._gate_axes(level))
+        from .validity import check_level
+        check_level(level, self.streams, self.diag)
+        return level
+
+    @staticmethod
+    def _head_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+        return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[-1])
+
+    def _word(self, fields, key, allowed, default) -> str:
+        if key not in fields:
+            return default
+        v = fields[key].value
+        if isinstance(v, ast.Name) and v.id in allowed:
+            return v.id
+        name = v.id if isinstance(v, ast.Name) else ""
+        self._fail(f"bad value for '{key}'", v.span, " or ".join(allowed), nearest(name, allowed))
+
+    def _memory(self, e: ast.Expr) -> ir.Memory:
+        kind, args = self._option("memory", e)
+        if kind != "mlp":
+            return ir.Memory(kind, span=e.span)
+        depth = int(args["depth"])
+        residual = args["residual"] if args["residual"] is not None else depth > 1
+        return ir.Memory("mlp", depth, float(args["expand"]), args["act"], residual,
+                         args["gated"], args["norm"], args["bias"], e.span)
+
+    def _choice(self, family: str, e: ast.Expr) -> ir.Choice:
+        if isinstance(e, ast.Of):
+            kind, args = self._option(family, e.outer)
+            if kind != "omega":
+                self._fail(f"'{kind}' does not combine with `of`", e.outer.span,
+                           "omega(window, gamma) of <bias>")
+            inner = self._choice(family, e.inner)
+            if inner.kind == "omega":
+                self._fail("omega of omega", e.inner.span, "a plain bias after `of`")
+            return ir.Choice(kind, args, e.span, inner)
+        kind, args = self._option(family, e)
+        if kind == "omega":
+            self._fail("omega needs an inner bias", e.span, "omega(window, gamma) of <bias>")
+        if family == "retention" and kind == "kl" and (args["decay"] is None) == (args["global"] is None):
+            self._fail("kl retention needs exactly one of decay= or global=", e.span,
+                       "kl(decay = alpha) or kl(global = alpha)")
+        return ir.Choice(kind, args, e.span)
+
+    def _option(self, family: str, e: ast.Expr) -> tuple[str, dict]:
+        table = options.FAMILIES[family]
+        if isinstance(e, ast.Name):
+            kind, pos, kw = e.id, (), ()
+        elif isinstance(e, ast.Call):
+            kind, pos, kw = e.func, e.args, e.kwargs
+        else:
+            self._fail(f"expected a {family} here", e.span, "one of: " + ", ".join(table))
+        if kind not in table:
+            self._fail(f"unknown {family} '{kind}'", e.span, "one of: " + ", ".join(table),
+                       nearest(kind, table))
+        sig = table[kind]
+        if len(pos) > len(sig):
+            self._fail(f"{kind}() takes at most {len(sig)} arguments", pos[len(sig)].span,
+                       f"{kind}({', '.join(a.name for a in sig)})")
+        given: dict[str, ast.Expr] = {a.name: v for a, v in zip(sig, pos)}
+        for k, v in kw:
+            names = [a.name for a in sig]
+            if k not in names:
+                self._fail(f"{kind}() has no argument '{k}'", v.span,
+                           ", ".join(names) or "no arguments", nearest(k, names))
+            if k in given:
+                self._fail(f"argument '{k}' given twice", v.span, "each argument once")
+            given[k] = v
+        out = {}
+        for a in sig:
+            if a.name not in given:
+                if a.required:
+                    self._fail(f"{kind}() needs '{a.name}'", e.span,
+                               f"{kind}({', '.join(x.name + ('' if x.required else '=...') for x in sig)})")
+                out[a.name] = a.default
+                continue
+            out[a.name] = self._arg_value(a, given[a.name], kind)
+        return kind, out
+
+    def _arg_value(self, a: options.Arg, e: ast.Expr, kind: str):
+        if a.type == "scalar":
+            return self._sym(e)
+        if a.type == "int":
+            return self._int(e, f"{kind}({a.name})")
+        if a.type == "number":
+            return self._number(e)
+        if a.type == "bool":
+            if isinstance(e, ast.Name) and e.id in ("true", "false"):
+                return e.id == "true"
+            self._fail(f"{kind}({a.name}) is a flag", e.span, "true or false")
+        if isinstance(e, ast.Name) and e.id in a.choices:
+            return e.id
+        name = e.id if isinstance(e, ast.Name) else ""
+        self._fail(f"bad value for {kind}({a.name})", e.span, " or ".join(a.choices),
+                   nearest(name, a.choices))
+
+    def _sym(self, e: ast.Expr) -> sympy.Expr:
+        """A scalar argument: sympy over numbers, parameters and gates."""
+        match e:
+            case ast.Number(value=v):
+                return sympy.Integer(int(v)) if v.is_integer() else sympy.Float(v)
+            case ast.Name(id=n):
+                if n in self.gates:
+                    return ir.gate_symbol(n)
+                if n in self.params:
+                    v = self.params[n]
+                    return sympy.Integer(int(v)) if v.is_integer() else sympy.Float(v)
+                self._unknown(n, e.span, [*self.gates, *self.params], "a gate or parameter")
+            case ast.Neg(operand=o):
+                return -self._sym(o)
+            case ast.BinOp(op=op, left=l, right=r):
+                a, b = self._sym(l), self._sym(r)
+                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b, "**": a ** b}[op]
+            case ast.Call(func=f, args=(arg,), kwargs=()) if f in ("exp", "log", "sigmoid"):
+                inner = self._sym(arg)
+                return {"exp": sympy.exp, "log": sympy.log,
+                        "sigmoid": lambda z: 1 / (1 + sympy.exp(-z))}[f](inner)
+        self._fail("expected a number, parameter or gate expression", e.span,
+                   "e.g. 0.5, beta, 1 - alpha")
+
+    def _level_gates(self, level: ir.Level) -> tuple[str, ...]:
+        used: list[str] = []
+        for choice in (level.bias, level.bias.inner, level.retention, level.algorithm):
+            if choice is None:
+                continue
+            for v in choice.args.values():
+                if isinstance(v, sympy.Expr):
+                    for s in sorted(v.free_symbols, key=str):
+                        name = str(s)[len("gate_"):]
+                        if name not in used:
+                            used.append(name)
+        return tuple(used)
+
+    def _gate_axes(self, level: ir.Level) -> dict[str, str]:
+        axes = {}
+        value_roles = set()
+        for choice in (level.bias, level.bias.inner):
+            if choice is not None:
+                value_roles |= {str(s)[5:] for v in choice.args.values()
+                                if isinstance(v, sympy.Expr) for s in v.free_symbols}
+        if level.retention.kind == "implicit":
+            value_roles |= {str(s)[5:] for s in level.algorithm.args["lr"].free_symbols}
+        for name in level.gates:
+            g = self.gates[name]
+            if len(g.shape) == 1:
+                axes[name] = "scalar"
+                continue
+            dim = g.shape[1]
+            if name in value_roles or dim != level.d_key:
+                if dim != level.d_value:
+                    self._fail(f"gate '{name}' has {dim} channels", g.span,
+                               f"{level.d_key} (key channels) or {level.d_value} (value channels) "
+                               f"for level '{level.name}'")
+                axes[name] = "value"
+            else:
+                axes[name] = "key"
+        return axes
+
+    # ---- design spaces -------------------------------------------------------------------
+    def _space(self, d: ast.SpaceDecl) -> ir.Space:
+        from .space import expand_space
+        return expand_space(self, d)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _unknown(self, name, span, known, what):
+        self._fail(f"unknown name '{name}'", span, what, nearest(name, known))
+
+    def _fail(self, message, span, expected=None, hint=None):
+        self.diag.error(message, span, expected, hint)
+        raise _Abort
+
+
+class _NeedsShape(_Abort):
+    """`linear(...)` or `learned(...)` without a size and no context to take one from."""
+
+    def __init__(self, e):
+        self.expr = e
+
+
+def _broadcast(a, b, span, lowering) -> tuple[int, ...]:
+    if not a:
+        return b
+    if not b:
+        return a
+    if len(a) < len(b):
+        a = (1,) * (len(b) - len(a)) + a if len(a) != 1 or a[0] != b[0] else a + (1,)
+    if len(b) < len(a):
+        b = (1,) * (len(a) - len(b)) + b if len(b) != 1 or b[0] != a[0] else b + (1,)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and 1 not in (x, y):
+            lowering._fail(f"shapes {list(a)} and {list(b)} do not match", span, "equal shapes")
+        out.append(max(x, y))
+    return tuple(out)
+
+
+def _names(e) -> set[str]:
+    match e:
+        case ast.Name(id=n):
+            return {n}
+        case ast.Call(args=args, kwargs=kw):
+            return set().union(*(_names(a) for a in args), *(_names(v) for _, v in kw))
+        case ast.BinOp(left=l, right=r):
+            return _names(l) | _names(r)
+        case ast.Neg(operand=o):
+            return _names(o)
+    return set()
+
+
+def _find_cycle(deps: dict[str, set[str]]) -> list[str]:
+    """One cycle in a dependency map (every node here is on or leads to a cycle)."""
+    node, path = next(iter(deps)), []
+    while node not in path:
+        path.append(node)
+        node = sorted(deps[node])[0]
+    return path[path.index(node):]
+
+
+def check(source: str, file: str = "<spec>", overrides: dict | None = None):
+    """Parse and check: returns (CheckedSpec, diagnostics) or raises SpecError."""
+    from .parse import parse
+    lowering = _Lowering(parse(source, file), dict(overrides or {}), True)
+    checked = lowering.run()
+    return checked, lowering.checked_diagnostics

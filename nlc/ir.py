@@ -140,6 +140,7 @@ class CheckedSpec:
     output: ast.Expr
     spaces: tuple[Space, ...]
     spans: Mapping[str, ast.Span]
+    shapes: Mapping[ast.Span, tuple[int, ...]]  # per-token shape of every stream expression
 
     @property
     def d_model(self) -> int:

@@ -37,6 +37,7 @@ class _Lowering:
         self.streams: dict[str, ir.Stream] = {}
         self.gates: dict[str, ir.Gate] = {}
         self.spans: dict[str, ast.Span] = {}
+        self.shapes: dict[ast.Span, tuple[int, ...]] = {}  # every expression's per-token shape
 
     # ---- driver ----------------------------------------------------------------------------
     def run(self) -> ir.CheckedSpec:
@@ -54,6 +55,11 @@ class _Lowering:
             if required not in self.params and models:
                 self.diag.error(f"the spec has no parameter '{required}'", models[0].span,
                                 f"`param {required} = ...`", "every spec declares d_model and heads")
+            value = self.params.get(required, 1.0)
+            if not value.is_integer() or value < 1:
+                span = next(d.span for d in decls if isinstance(d, ast.ParamDecl) and d.name == required)
+                self.diag.error(f"'{required}' must be an integer >= 1, got {value:g}", span,
+                                "an integer >= 1")
         self.diag.raise_if_errors()
         self.streams["x"] = ir.Stream("x", (int(self.params["d_model"]),), None, None, "input")
         level_decls = [d for d in decls if isinstance(d, ast.LevelDecl)]
@@ -67,7 +73,7 @@ class _Lowering:
             self.diag.error("second output declaration", extra.span, "one `output = ...`")
         if outputs:
             try:
-                shape = self._shape(outputs[0].value, (int(self.params["d_model"]),))
+                shape = self._sized(outputs[0].value, (int(self.params["d_model"]),))
                 if shape != (int(self.params["d_model"]),):
                     self.diag.error(f"the output has shape {list(shape)}", outputs[0].value.span,
                                     f"shape [{int(self.params['d_model'])}] (d_model)",
@@ -77,11 +83,12 @@ class _Lowering:
         self.diag.raise_if_errors()
         spaces = ()
         if self.with_spaces:
-            spaces = tuple(self._space(d) for d in decls if isinstance(d, ast.SpaceDecl))
+            spaces = tuple(s for d in decls if isinstance(d, ast.SpaceDecl)
+                           if (s := self._space(d)) is not None)
         self.diag.raise_if_errors()
         checked = ir.CheckedSpec(name, self.spec.file, self.spec.source, dict(self.params),
                                  dict(self.streams), dict(self.gates), tuple(self.levels),
-                                 outputs[0].value, spaces, dict(self.spans))
+                                 outputs[0].value, spaces, dict(self.spans), dict(self.shapes))
         self.checked_diagnostics = tuple(self.diag.items)
         return checked
 
@@ -177,9 +184,10 @@ class _Lowering:
                 self.gates[d.name] = ir.Gate(d.name, shape, gran, chunk, d.value, d.span)
             except _Abort:
                 continue
+        self._gate_cycles()
         for g in list(self.gates.values()):
             try:
-                got = self._shape(g.value if False else g.expr, g.shape, in_gate=True)
+                got = self._sized(g.expr, g.shape, in_gate=True)
                 if got not in (g.shape, (1,), ()):
                     if not (len(got) == 1 and len(g.shape) == 2 and got[0] == g.shape[0]):
                         self._fail(f"gate '{g.name}' computes shape {list(got)}", g.expr.span,
@@ -188,6 +196,20 @@ class _Lowering:
                     self.gates[g.name] = dc_replace(g, granularity="constant")
             except _Abort:
                 continue
+
+    def _gate_cycles(self) -> None:
+        """Gates that define each other have no value; report the path and stop."""
+        pending = {n: _names(g.expr) & set(self.gates) for n, g in self.gates.items()}
+        while ready := [n for n, deps in pending.items() if not deps & set(pending)]:
+            for n in ready:
+                del pending[n]
+        if pending:
+            cycle = _find_cycle({n: d & set(pending) for n, d in pending.items()})
+            path = " -> ".join(f"{n} ({self.gates[n].span})" for n in cycle + [cycle[0]])
+            self.diag.error("cycle between gates: " + " -> ".join(cycle + [cycle[0]]),
+                            self.gates[cycle[0]].span, "gates that read x and other gates, without a loop",
+                            f"path: {path}")
+            self.diag.raise_if_errors()
 
     def _depends_on_input(self, e: ast.Expr) -> bool:
         match e:
@@ -245,16 +267,29 @@ class _Lowering:
 
     def _let(self, d: ast.LetDecl) -> None:
         declared = self._dims(d.shape, d.span) if d.shape else None
-        shape = self._shape(d.value, declared)
+        shape = self._sized(d.value, declared)
         if declared is not None and shape != declared:
             self._fail(f"'{d.name}' computes shape {list(shape)} but is declared {list(declared)}",
                        d.value.span, f"shape {list(declared)}")
         self.streams[d.name] = ir.Stream(d.name, shape, d.value, d.span)
 
+    def _sized(self, e: ast.Expr, want, in_gate: bool = False) -> tuple[int, ...]:
+        """`_shape` of a whole declaration's value: a size nothing determines is an error."""
+        try:
+            return self._shape(e, want, in_gate)
+        except _NeedsShape as exc:
+            self._fail(f"cannot tell the size of {exc.expr.func}(...) here", exc.expr.span,
+                       "linear(<input>, <size>), or a declared shape `let name[dims] = ...`")
+
     def _shape(self, e: ast.Expr, want: tuple[int, ...] | None, in_gate: bool = False
                ) -> tuple[int, ...]:
         """Per-token shape of a stream expression. `want` is the shape the context asks for; it sizes
         `linear(...)` and `learned(...)`, which have no shape of their own."""
+        shape = self._infer(e, want, in_gate)
+        self.shapes[e.span] = shape
+        return shape
+
+    def _infer(self, e: ast.Expr, want, in_gate) -> tuple[int, ...]:
         match e:
             case ast.Number():
                 return ()
@@ -353,7 +388,9 @@ class _Lowering:
             raise _Abort
         level = self.level_from_fields(d, fields)
         self.levels.append(level)
-        self.streams[d.name] = ir.Stream(d.name, (level.heads, level.d_value), None, d.span, "level")
+        single_head = len(self.streams[level.key].shape) == 1
+        shape = (level.d_value,) if single_head else (level.heads, level.d_value)
+        self.streams[d.name] = ir.Stream(d.name, shape, None, d.span, "level")
 
     def level_from_fields(self, d: ast.LevelDecl, fields: dict[str, ast.Field]) -> ir.Level:
         memory = self._memory(fields["memory"].value)
@@ -566,9 +603,12 @@ class _Lowering:
         return axes
 
     # ---- design spaces -------------------------------------------------------------------
-    def _space(self, d: ast.SpaceDecl) -> ir.Space:
+    def _space(self, d: ast.SpaceDecl) -> ir.Space | None:
         from .space import expand_space
-        return expand_space(self, d)
+        try:
+            return expand_space(self, d)
+        except _Abort:
+            return None
 
     # ---- helpers -------------------------------------------------------------------------
     def _unknown(self, name, span, known, what):

@@ -1,0 +1,103 @@
+"""Memory architectures as generated PyTorch: forward over a batch of tokens, parameter gradients
+(outer products for a matrix, torch.func.vjp for an MLP), layer inputs, and default initial states."""
+from __future__ import annotations
+
+from nlc import ir
+
+from .emitter import Emitter
+
+_ACT = {"gelu": "torch.nn.functional.gelu", "silu": "torch.nn.functional.silu",
+        "relu": "torch.relu", "tanh": "torch.tanh"}
+
+
+def param_layout(level: ir.Level) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(name, shape in terms of K, V, HIDDEN, is_weight_matrix) for each memory tensor."""
+    m = level.memory
+    if m.kind == "matrix":
+        return [("S", ("K", "V"), True)]
+    if m.kind == "vector":
+        return [("m", ("V",), False)]
+    if m.gated:
+        out = [("W_in", ("K", "HIDDEN"), True), ("W_gate", ("K", "HIDDEN"), True),
+               ("W_out", ("HIDDEN", "V"), True)]
+        return out + ([("b_out", ("V",), False)] if m.bias else [])
+    dims = ["K"] + ["HIDDEN"] * (m.depth - 1) + ["V"]
+    out = []
+    for i in range(m.depth):
+        out.append((f"W{i + 1}", (dims[i], dims[i + 1]), True))
+        if m.bias:
+            out.append((f"b{i + 1}", (dims[i + 1],), False))
+    return out
+
+
+def hidden_size(level: ir.Level) -> int:
+    return max(1, int(round(level.memory.expand * level.d_key)))
+
+
+def render_forward(em: Emitter, level: ir.Level) -> None:
+    """memory_forward(params, x, inputs=None): x [B, H, N, K] -> [B, H, N, V]; when `inputs` is a
+    list, each weight matrix's input is appended to it (delta gradient descent needs them)."""
+    m, names = level.memory, [n for n, _, _ in param_layout(level)]
+    with em.indent("def memory_forward(params, x, inputs=None):"):
+        em.line(f'"""{m.describe()}: x [B, H, N, K] -> [B, H, N, V]."""')
+        em.line(f"{', '.join(names)}, = params")
+        if m.kind == "matrix":
+            em.line("_record(inputs, x)")
+            em.line("return x @ S")
+            return
+        if m.kind == "vector":
+            em.line("return x * m[:, :, None, :]")
+            return
+        act = _ACT[m.act]
+        if m.gated:
+            em.line("_record(inputs, x, x)")
+            em.line(f"h = {act}(x @ W_gate) * (x @ W_in)")
+            em.line("_record(inputs, h)")
+            em.line("h = h @ W_out" + (" + b_out[:, :, None, :]" if m.bias else ""))
+        else:
+            em.line("h = x")
+            for i in range(m.depth):
+                em.line("_record(inputs, h)")
+                bias = f" + b{i + 1}[:, :, None, :]" if m.bias else ""
+                em.line(f"h = h @ W{i + 1}{bias}")
+                if i < m.depth - 1:
+                    em.line(f"h = {act}(h)")
+        if m.norm == "layernorm":
+            em.line("h = torch.nn.functional.layer_norm(h, h.shape[-1:])")
+        em.line("return x + h" if m.residual else "return h")
+
+
+def render_grads(em: Emitter, level: ir.Level) -> None:
+    with em.indent("def memory_grads(params, x, dy):"):
+        em.line('"""Σ_n ∂<dy_n, M(x_n)>/∂params for x [B, H, N, K], dy [B, H, N, V]."""')
+        if level.memory.kind == "matrix":
+            em.line("return (x.transpose(-1, -2) @ dy,)")
+        elif level.memory.kind == "vector":
+            em.line("return ((x * dy).sum(2),)")
+        else:
+            em.line("_, pullback = torch.func.vjp(lambda *p: memory_forward(p, x), *params)")
+            em.line("return pullback(dy)")
+
+
+def render_initial_state(em: Emitter, level: ir.Level, kl_axis: str | None, mass: float,
+                         buffers: int) -> None:
+    """initial_state(batch, dtype, device): zeros, a seeded draw (learned init's default), or the
+    uniform point of the simplex (KL retention)."""
+    layout = param_layout(level)
+    with em.indent("def initial_state(batch, dtype=torch.float64, device=None):"):
+        em.line('"""The default initial state, [B, H, ...] per tensor (a layer passes its own learned one)."""')
+        em.line("generator = torch.Generator().manual_seed(0)")
+        em.line("params = []")
+        for name, shape, is_matrix in layout:
+            dims = ", ".join(shape)
+            if kl_axis is not None:
+                fan = shape[0] if (kl_axis == "row" or not is_matrix) else shape[-1]
+                em.line(f"p = torch.full((HEADS, {dims}), {mass!r} / {fan}, dtype=torch.float64)")
+            elif level.init == "learned" and is_matrix:
+                em.line(f"p = torch.randn(HEADS, {dims}, generator=generator, dtype=torch.float64)"
+                        f" / math.sqrt({shape[0]})")
+            else:
+                em.line(f"p = torch.zeros(HEADS, {dims}, dtype=torch.float64)")
+            em.line("params.append(p.to(dtype=dtype, device=device).expand(batch, *p.shape).clone())")
+        em.line(f"return tuple(params) + tuple(torch.zeros_like(p) for p in params[:{len(layout)}])"
+                f" * {buffers}")

@@ -1,0 +1,65 @@
+"""RuleSet: per level, the derived bias gradient, retention map and algorithm recurrences."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .. import ir
+from .bias import BiasRule, derive_bias
+from .retention import RetentionRule, derive_retention
+from .symbols import lr
+
+# The algorithms' state recurrences (u: the bias gradient at the gradient point, M: a buffer).
+ALGORITHM_TEXT = {
+    "gd": "s = -lr·u",
+    "momentum": "M = beta·M - lr·u ;  s = M                 (Titans: S_t = eta S - theta u)",
+    "muon": "M = beta·M + u ;  s = -lr·NS_steps(M)        (ATLAS; NS on each 2-D weight)",
+    "ftrl": "A = A - lr·u (accumulator) ;  W = psi(A)",
+}
+
+
+@dataclass(frozen=True)
+class LevelRules:
+    level: ir.Level
+    bias: BiasRule
+    retention: RetentionRule
+    algorithm: str
+
+    @property
+    def accumulator(self) -> bool:
+        """State is an FTRL accumulator A with weights W = psi(A)."""
+        return self.retention.form == "mirror" or self.algorithm == "ftrl"
+
+    @property
+    def lr(self) -> sympy.Expr:
+        return self.level.algorithm.args["lr"]
+
+    def retention_new(self) -> sympy.Expr:
+        """The retention's map with the local strength bound to the algorithm's learning rate."""
+        return self.retention.new.subs(lr, self.lr)
+
+    def threshold(self) -> sympy.Expr:
+        return self.retention.threshold.subs(lr, self.lr)
+
+    def describe(self) -> str:
+        lv = self.level
+        lines = [f"level {lv.name}:",
+                 f"  bias       {lv.bias.describe()}: loss {self.bias.loss}",
+                 f"             dℓ/dy = {self.bias.grad}",
+                 f"  retention  {lv.retention.describe()} [{self.retention.form}]: {self.retention.objective}",
+                 f"             w = {self.retention.new}"]
+        if self.retention.threshold is not None:
+            lines.append(f"             threshold = {self.retention.threshold}")
+        lines.append(f"  algorithm  {lv.algorithm.describe()}: {ALGORITHM_TEXT[self.algorithm]}")
+        return "\n".join(lines).replace("gate_", "")
+
+
+def derive(checked: ir.CheckedSpec) -> dict[str, LevelRules]:
+    """Derive the rules of every level."""
+    out = {}
+    for lv in checked.levels:
+        base = lv.bias.inner or lv.bias
+        out[lv.name] = LevelRules(lv, derive_bias(base), derive_retention(lv.retention),
+                                  lv.algorithm.kind)
+    return out

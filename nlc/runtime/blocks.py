@@ -1,0 +1,58 @@
+"""Building blocks the generated layers use: causal depthwise convolution, RMSNorm, polynomial
+feature maps. Tensors are [B, T, ...channels]."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal 1-D convolution over time: [B, T, C] -> [B, T, C]."""
+
+    def __init__(self, channels: int, kernel: int = 4):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.randn(channels, 1, kernel) / math.sqrt(kernel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = nn.functional.pad(x.transpose(1, 2), (self.kernel - 1, 0))
+        return nn.functional.conv1d(padded, self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
+
+
+class PolyFeatures(nn.Module):
+    """phi(x) = [a_0, a_1 x, a_2 x⊗x, ..., a_p x^{⊗p}] over the last dim (MATH.md §2.14), so that
+    phi(x)·phi(y) = Σ_i a_i² (x·y)^i; a_i learnable, initialised to sqrt(1/i!)."""
+
+    def __init__(self, degree: int):
+        super().__init__()
+        self.degree = degree
+        self.coeff = nn.Parameter(torch.tensor([math.sqrt(1 / math.factorial(i))
+                                                for i in range(degree + 1)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        coeff = self.coeff.to(x.dtype)
+        parts, power = [coeff[0] * torch.ones_like(x[..., :1])], torch.ones_like(x[..., :1])
+        for i in range(1, self.degree + 1):
+            power = (power[..., :, None] * x[..., None, :]).flatten(-2)
+            parts.append(coeff[i] * power)
+        return torch.cat(parts, dim=-1)
+
+
+def hold_per_chunk(g: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Hold each chunk's first value over the chunk (causal per-chunk gates): g [B, T, ...]."""
+    T = g.shape[1]
+    return g[:, ::chunk].repeat_interleave(chunk, dim=1)[:, :T]

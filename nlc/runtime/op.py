@@ -1,0 +1,63 @@
+"""The functional form of a level, `Program.op(level)`: checks its arguments at the boundary,
+maps gate names from the spec to the generated function, and picks the form to run."""
+from __future__ import annotations
+
+import torch
+
+from .. import ir
+
+MODES = ("reference",)
+
+
+class LevelOp:
+    """op(q, k, v, *, <gates by spec name>, initial_state=None, output_final_state=False,
+    mode='reference') -> (o [B, T, H, V], final_state or None).
+    q, k: [B, T, H, K]; v: [B, T, H, V]; scalar gates [B, T, H]; vector gates [B, T, H, K or V]."""
+
+    def __init__(self, level: ir.Level, module):
+        self.level = level
+        self.module = module
+        self.function = getattr(module, f"level_{level.name}")
+        self.gates = level.gates
+        self.initial_state = module.initial_state
+        self.state_names = module.STATE
+
+    def __call__(self, q, k, v, *, initial_state=None, output_final_state=False,
+                 mode="reference", **gates):
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not available for level {self.level.name!r}; "
+                             f"available: {', '.join(MODES)}")
+        lv = self.level
+        B, T = _check("q", q, 4, None, None, (lv.heads, lv.d_key))
+        _check("k", k, 4, B, T, (lv.heads, lv.d_key))
+        _check("v", v, 4, B, T, (lv.heads, lv.d_value))
+        if q.dtype != k.dtype or k.dtype != v.dtype:
+            raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        unknown = set(gates) - set(self.gates)
+        if unknown:
+            raise TypeError(f"level {lv.name!r} has no gate(s) {sorted(unknown)}; "
+                            f"its gates: {list(self.gates) or 'none'}")
+        missing = [g for g in self.gates if g not in gates]
+        if missing:
+            raise TypeError(f"level {lv.name!r} needs gate(s) {missing}")
+        kwargs = {}
+        for name in self.gates:
+            axis = lv.gate_axes[name]
+            tail = () if axis == "scalar" else ((lv.d_key,) if axis == "key" else (lv.d_value,))
+            value = gates[name]
+            if not torch.is_tensor(value):
+                value = torch.as_tensor(value, dtype=q.dtype, device=q.device).expand(B, T, lv.heads, *tail)
+            _check(f"gate {name!r}", value, 3 + len(tail), B, T, (lv.heads, *tail))
+            kwargs[f"g_{name}"] = value.to(q.dtype)
+        return self.function(q, k, v, **kwargs, initial_state=initial_state,
+                             output_final_state=output_final_state)
+
+
+def _check(name, x, rank, B, T, tail):
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    expected = f"[{'B' if B is None else B}, {'T' if T is None else T}, {', '.join(map(str, tail))}]"
+    if x.dim() != rank or tuple(x.shape[2:]) != tuple(tail) or (B is not None and x.shape[0] != B) \
+            or (T is not None and x.shape[1] != T):
+        raise ValueError(f"{name} has shape {list(x.shape)}; expected {expected}")
+    return x.shape[0], x.shape[1]

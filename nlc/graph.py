@@ -124,11 +124,20 @@ def _check_cycles(graph, diag) -> None:
     instant = _instant(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
     comps = [c for c in nx.strongly_connected_components(instant)
-             if len(c) > 1 or instant.has_edge(*(next(iter(c)),) * 2)]
+             if len(c) > 1 or any(instant.has_edge(n, n) for n in c)]
     for comp in sorted(comps, key=lambda c: min(order[n] for n in c)):
-        start = min(comp, key=lambda n: (graph.nodes[n].get("kind") != "level", order[n]))
-        path = [u for u, _ in nx.find_cycle(instant.subgraph(comp), source=start)]
-        _report_cycle(graph, path, diag)
+        path = [u for u, _ in nx.find_cycle(instant.subgraph(comp), source=min(comp, key=order.get))]
+        _report_cycle(graph, _rotate(graph, path), diag)
+
+
+def _rotate(graph, path: list) -> list:
+    """Start a cycle at the level it wrongly feeds (through a write input), else at a level."""
+    def score(i):
+        n, roles = path[i], set(graph.edges[path[i - 1], path[i]].get("roles", ()))
+        is_level = graph.nodes[n].get("kind") == "level"
+        return (not (is_level and roles & WRITE_ROLES), not is_level, i)
+    i = min(range(len(path)), key=score)
+    return path[i:] + path[:i]
 
 
 def _report_cycle(graph, path: list, diag) -> None:
@@ -136,11 +145,11 @@ def _report_cycle(graph, path: list, diag) -> None:
     text = " -> ".join(graph.nodes[n].get("name", str(n)) for n in loop)
     last_roles = set(graph.edges[path[-1], path[0]].get("roles", ()))
     head = graph.nodes[path[0]]
-    if head.get("kind") == "level" and last_roles & {"key", "value", "gate"}:
-        role = sorted(last_roles & {"key", "value", "gate"})[0]
+    if head.get("kind") == "level" and last_roles & WRITE_ROLES and "query" not in last_roles:
+        role = sorted(last_roles & WRITE_ROLES)[0]
         message = f"level '{head['name']}' reads its own output through its {role}: {text}"
         hint = ("a level may feed its own key, value or gates only if it reads before writing: "
-                "add `read before`") if "query" not in last_roles else None
+                "add `read before`")
     else:
         message, hint = f"cycle in the level graph: {text}", None
     span = next((graph.nodes[n].get("span") for n in path if graph.nodes[n].get("span")), None)
@@ -204,6 +213,11 @@ def _level_lines(data) -> list[str]:
     return [f"{k}: {label[k]}" for k in LEVEL_FIELDS if k in label]
 
 
+def _granularity(data) -> str:
+    gran = data.get("granularity", "token")
+    return {"token": "per token", "chunk": f"per chunk({data.get('chunk')})"}.get(gran, gran)
+
+
 def to_dot(graph: nx.DiGraph) -> str:
     """Graphviz DOT text. Node ids are n0, n1, ...; every label is escaped."""
     ids = {n: f"n{i}" for i, n in enumerate(graph.nodes)}
@@ -217,9 +231,8 @@ def to_dot(graph: nx.DiGraph) -> str:
             style = ", style=dashed" if n == OUTER else ""
             attrs = f'shape=box{style}, label="{name}\\n{body}"'
         elif kind == "gate":
-            gran = d.get("granularity", "token")
-            gran = f"per chunk({d.get('chunk')})" if gran == "chunk" else gran
-            attrs = f'shape=ellipse, fontsize=10, height=0.3, label="{name}\\n{dot_escape(gran)}"'
+            gran = dot_escape(_granularity(d))
+            attrs = f'shape=ellipse, fontsize=10, height=0.3, label="{name}\\n{gran}"'
         elif kind in ("stream", "input", "output"):
             extra = ", peripheries=2" if kind != "stream" else ""
             attrs = f'shape=ellipse{extra}, label="{name}"'
@@ -250,7 +263,7 @@ def to_text(graph: nx.DiGraph) -> str:
             out.append(f"{title}:")
         for n in rows:
             d = nodes[n]
-            gran = f"  per {d.get('granularity')}" if kind == "gate" else ""
+            gran = f"  {_granularity(d)}" if kind == "gate" else ""
             out.append(f"  {d['name']} {list(d.get('shape', ()))}{gran}  [{d.get('span')}]")
     out.append("flows:")
     for u, v, d in graph.edges(data=True):
@@ -258,7 +271,7 @@ def to_text(graph: nx.DiGraph) -> str:
             roles = ", ".join(r for r in d.get("roles", ()) if r != "expr")
             out.append(f"  {nodes[u].get('name', u)} -> {nodes[v].get('name', v)}"
                        + (f"  ({roles})" if roles else ""))
-    out.append("nesting:")
-    out += [f"  {nodes[u].get('name', u)} nests {nodes[v].get('name', v)}"
-            for u, v, d in graph.edges(data=True) if d.get("kind") == "nests"]
+    nests = [f"  {nodes[u].get('name', u)} nests {nodes[v].get('name', v)}"
+             for u, v, d in graph.edges(data=True) if d.get("kind") == "nests"]
+    out += ["nesting:", *(nests or ["  (none)"])]
     return "\n".join(out) + "\n"

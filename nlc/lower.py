@@ -518,7 +518,8 @@ class _Lowering:
                 if a.required:
                     self._fail(f"{kind}() needs '{a.name}'", e.span,
                                f"{kind}({', '.join(x.name + ('' if x.required else '=...') for x in sig)})")
-                out[a.name] = a.default
+                scalar = a.type == "scalar" and a.default is not None
+                out[a.name] = sympy.sympify(a.default) if scalar else a.default
                 continue
             out[a.name] = self._arg_value(a, given[a.name], kind)
         return kind, out
@@ -588,6 +589,9 @@ class _Lowering:
             value_roles |= {str(s)[5:] for s in level.algorithm.args["lr"].free_symbols}
         for name in level.gates:
             g = self.gates[name]
+            if g.shape[0] != level.heads:
+                self._fail(f"gate '{name}' has {g.shape[0]} heads but level '{level.name}' has "
+                           f"{level.heads}", g.span, f"gate {name}[{level.heads}, ...]")
             if len(g.shape) == 1:
                 axes[name] = "scalar"
                 continue

@@ -31,9 +31,9 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
     if ret.kind == "dgd" and not (mem.kind in ("matrix", "mlp") and alg.kind == "gd"):
         err("delta gradient descent needs a matrix or MLP memory and gd", ret,
             "memory matrix|mlp, algorithm gd")
-    if level.grad_at == "retained" and ret.kind not in ("none", "decay"):
+    if level.grad_at == "retained" and (ret.kind not in ("none", "decay") or alg.kind == "ftrl"):
         err("`gradient retained` takes the gradient after a decay; it is defined for decay only",
-            ret, "retention none or decay")
+            ret, "retention none or decay, with gd, momentum or muon")
     if ret.kind == "kl":
         if level.init == "zero":
             err("KL retention keeps the memory on the simplex, and a zero state is not on it", ret,
@@ -72,13 +72,15 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
         diag.note(f"level '{level.name}': updates are committed every {level.period} tokens while "
                   "gradients are taken at the running (uncommitted) state", level.span)
     delta_type = (base_bias.kind == "l2" and mem.kind == "matrix" and ret.kind in
-                  ("none", "decay", "implicit", "dgd"))
+                  ("none", "decay", "dgd"))
     if delta_type and not _normalized(streams[level.key]):
         diag.warn(f"level '{level.name}': delta-type updates are stable only for unit-norm keys "
                   f"(MATH.md §5.7.6); key stream '{level.key}' is not l2norm(...)", level.span)
 
 
 def _const(v) -> float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)  # `number` arguments arrive as floats, `scalar` ones as sympy
     return float(v) if isinstance(v, sympy.Expr) and v.is_number else None
 
 

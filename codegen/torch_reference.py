@@ -302,7 +302,9 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     for g in state_gates:
         em.line(f"{ident(g, 'g')}_state = {_view(lv, g, 'state')}")
     bias_args = _bias_gate_args(rules)
-    for g in bias_args:
+    window_gates = sorted({str(x)[5:] for x in sympy.sympify(lv.bias.args.get("gamma", 0)).free_symbols}
+                          ) if lv.bias.kind == "omega" else []
+    for g in sorted(set(bias_args) | set(window_gates)):
         em.line(f"{ident(g, 'g')}_output = {_view(lv, g, 'output')}")
     per = "_per_tensor" if mlp else ""
     # where the gradient is taken

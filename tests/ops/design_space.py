@@ -1,0 +1,62 @@
+"""A generated sample of the design space: every memory x bias x retention x algorithm (and the
+gradient/update/read knobs) that the checker accepts, as small single-level specs."""
+from __future__ import annotations
+
+import itertools
+
+import nlc
+
+MEMORIES = {"matrix": "matrix", "mlp1": "mlp(depth = 1)", "mlp2": "mlp(depth = 2, expand = 1)"}
+BIASES = {"dot": "dot", "l2": "l2", "lp3": "lp(p = 3)", "l1": "l1(eps = 1e-3)",
+          "huber": "huber(delta = 0.5)", "huber_norm": "huber(delta = 0.5, form = norm)",
+          "yaad": "huber(delta = delta, form = mixture)", "robust": "robust(shift = 0.1)",
+          "omega": "omega(window = 3, gamma = gamma) of l2"}
+RETENTIONS = {"none": "none", "decay": "decay(alpha)", "l2": "l2(global = 2)",
+              "lq": "lq(q = 4, decay = alpha)", "lq_miras": "lq(q = 4, map = miras)",
+              "kl": "kl(decay = alpha)", "kl_global": "kl(global = 2)",
+              "elastic": "elastic(l1 = 20, l2 = 2)", "implicit": "implicit", "dgd": "dgd(decay = alpha)"}
+ALGORITHMS = {"gd": "gd(lr = eta)", "momentum": "momentum(lr = eta, beta = theta)",
+              "muon": "muon(lr = eta, beta = theta, steps = 3)", "ftrl": "ftrl(lr = eta)"}
+SCHEDULES = {"token": "", "chunk": "gradient chunk_start(2)", "period": "update every 2",
+             "before": "read before", "retained": "gradient retained"}
+
+TEMPLATE = """
+model point
+param d_model = 6
+param heads = 1
+let q[heads, 3] = l2norm(linear(x))
+let k[heads, 3] = l2norm(linear(x))
+let v[heads, 3] = linear(x)
+gate alpha[heads] = sigmoid(linear(x))
+gate eta[heads] = 0.5 * sigmoid(linear(x))
+gate theta[heads] = 0.5 * sigmoid(linear(x))
+gate gamma[heads] = sigmoid(linear(x))
+gate delta[heads] = softplus(linear(x))
+level memory {{
+  memory {memory}
+  bias {bias}
+  retention {retention}
+  algorithm {algorithm}
+  init {init}
+  {schedule}
+}}
+output = linear(memory)
+"""
+
+
+def spec_text(memory, bias, retention, algorithm, schedule="token") -> str:
+    init = "learned" if memory != "matrix" or retention.startswith("kl") else "zero"
+    return TEMPLATE.format(memory=MEMORIES[memory], bias=BIASES[bias], retention=RETENTIONS[retention],
+                           algorithm=ALGORITHMS[algorithm], schedule=SCHEDULES[schedule], init=init)
+
+
+def points(memories=tuple(MEMORIES), schedules=("token",)):
+    """(id, spec text) for every combination the checker accepts."""
+    for memory, bias, retention, algorithm, schedule in itertools.product(
+            memories, BIASES, RETENTIONS, ALGORITHMS, schedules):
+        text = spec_text(memory, bias, retention, algorithm, schedule)
+        try:
+            nlc.lower.check(text)
+        except nlc.SpecError:
+            continue
+        yield f"{memory}-{bias}-{retention}-{algorithm}-{schedule}", text

@@ -1,0 +1,119 @@
+"""The `nlc` command line, in-process through `nlc.cli.main` and once as the installed console script."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nlc
+from nlc import cli
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+GOOD = SPECS / "gated_deltanet.nl"
+BAD = """model broken
+param d_model = 64
+param heads = 4 +* 2
+"""
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_set_values_parse_as_int_then_float():
+    assert cli._override("chunk=64") == ("chunk", 64)
+    assert cli._override("lr = 1e-3") == ("lr", 1e-3)
+
+
+@pytest.mark.parametrize("bad", ["chunk=big", "chunk", "=3", "2x=1"])
+def test_bad_set_exits_2(capsys, bad):
+    code, _, err = run(capsys, "check", GOOD, "--set", bad)
+    assert code == 2 and "--set" in err
+
+
+def test_help_exits_0(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "check" in out and "compile" in out
+
+
+def test_check_good_spec(capsys):
+    code, out, err = run(capsys, "check", GOOD)
+    assert code == 0, err
+    assert f"{GOOD}: ok" in out and "level" in out
+
+
+def test_check_syntax_error_points_at_the_spec(capsys, tmp_path):
+    bad = tmp_path / "bad.nl"
+    bad.write_text(BAD)
+    code, _, err = run(capsys, "check", bad)
+    assert code == 2
+    assert "bad.nl:3:18" in err and "^" in err
+    assert "Traceback" not in err
+
+
+def test_missing_file_exits_2(capsys, tmp_path):
+    missing = tmp_path / "nowhere.nl"
+    code, _, err = run(capsys, "check", missing)
+    assert code == 2 and str(missing) in err and "Traceback" not in err
+
+
+def test_graph_dot_names_every_level(capsys, tmp_path):
+    spec, out = SPECS / "hope.nl", tmp_path / "hope.dot"
+    code, _, err = run(capsys, "graph", spec, "-o", out)
+    assert code == 0, err
+    dot = out.read_text()
+    assert "digraph" in dot
+    for level in nlc.compile(spec).levels:
+        assert level.name in dot
+
+
+def test_graph_text(capsys):
+    code, out, err = run(capsys, "graph", GOOD, "--text")
+    assert code == 0 and out.strip(), err
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz `dot` not installed")
+def test_graph_svg(capsys, tmp_path):
+    out = tmp_path / "g.svg"
+    code, _, err = run(capsys, "graph", GOOD, "-o", out)
+    assert code == 0, err
+    assert "<svg" in out.read_text()
+
+
+def test_graph_svg_without_graphviz_exits_2(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    code, _, err = run(capsys, "graph", GOOD, "-o", tmp_path / "g.svg")
+    assert code == 2 and "graphviz" in err and ".dot" in err
+
+
+def test_compile_writes_valid_python(capsys, tmp_path):
+    code, out, err = run(capsys, "compile", GOOD, "-o", tmp_path / "gen")
+    assert code == 0, err
+    files = sorted((tmp_path / "gen").rglob("*.py"))
+    assert files and all(str(f) in out for f in files)
+    for f in files:
+        compile(f.read_text(), str(f), "exec")
+
+
+@pytest.mark.parametrize("stage", cli.DUMP_STAGES)
+def test_compile_dump(capsys, stage):
+    code, out, err = run(capsys, "compile", GOOD, "--dump", stage)
+    assert code == 0 and out.strip(), err
+
+
+def test_run_prints_shape(capsys):
+    code, out, err = run(capsys, "run", SPECS / "titans.nl", "--batch", 1, "--length", 16)
+    assert code == 0, err
+    assert "output shape [1, 16," in out and "parameters" in out
+
+
+def test_console_script():
+    script = Path(sys.executable).with_name("nlc")
+    exe = str(script) if script.exists() else shutil.which("nlc")
+    assert exe, "the nlc console script is not installed"
+    done = subprocess.run([exe, "check", str(GOOD)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ": ok" in done.stdout

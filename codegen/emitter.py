@@ -15,6 +15,12 @@ class Emitter:
     def line(self, text: str = "") -> None:
         self.lines.append(("    " * self.depth + text) if text else "")
 
+    def gap(self, blank: int = 2) -> None:
+        """Exactly `blank` empty lines before what comes next (between top-level definitions)."""
+        while self.lines and not self.lines[-1]:
+            self.lines.pop()
+        self.lines.extend([""] * blank)
+
     def block(self, text: str) -> None:
         """Several lines at the current depth (a dedented literal)."""
         for t in text.strip("\n").splitlines():

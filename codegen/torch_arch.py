@@ -34,15 +34,17 @@ def hidden_size(level: ir.Level) -> int:
     return max(1, int(round(level.memory.expand * level.d_key)))
 
 
-def render_forward(em: Emitter, level: ir.Level) -> None:
-    """memory_forward(params, x, inputs=None): x [B, H, N, K] -> [B, H, N, V]; when `inputs` is a
-    list, each weight matrix's input is appended to it (delta gradient descent needs them)."""
+def render_forward(em: Emitter, level: ir.Level, record: bool) -> None:
+    """memory_forward(params, x[, inputs]): x [B, H, N, K] -> [B, H, N, V]. With `record`, each
+    weight matrix's input is appended to `inputs` when given (delta gradient descent needs them)."""
     m, names = level.memory, [n for n, _, _ in param_layout(level)]
-    with em.indent("def memory_forward(params, x, inputs=None):"):
+    signature = "params, x, inputs=None" if record else "params, x"
+    rec = (lambda *xs: em.line(f"_record(inputs, {', '.join(xs)})")) if record else (lambda *xs: None)
+    with em.indent(f"def memory_forward({signature}):"):
         em.line(f'"""{m.describe()}: x [B, H, N, K] -> [B, H, N, V]."""')
-        em.line(f"{', '.join(names)}, = params")
+        em.line(f"({names[0]},) = params" if len(names) == 1 else f"{', '.join(names)} = params")
         if m.kind == "matrix":
-            em.line("_record(inputs, x)")
+            rec("x")
             em.line("return x @ S")
             return
         if m.kind == "vector":
@@ -50,14 +52,14 @@ def render_forward(em: Emitter, level: ir.Level) -> None:
             return
         act = _ACT[m.act]
         if m.gated:
-            em.line("_record(inputs, x, x)")
+            rec("x", "x")
             em.line(f"h = {act}(x @ W_gate) * (x @ W_in)")
-            em.line("_record(inputs, h)")
+            rec("h")
             em.line("h = h @ W_out" + (" + b_out[:, :, None, :]" if m.bias else ""))
         else:
             em.line("h = x")
             for i in range(m.depth):
-                em.line("_record(inputs, h)")
+                rec("h")
                 bias = f" + b{i + 1}[:, :, None, :]" if m.bias else ""
                 em.line(f"h = h @ W{i + 1}{bias}")
                 if i < m.depth - 1:
@@ -99,5 +101,7 @@ def render_initial_state(em: Emitter, level: ir.Level, kl_axis: str | None, mass
             else:
                 em.line(f"p = torch.zeros(HEADS, {dims}, dtype=torch.float64)")
             em.line("params.append(p.to(dtype=dtype, device=device).expand(batch, *p.shape).clone())")
-        em.line(f"return tuple(params) + tuple(torch.zeros_like(p) for p in params[:{len(layout)}])"
-                f" * {buffers}")
+        if buffers:
+            em.line("return tuple(params) + tuple(torch.zeros_like(p) for p in params)  # + optimizer buffers")
+        else:
+            em.line("return tuple(params)")

@@ -153,8 +153,7 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str]) -> str:
     em.line()
     for lv in checked.levels:
         em.line(f"from . import {level_modules[lv.name]}")
-    em.line()
-    em.line()
+    em.gap()
     with em.indent("class Layer(nn.Module):"):
         em.line(f"d_model = {checked.d_model}")
         em.line()

@@ -32,43 +32,35 @@ def render_level(rules: LevelRules, model: str, file: str) -> str:
     em.line(f"GATES = {tuple(lv.gates)!r}")
     em.line(f"STATE = {tuple(state_names)!r}")
     em.line(f"N_PARAMS = {len(layout)}")
-    em.line()
-    em.line()
-    with em.indent("def _record(inputs, *xs):"):
-        em.line('"""Collect layer inputs when asked (delta gradient descent uses them)."""')
-        with em.indent("if inputs is not None:"):
-            em.line("inputs.extend(xs)")
-    em.line()
-    em.line()
-    torch_arch.render_forward(em, lv)
-    em.line()
-    em.line()
+    record = lv.retention.kind == "dgd"
+    if record:
+        em.gap()
+        with em.indent("def _record(inputs, *xs):"):
+            em.line('"""Collect layer inputs when asked (delta gradient descent uses them)."""')
+            with em.indent("if inputs is not None:"):
+                em.line("inputs.extend(xs)")
+    em.gap()
+    torch_arch.render_forward(em, lv, record)
+    em.gap()
     torch_arch.render_grads(em, lv)
-    em.line()
-    em.line()
+    em.gap()
     kl = lv.retention.kind == "kl"
     torch_arch.render_initial_state(em, lv, lv.retention.args["axis"] if kl else None,
                                     float(lv.retention.args["mass"]) if kl else 1.0, buffers)
-    em.line()
-    em.line()
+    em.gap()
     _render_output_grad(em, rules)
-    em.line()
-    em.line()
+    em.gap()
     _render_retention(em, rules)
     if lv.algorithm.kind == "muon":
-        em.line()
-        em.line()
+        em.gap()
         _render_newton_schulz(em)
-    em.line()
-    em.line()
+    em.gap()
     if lv.memory.kind == "mlp":
-        em.line()
-        em.line()
+        em.gap()
         with em.indent("def _per_tensor(g, like):"):
             em.line('"""A per-head scalar [B, H] shaped to broadcast against a state tensor [B, H, ...]."""')
             em.line("return g.reshape(g.shape + (1,) * (like.dim() - g.dim()))")
-    em.line()
-    em.line()
+    em.gap()
     _render_op(em, rules, gates, len(layout), buffers)
     return em.text()
 
@@ -82,15 +74,14 @@ def _header(em: Emitter, rules: LevelRules, model: str, file: str, state_names) 
         em.line(f"  {key:<10} {comment(value)}")
     em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
     em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; vector gates")
-    em.line("[B, T, H, K or V]. Matrix state S [B, H, K, V] with o_t = S_t^T q_t; other states are")
-    em.line(f"tuples of [B, H, ...] tensors named {comment(', '.join(state_names))}.")
+    em.line("[B, T, H, K or V]. State: " + _state_text(lv, state_names))
     em.line('"""')
 
 
-def _gate_names(rules: LevelRules, role: str) -> dict:
-    """Symbols -> local names: gates at time t viewed for `role` ('state' or 'output')."""
-    names = {ir.gate_symbol(g): f"{ident(g, 'g')}_{role}" for g in rules.level.gates}
-    return names
+def _state_text(lv: ir.Level, names) -> str:
+    if lv.memory.kind == "matrix" and len(names) == 1:
+        return "S [B, H, K, V], row convention: o_t = S_t^T q_t."
+    return f"a tuple of [B, H, ...] tensors {comment(', '.join(names))}."
 
 
 def _render_output_grad(em: Emitter, rules: LevelRules) -> None:
@@ -185,8 +176,7 @@ def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
     with em.indent(f"def accumulate(A, s{params}):  {span}"):
         em.line('"""A_t = decay·A_{t-1} + s."""')
         em.line(f"return {_mul(to_torch(decay, names), 'A')} + s")
-    em.line()
-    em.line()
+    em.gap()
     psi_args = []
     if ret.form == "threshold":
         psi_args = sorted(set(_retention_symbols(rules, rules.retention_new()))
@@ -271,7 +261,8 @@ def _render_op(em: Emitter, rules: LevelRules, gates: list[str], n_params: int, 
             _render_pack(em)
             return
         em.line(weights if not _psi_gated(rules) else "weights = params  # psi needs gates; first read uses A")
-        em.line("committed = chunk_start = weights")
+        if (lv.period or 1) > 1:
+            em.line("committed = weights  # what reads see: the state at the last period boundary")
         if lv.bias.kind == "omega":
             em.line("window = []  # (k_i, v_i, gamma_i, bias gates_i) of the last WINDOW tokens")
         em.line("outputs = []")
@@ -288,8 +279,7 @@ def _psi_gated(rules: LevelRules) -> bool:
 
 
 def _render_pack(em: Emitter) -> None:
-    em.line()
-    em.line()
+    em.gap()
     with em.indent("def _pack(state):"):
         em.line("return state[0] if len(state) == 1 else tuple(state)")
 
@@ -297,7 +287,8 @@ def _render_pack(em: Emitter) -> None:
 def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     lv = rules.level
     span = where(lv.span)
-    em.line(f"q_t, k_t, v_t = qh[:, :, t:t + 1], kh[:, :, t:t + 1], vh[:, :, t:t + 1]  # [B, H, 1, D]  {span}")
+    em.line(f"{span} level {comment(lv.name)}")
+    em.line("q_t, k_t, v_t = qh[:, :, t:t + 1], kh[:, :, t:t + 1], vh[:, :, t:t + 1]  # [B, H, 1, D]")
     state_gates = [g for g in lv.gates]
     for g in state_gates:
         em.line(f"{ident(g, 'g')}_state = {_view(lv, g, 'state')}")

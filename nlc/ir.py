@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import sympy
+from sympy.printing.str import StrPrinter
 
 from . import ast
 
@@ -28,10 +29,17 @@ class Choice:
         return f"{text} of {self.inner.describe()}" if self.inner else text
 
 
+class _ShortFloats(StrPrinter):
+    def _print_Float(self, expr):
+        return f"{float(expr):g}"
+
+
 def _show(v) -> str:
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v).replace("gate_", "")
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, sympy.Basic):
+        return _ShortFloats().doprint(v).replace("gate_", "")
+    return str(v)
 
 
 @dataclass(frozen=True)

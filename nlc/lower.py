@@ -38,6 +38,7 @@ class _Lowering:
         self.gates: dict[str, ir.Gate] = {}
         self.spans: dict[str, ast.Span] = {}
         self.shapes: dict[ast.Span, tuple[int, ...]] = {}  # every expression's per-token shape
+        self.failed: set[str] = set()  # declarations already reported: no follow-on errors
 
     # ---- driver ----------------------------------------------------------------------------
     def run(self) -> ir.CheckedSpec:
@@ -119,6 +120,7 @@ class _Lowering:
             try:
                 value = self.overrides[d.name] if d.name in self.overrides else self._number(d.value)
             except _Abort:
+                self.failed.add(d.name)
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 self.diag.error(f"parameter '{d.name}' must be a finite number, got {value!r}",
@@ -183,7 +185,7 @@ class _Lowering:
                                        "per chunk(C), or a `chunk` parameter")
                 self.gates[d.name] = ir.Gate(d.name, shape, gran, chunk, d.value, d.span)
             except _Abort:
-                continue
+                self.failed.add(d.name)
         self._gate_cycles()
         for g in list(self.gates.values()):
             try:
@@ -252,7 +254,7 @@ class _Lowering:
                     else:
                         self._level(d)
                 except _Abort:
-                    continue
+                    self.failed.add(n)
 
     def _refs(self, d) -> set[str]:
         if isinstance(d, ast.LetDecl):
@@ -616,6 +618,8 @@ class _Lowering:
 
     # ---- helpers -------------------------------------------------------------------------
     def _unknown(self, name, span, known, what):
+        if name in self.failed:
+            raise _Abort  # its own declaration is already reported
         self._fail(f"unknown name '{name}'", span, what, nearest(name, known))
 
     def _fail(self, message, span, expected=None, hint=None):

@@ -49,8 +49,9 @@ def ident(name: str, prefix: str) -> str:
 
 
 def comment(text: str) -> str:
-    """Spec text inside a generated comment: one line, no control characters."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text.replace("\n", " "))
+    """Spec-derived text (a file name, a description) made safe inside a generated comment or
+    docstring: one line, printable, and no quote or backslash that could end the string."""
+    return "".join(ch if ch.isprintable() and ch not in '"\\' else "?" for ch in text)
 
 
 def where(span) -> str:

@@ -40,10 +40,10 @@ class _Expressions:
             case ast.Name(id="x"):
                 return "x"
             case ast.Name(id=n):
+                if n in self.checked.gates:  # a gate shadows the parameter it refines
+                    return ident(n, "g")
                 if n in self.checked.params:
                     return repr(float(self.checked.params[n]))
-                if n in self.checked.gates:
-                    return ident(n, "g")
                 return ident(n, "s")
             case ast.Neg(operand=o):
                 return f"(-{self.compile(o, role)})"

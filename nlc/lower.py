@@ -96,16 +96,19 @@ class _Lowering:
     def _declare_names(self, decls) -> None:
         """Every declared name is unique and not a builtin."""
         seen: dict[str, ast.Span] = {}
+        kinds: dict[str, type] = {}
         for d in decls:
             if isinstance(d, (ast.ParamDecl, ast.LetDecl, ast.GateDecl, ast.LevelDecl)):
                 if d.name in BUILTINS or d.name in STREAM_FUNCS:
                     self.diag.error(f"'{d.name}' is a built-in name and cannot be redeclared",
                                     d.span, "a fresh name")
+                elif d.name in seen and {type(d), kinds[d.name]} == {ast.ParamDecl, ast.GateDecl}:
+                    continue  # a gate may refine the parameter of its name: `gate delta = delta * ...`
                 elif d.name in seen:
                     self.diag.error(f"'{d.name}' is declared twice", d.span,
                                     "a fresh name", f"first declared at {seen[d.name]}")
                 else:
-                    seen[d.name] = d.span
+                    seen[d.name], kinds[d.name] = d.span, type(d)
         self.spans = seen
 
     # ---- parameters ----------------------------------------------------------------------
@@ -183,7 +186,10 @@ class _Lowering:
                         if chunk is None:
                             self._fail("per chunk needs a size", d.granularity.span,
                                        "per chunk(C), or a `chunk` parameter")
-                self.gates[d.name] = ir.Gate(d.name, shape, gran, chunk, d.value, d.span)
+                value = d.value
+                if d.name in self.params:  # inside its own definition the name is the parameter
+                    value = _substitute(value, d.name, self.params[d.name])
+                self.gates[d.name] = ir.Gate(d.name, shape, gran, chunk, value, d.span)
             except _Abort:
                 self.failed.add(d.name)
         self._gate_cycles()
@@ -662,6 +668,21 @@ def _names(e) -> set[str]:
         case ast.Neg(operand=o):
             return _names(o)
     return set()
+
+
+def _substitute(e: ast.Expr, name: str, value: float) -> ast.Expr:
+    """`e` with every reference to `name` replaced by the number `value` (same span)."""
+    match e:
+        case ast.Name(id=n) if n == name:
+            return ast.Number(value, f"{value:g}", e.span)
+        case ast.Call(args=args, kwargs=kw):
+            return dc_replace(e, args=tuple(_substitute(a, name, value) for a in args),
+                              kwargs=tuple((k, _substitute(v, name, value)) for k, v in kw))
+        case ast.BinOp(left=l, right=r):
+            return dc_replace(e, left=_substitute(l, name, value), right=_substitute(r, name, value))
+        case ast.Neg(operand=o):
+            return dc_replace(e, operand=_substitute(o, name, value))
+    return e
 
 
 def _find_cycle(deps: dict[str, set[str]]) -> list[str]:

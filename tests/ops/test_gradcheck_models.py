@@ -39,9 +39,9 @@ MLP = {
     "titans": ("titans", SMALL, 3, {"alpha": (0.01, 0.2), "theta": (0.05, 0.5), "eta": (0.5, 0.95)}, True),
     "ttt_linear": ("ttt_linear", dict(SMALL, d_head=3), 3, {"eta": (0.05, 0.5)}, False),
     "moneta": ("moneta", SMALL, 3, {"alpha": (0.8, 0.99), "eta": (0.05, 0.5)}, True),
-    # delta_t: far above the error norm on tokens 0 and 2 (l2 branch), far below it on token 1
+    # delta: far above the error norm on tokens 0 and 2 (l2 branch), far below it on token 1
     # (l1 branch), so both branches are checked and no input sits near the switch.
-    "yaad": ("yaad", SMALL, 3, {"delta_t": [10.0, 1e-2, 10.0], "alpha": (0.8, 0.99), "eta": (0.05, 0.5)}, True),
+    "yaad": ("yaad", SMALL, 3, {"delta": [10.0, 1e-2, 10.0], "alpha": (0.8, 0.99), "eta": (0.05, 0.5)}, True),
     "memora": ("memora", SMALL, 3, {"alpha": (0.5, 0.99), "eta": (0.05, 0.5)}, True),
     # beyond the five above: the other shipped deep memories, and the depth-1 (matrix) forms
     "ttt_mlp": ("ttt_mlp", dict(SMALL, d_head=3), 3, {"eta": (0.05, 0.5)}, False),
@@ -50,7 +50,7 @@ MLP = {
     "atlas": ("atlas", dict(SMALL, d_phi=2, window=2), 3, ATLAS_GATES, True),
     "moneta_depth1": ("moneta", dict(SMALL, depth=1), 3, {"alpha": (0.8, 0.99), "eta": (0.05, 0.5)}, True),
     "yaad_depth1": ("yaad", dict(SMALL, depth=1), 3,
-                    {"delta_t": [10.0, 1e-2, 10.0], "alpha": (0.8, 0.99), "eta": (0.05, 0.5)}, True),
+                    {"delta": [10.0, 1e-2, 10.0], "alpha": (0.8, 0.99), "eta": (0.05, 0.5)}, True),
     "memora_depth1": ("memora", dict(SMALL, depth=1), 3, {"alpha": (0.5, 0.99), "eta": (0.05, 0.5)}, True),
     "atlas_depth1": ("atlas", dict(SMALL, d_phi=2, window=2, depth=1), 3, ATLAS_GATES, True),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import nlc
 from nlc import ast, ir
+from nlc.lower import expression_names
 
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
@@ -194,11 +195,11 @@ def _render_level_call(body: Emitter, checked: ir.CheckedSpec, lv: ir.Level, mod
 def _evaluation_order(checked: ir.CheckedSpec) -> list[tuple[str, str]]:
     """Gates first (they read x, other gates and learned values), then lets and levels in the
     dependency order the checker established."""
-    from nlc.lower import _names
     order, done = [], {"x"}
     gates = dict(checked.gates)
     while gates:
-        ready = [n for n, g in gates.items() if (_names(g.expr) & set(checked.gates)) <= done]
+        ready = [n for n, g in gates.items()
+                 if set(expression_names(g.expr)) & set(checked.gates) <= done]
         for n in ready:
             order.append(("gate", n))
             done.add(n)
@@ -207,7 +208,7 @@ def _evaluation_order(checked: ir.CheckedSpec) -> list[tuple[str, str]]:
     while pending:
         for n, s in list(pending.items()):
             if s.source == "let":
-                deps = _names(s.expr)
+                deps = set(expression_names(s.expr))
             else:
                 lv = checked.level(n)
                 deps = {lv.key, lv.value, lv.query} | set(lv.gates)

@@ -9,6 +9,7 @@ import networkx as nx
 
 from . import ast, ir
 from .diagnostics import Collector, nearest
+from .lower import expression_names
 
 # Node ids of the fixed nodes. '@' cannot start a spec name, so these never clash with one.
 INPUT, OUTPUT, OUTER = "x", "@output", "@outer"
@@ -55,7 +56,7 @@ def build(checked: ir.CheckedSpec) -> nx.DiGraph:
 
 
 def _expr_flows(g: nx.DiGraph, e: ast.Expr, dst: str, skip: set[str]) -> None:
-    for name in _names(e):
+    for name in expression_names(e):
         if name in g or name not in skip:  # a name that is no node and no parameter: unresolved
             _flow(g, name, dst, "expr")
 
@@ -63,24 +64,6 @@ def _expr_flows(g: nx.DiGraph, e: ast.Expr, dst: str, skip: set[str]) -> None:
 def _flow(g: nx.DiGraph, src: str, dst: str, role: str) -> None:
     roles = g.edges[src, dst]["roles"] if g.has_edge(src, dst) else ()
     g.add_edge(src, dst, kind="flow", roles=tuple(sorted({*roles, role})))
-
-
-def _names(e) -> list[str]:
-    """Names an expression reads, in order of first use."""
-    match e:
-        case ast.Name(id=n):
-            return [n]
-        case ast.Call(args=args, kwargs=kwargs):
-            parts = [*args, *(v for _, v in kwargs)]
-        case ast.BinOp(left=l, right=r):
-            parts = [l, r]
-        case ast.Neg(operand=o) | ast.Every(period=o):
-            parts = [o]
-        case ast.Of(outer=o, inner=i):
-            parts = [o, i]
-        case _:
-            return []
-    return list(dict.fromkeys(n for p in parts for n in _names(p)))
 
 
 # ---- verification ------------------------------------------------------------------------------

@@ -657,17 +657,26 @@ def _broadcast(a, b, span, lowering) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _names(e) -> set[str]:
+def expression_names(e) -> list[str]:
+    """The names an expression reads, in order of first use."""
     match e:
         case ast.Name(id=n):
-            return {n}
-        case ast.Call(args=args, kwargs=kw):
-            return set().union(*(_names(a) for a in args), *(_names(v) for _, v in kw))
+            return [n]
+        case ast.Call(args=args, kwargs=kwargs):
+            parts = [*args, *(v for _, v in kwargs)]
         case ast.BinOp(left=l, right=r):
-            return _names(l) | _names(r)
-        case ast.Neg(operand=o):
-            return _names(o)
-    return set()
+            parts = [l, r]
+        case ast.Neg(operand=o) | ast.Every(period=o):
+            parts = [o]
+        case ast.Of(outer=o, inner=i):
+            parts = [o, i]
+        case _:
+            return []
+    return list(dict.fromkeys(n for p in parts for n in expression_names(p)))
+
+
+def _names(e) -> set[str]:
+    return set(expression_names(e))
 
 
 def _substitute(e: ast.Expr, name: str, value: float) -> ast.Expr:

@@ -6,7 +6,6 @@ import nlc
 from nlc import ast, ir
 from nlc.lower import expression_names
 
-from . import torch_arch
 from .emitter import Emitter, comment, ident, where
 
 _ELEMENTWISE = {"silu": "torch.nn.functional.silu({})", "gelu": "torch.nn.functional.gelu({})",

@@ -297,7 +297,6 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
                           ) if lv.bias.kind == "omega" else []
     for g in sorted(set(bias_args) | set(window_gates)):
         em.line(f"{ident(g, 'g')}_output = {_view(lv, g, 'output')}")
-    per = "_per_tensor" if mlp else ""
     # where the gradient is taken
     if lv.grad_at == "chunk":
         with em.indent(f"if t % {lv.grad_chunk} == 0:  # gradients at the chunk-start state"):

@@ -38,6 +38,10 @@ class Diagnostic:
         return "\n".join(lines)
 
 
+class Abort(Exception):
+    """Stop checking one declaration; its diagnostic is already recorded."""
+
+
 class SpecError(Exception):
     """Anything wrong with a spec. `.diagnostics` holds every problem found; str() renders them all."""
 

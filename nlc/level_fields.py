@@ -1,0 +1,248 @@
+"""Level fields -> `ir.Level`: memory, bias, retention, algorithm (against `nlc.options`), update
+period, gradient and read points, init, streams, and which gates the rule uses on which axis.
+A mixin of the checker (`nlc.lower`): it uses the checker's names, numbers and diagnostics."""
+from __future__ import annotations
+
+import sympy
+
+from . import ast, ir, options
+from .diagnostics import Abort, nearest
+from .validity import check_level
+
+
+class LevelFields:
+    def _level(self, d: ast.LevelDecl) -> None:
+        fields: dict[str, ast.Field] = {}
+        for f in d.fields:
+            if f.key not in options.LEVEL_FIELDS:
+                self.diag.error(f"unknown level field '{f.key}'", f.span,
+                                "one of: " + ", ".join(options.LEVEL_FIELDS),
+                                nearest(f.key, options.LEVEL_FIELDS))
+            elif f.key in fields:
+                self.diag.error(f"level field '{f.key}' given twice", f.span, "one value per field")
+            else:
+                fields[f.key] = f
+        for required in ("memory", "bias", "algorithm"):
+            if required not in fields:
+                self.diag.error(f"level '{d.name}' has no '{required}'", d.span,
+                                f"a `{required} ...` line inside the level")
+        if any(r not in fields for r in ("memory", "bias", "algorithm")):
+            raise Abort
+        level = self.level_from_fields(d, fields)
+        self.levels.append(level)
+        single_head = len(self.streams[level.key].shape) == 1
+        shape = (level.d_value,) if single_head else (level.heads, level.d_value)
+        self.streams[d.name] = ir.Stream(d.name, shape, None, d.span, "level")
+
+    def level_from_fields(self, d: ast.LevelDecl, fields: dict[str, ast.Field]) -> ir.Level:
+        memory = self._memory(fields["memory"].value)
+        bias = self._choice("bias", fields["bias"].value)
+        retention = (self._choice("retention", fields["retention"].value)
+                     if "retention" in fields else ir.Choice("none", {}, None))
+        algorithm = self._choice("algorithm", fields["algorithm"].value)
+        period = 1
+        if "update" in fields:
+            v = fields["update"].value
+            if isinstance(v, ast.Every):
+                period = self._int(v.period, "an update period")
+            elif isinstance(v, ast.Name) and v.id == "outer":
+                period = None
+            else:
+                self._fail("bad update period", v.span, "every <C> or outer")
+        grad_at, grad_chunk = "current", None
+        if "gradient" in fields:
+            v = fields["gradient"].value
+            if isinstance(v, ast.Name) and v.id in ("current", "retained"):
+                grad_at = v.id
+            elif isinstance(v, ast.Call) and v.func == "chunk_start" and len(v.args) == 1:
+                grad_at, grad_chunk = "chunk", self._int(v.args[0], "a gradient chunk size")
+            else:
+                name = v.id if isinstance(v, ast.Name) else getattr(v, "func", "")
+                self._fail("bad gradient point", v.span,
+                           "current, retained or chunk_start(C)", nearest(name, options.GRADIENT_POINTS))
+        read = self._word(fields, "read", options.READ_POINTS, "after")
+        init = self._word(fields, "init", options.INITS, "learned" if memory.kind == "mlp" else "zero")
+        names = {}
+        for role, default in (("key", "k"), ("value", "v"), ("query", "q")):
+            v = fields[role].value if role in fields else ast.Name(default, d.span)
+            if not isinstance(v, ast.Name):
+                self._fail(f"the {role} of a level must name a stream", v.span,
+                           "a `let` name, x, or a level name", "declare it with `let` first")
+            if v.id not in self.streams:
+                self._unknown(v.id, v.span if role in fields else d.span,
+                              [n for n in self.streams], f"a stream for the level's {role}")
+            names[role] = v.id
+        k_shape, v_shape, q_shape = (self._head_shape(self.streams[names[r]].shape)
+                                     for r in ("key", "value", "query"))
+        if k_shape != q_shape:
+            self._fail(f"key {list(k_shape)} and query {list(q_shape)} of level '{d.name}' differ",
+                       d.span, "keys and queries of the same shape")
+        if k_shape[0] != v_shape[0]:
+            self._fail(f"key has {k_shape[0]} heads but value has {v_shape[0]}", d.span,
+                       "the same number of heads")
+        heads, d_key, d_value = k_shape[0], k_shape[1], v_shape[1]
+        level = ir.Level(d.name, memory, bias, retention, algorithm, period, grad_at, grad_chunk,
+                         read, init, names["key"], names["value"], names["query"], heads, d_key,
+                         d_value, (), {}, d.span)
+        level = level.replace(gates=self._level_gates(level))
+        level = level.replace(gate_axes=self._gate_axes(level))
+        check_level(level, self.streams, self.diag)
+        return level
+
+    @staticmethod
+    def _head_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+        return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[-1])
+
+    def _word(self, fields, key, allowed, default) -> str:
+        if key not in fields:
+            return default
+        v = fields[key].value
+        if isinstance(v, ast.Name) and v.id in allowed:
+            return v.id
+        name = v.id if isinstance(v, ast.Name) else ""
+        self._fail(f"bad value for '{key}'", v.span, " or ".join(allowed), nearest(name, allowed))
+
+    def _memory(self, e: ast.Expr) -> ir.Memory:
+        kind, args = self._option("memory", e)
+        if kind != "mlp":
+            return ir.Memory(kind, span=e.span)
+        depth = int(args["depth"])
+        residual = args["residual"] if args["residual"] is not None else depth > 1
+        return ir.Memory("mlp", depth, float(args["expand"]), args["act"], residual,
+                         args["gated"], args["norm"], args["bias"], e.span)
+
+    def _choice(self, family: str, e: ast.Expr) -> ir.Choice:
+        if isinstance(e, ast.Of):
+            kind, args = self._option(family, e.outer)
+            if kind != "omega":
+                self._fail(f"'{kind}' does not combine with `of`", e.outer.span,
+                           "omega(window, gamma) of <bias>")
+            inner = self._choice(family, e.inner)
+            if inner.kind == "omega":
+                self._fail("omega of omega", e.inner.span, "a plain bias after `of`")
+            return ir.Choice(kind, args, e.span, inner)
+        kind, args = self._option(family, e)
+        if kind == "omega":
+            self._fail("omega needs an inner bias", e.span, "omega(window, gamma) of <bias>")
+        if family == "retention" and kind == "kl" and (args["decay"] is None) == (args["global"] is None):
+            self._fail("kl retention needs exactly one of decay= or global=", e.span,
+                       "kl(decay = alpha) or kl(global = alpha)")
+        return ir.Choice(kind, args, e.span)
+
+    def _option(self, family: str, e: ast.Expr) -> tuple[str, dict]:
+        table = options.FAMILIES[family]
+        if isinstance(e, ast.Name):
+            kind, pos, kw = e.id, (), ()
+        elif isinstance(e, ast.Call):
+            kind, pos, kw = e.func, e.args, e.kwargs
+        else:
+            self._fail(f"expected a {family} here", e.span, "one of: " + ", ".join(table))
+        if kind not in table:
+            self._fail(f"unknown {family} '{kind}'", e.span, "one of: " + ", ".join(table),
+                       nearest(kind, table))
+        sig = table[kind]
+        if len(pos) > len(sig):
+            self._fail(f"{kind}() takes at most {len(sig)} arguments", pos[len(sig)].span,
+                       f"{kind}({', '.join(a.name for a in sig)})")
+        given: dict[str, ast.Expr] = {a.name: v for a, v in zip(sig, pos)}
+        for k, v in kw:
+            names = [a.name for a in sig]
+            if k not in names:
+                self._fail(f"{kind}() has no argument '{k}'", v.span,
+                           ", ".join(names) or "no arguments", nearest(k, names))
+            if k in given:
+                self._fail(f"argument '{k}' given twice", v.span, "each argument once")
+            given[k] = v
+        out = {}
+        for a in sig:
+            if a.name not in given:
+                if a.required:
+                    self._fail(f"{kind}() needs '{a.name}'", e.span,
+                               f"{kind}({', '.join(x.name + ('' if x.required else '=...') for x in sig)})")
+                scalar = a.type == "scalar" and a.default is not None
+                out[a.name] = sympy.sympify(a.default) if scalar else a.default
+                continue
+            out[a.name] = self._arg_value(a, given[a.name], kind)
+        return kind, out
+
+    def _arg_value(self, a: options.Arg, e: ast.Expr, kind: str):
+        if a.type == "scalar":
+            return self._sym(e)
+        if a.type == "int":
+            return self._int(e, f"{kind}({a.name})")
+        if a.type == "number":
+            return self._number(e)
+        if a.type == "bool":
+            if isinstance(e, ast.Name) and e.id in ("true", "false"):
+                return e.id == "true"
+            self._fail(f"{kind}({a.name}) is a flag", e.span, "true or false")
+        if isinstance(e, ast.Name) and e.id in a.choices:
+            return e.id
+        name = e.id if isinstance(e, ast.Name) else ""
+        self._fail(f"bad value for {kind}({a.name})", e.span, " or ".join(a.choices),
+                   nearest(name, a.choices))
+
+    def _sym(self, e: ast.Expr) -> sympy.Expr:
+        """A scalar argument: sympy over numbers, parameters and gates."""
+        match e:
+            case ast.Number(value=v):
+                return sympy.Integer(int(v)) if v.is_integer() else sympy.Float(v)
+            case ast.Name(id=n):
+                if n in self.gates:
+                    return ir.gate_symbol(n)
+                if n in self.params:
+                    v = self.params[n]
+                    return sympy.Integer(int(v)) if v.is_integer() else sympy.Float(v)
+                self._unknown(n, e.span, [*self.gates, *self.params], "a gate or parameter")
+            case ast.Neg(operand=o):
+                return -self._sym(o)
+            case ast.BinOp(op=op, left=l, right=r):
+                a, b = self._sym(l), self._sym(r)
+                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b, "**": a ** b}[op]
+            case ast.Call(func=f, args=(arg,), kwargs=()) if f in ("exp", "log", "sigmoid"):
+                inner = self._sym(arg)
+                return {"exp": sympy.exp, "log": sympy.log,
+                        "sigmoid": lambda z: 1 / (1 + sympy.exp(-z))}[f](inner)
+        self._fail("expected a number, parameter or gate expression", e.span,
+                   "e.g. 0.5, beta, 1 - alpha")
+
+    def _level_gates(self, level: ir.Level) -> tuple[str, ...]:
+        used: list[str] = []
+        for choice in (level.bias, level.bias.inner, level.retention, level.algorithm):
+            if choice is None:
+                continue
+            for v in choice.args.values():
+                if isinstance(v, sympy.Expr):
+                    for s in sorted(v.free_symbols, key=str):
+                        name = str(s)[len("gate_"):]
+                        if name not in used:
+                            used.append(name)
+        return tuple(used)
+
+    def _gate_axes(self, level: ir.Level) -> dict[str, str]:
+        axes = {}
+        value_roles = set()
+        for choice in (level.bias, level.bias.inner):
+            if choice is not None:
+                value_roles |= {str(s)[5:] for v in choice.args.values()
+                                if isinstance(v, sympy.Expr) for s in v.free_symbols}
+        if level.retention.kind == "implicit":
+            value_roles |= {str(s)[5:] for s in level.algorithm.args["lr"].free_symbols}
+        for name in level.gates:
+            g = self.gates[name]
+            if g.shape[0] != level.heads:
+                self._fail(f"gate '{name}' has {g.shape[0]} heads but level '{level.name}' has "
+                           f"{level.heads}", g.span, f"gate {name}[{level.heads}, ...]")
+            if len(g.shape) == 1:
+                axes[name] = "scalar"
+                continue
+            dim = g.shape[1]
+            if name in value_roles or dim != level.d_key:
+                if dim != level.d_value:
+                    self._fail(f"gate '{name}' has {dim} channels", g.span,
+                               f"{level.d_key} (key channels) or {level.d_value} (value channels) "
+                               f"for level '{level.name}'")
+                axes[name] = "value"
+            else:
+                axes[name] = "key"
+        return axes

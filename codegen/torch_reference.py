@@ -253,24 +253,27 @@ def _render_op(em: Emitter, rules: LevelRules, gates: list[str], n_params: int, 
             else "weights = params"
         if lv.period is None:
             em.line("# update outer: the memory changes only in the outer training loop")
-            if rules.accumulator and _psi_gated(rules):
-                em.line("raise NotImplementedError('an outer level with a gated FTRL map has no weights at t = 0')")
             em.line(weights)
             em.line("o = memory_forward(weights, qh).transpose(1, 2)")
             em.line("return o, (_pack(state) if output_final_state else None)")
-            _render_pack(em)
-            return
-        em.line(weights if not _psi_gated(rules) else "weights = params  # psi needs gates; first read uses A")
-        if (lv.period or 1) > 1:
-            em.line("committed = weights  # what reads see: the state at the last period boundary")
-        if lv.bias.kind == "omega":
-            em.line("window = []  # (k_i, v_i, gamma_i, bias gates_i) of the last WINDOW tokens")
-        em.line("outputs = []")
-        with em.indent("for t in range(T):"):
-            _render_step(em, rules, mlp)
-        em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
-        em.line("return o, (_pack(params + buffers) if output_final_state else None)")
+        else:
+            _render_loop(em, rules, weights, mlp)
     _render_pack(em)
+
+
+def _render_loop(em: Emitter, rules: LevelRules, weights: str, mlp: bool) -> None:
+    """The per-token loop of a level that learns in context."""
+    lv = rules.level
+    em.line(weights if not _psi_gated(rules) else "weights = params  # psi needs gates; first read uses A")
+    if (lv.period or 1) > 1:
+        em.line("committed = weights  # what reads see: the state at the last period boundary")
+    if lv.bias.kind == "omega":
+        em.line("window = []  # (k_i, v_i, gamma_i, bias gates_i) of the last WINDOW tokens")
+    em.line("outputs = []")
+    with em.indent("for t in range(T):"):
+        _render_step(em, rules, mlp)
+    em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
+    em.line("return o, (_pack(params + buffers) if output_final_state else None)")
 
 
 def _psi_gated(rules: LevelRules) -> bool:
@@ -291,19 +294,19 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     em.line("q_t, k_t, v_t = qh[:, :, t:t + 1], kh[:, :, t:t + 1], vh[:, :, t:t + 1]  # [B, H, 1, D]")
     state_gates = [g for g in lv.gates]
     for g in state_gates:
-        em.line(f"{ident(g, 'g')}_state = {_view(lv, g, 'state')}")
+        em.line(f"{ident(g, 'gs')} = {_view(lv, g, 'state')}  # gate {comment(g)} at t, shaped for the state")
     bias_args = _bias_gate_args(rules)
     window_gates = sorted({str(x)[5:] for x in sympy.sympify(lv.bias.args.get("gamma", 0)).free_symbols}
                           ) if lv.bias.kind == "omega" else []
     for g in sorted(set(bias_args) | set(window_gates)):
-        em.line(f"{ident(g, 'g')}_output = {_view(lv, g, 'output')}")
+        em.line(f"{ident(g, 'go')} = {_view(lv, g, 'output')}  # gate {comment(g)} at t, shaped for outputs")
     # where the gradient is taken
     if lv.grad_at == "chunk":
         with em.indent(f"if t % {lv.grad_chunk} == 0:  # gradients at the chunk-start state"):
             em.line("chunk_start = weights")
         em.line("at = chunk_start")
     elif lv.grad_at == "retained":
-        args = "".join(f", {_bcast(mlp, ident(g, 'g') + '_state', 'w')}"
+        args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'w')}"
                        for g in _retention_symbols(rules, rules.retention_new()))
         em.line(f"at = tuple(retain(w, torch.zeros_like(w){args}) for w in weights)  # after the decay")
     else:
@@ -312,11 +315,11 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     if lv.read == "before":
         em.line(f"outputs.append(memory_forward({before}, q_t))  # read before write")
     # attentional bias gradient
-    bias_call = "".join(f", {ident(g, 'g')}_output" for g in bias_args)
+    bias_call = "".join(f", {ident(g, 'go')}" for g in bias_args)
     if lv.bias.kind == "omega":
         gamma = lv.bias.args["gamma"]
-        gnames = {ir.gate_symbol(g): f"{ident(g, 'g')}_output" for g in lv.gates}
-        extra = "".join(f", {ident(g, 'g')}_output" for g in bias_args)
+        gnames = {ir.gate_symbol(g): ident(g, 'go') for g in lv.gates}
+        extra = "".join(f", {ident(g, 'go')}" for g in bias_args)
         em.line(f"window = (window + [(k_t, v_t, {to_torch(gamma, gnames)}{extra})])"
                 f"[-{lv.bias.args['window']}:]")
         em.line("k_w = torch.cat([w[0] for w in window], dim=2)  # [B, H, N, K], N <= window")
@@ -332,10 +335,10 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
         em.line(f"dy = output_grad(memory_forward(at, k_t), v_t{bias_call})")
         em.line("u = memory_grads(at, k_t, dy)")
     # algorithm
-    gnames = {ir.gate_symbol(g): f"{ident(g, 'g')}_state" for g in lv.gates}
+    gnames = {ir.gate_symbol(g): ident(g, 'gs') for g in lv.gates}
     lr = to_torch(rules.lr, gnames)
     if lv.retention.kind == "implicit":
-        args = "".join(f", {ident(g, 'g')}_state" for g in _retention_symbols(rules, rules.retention.new.subs(S.lr, rules.lr)))
+        args = "".join(f", {ident(g, 'gs')}" for g in _retention_symbols(rules, rules.retention.new.subs(S.lr, rules.lr)))
         em.line(f"lr = implicit_lr((k_t * k_t).sum(-1, keepdim=True).transpose(-1, -2){args})  "
                 "# [B, H, 1, 1|V]: the proximal step's effective rate")
         lr = "lr"
@@ -356,7 +359,7 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
                 "for m in buffers)")
     # retention
     if rules.accumulator:
-        decay_args = "".join(f", {_bcast(mlp, ident(g, 'g') + '_state', 'a')}" for g in
+        decay_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in
                              _retention_symbols(rules, rules.retention.decay if rules.retention.decay is not None
                                                 else lv.retention.args.get("rate", sympy.Integer(1))))
         em.line(f"params = tuple(accumulate(a, s{decay_args}) for a, s in zip(params, steps))  "
@@ -365,7 +368,7 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
         if _psi_gated(rules):
             syms = sorted(set(_retention_symbols(rules, rules.retention_new()))
                           | set(_retention_symbols(rules, rules.threshold())))
-            psi_args = "".join(f", {_bcast(mlp, ident(g, 'g') + '_state', 'a')}" for g in syms)
+            psi_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in syms)
         em.line(f"weights = tuple(psi(a{psi_args}) for a in params)")
     else:
         syms = _retention_symbols(rules, rules.retention_new())
@@ -373,7 +376,7 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
             syms = sorted(set(syms) | set(_retention_symbols(rules, rules.threshold())))
         if rules.retention.form == "dgd":
             syms = sorted(set(syms) | set(_retention_symbols(rules, rules.lr)))
-        args = "".join(f", {_bcast(mlp, ident(g, 'g') + '_state', 'w')}" for g in syms)
+        args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'w')}" for g in syms)
         if rules.retention.form == "dgd":
             em.line("inputs = []")
             em.line("memory_forward(at, k_t, inputs)")

@@ -112,6 +112,11 @@ class Level:
     gate_axes: Mapping[str, str] = field(default_factory=dict)  # gate -> scalar | key | value
     span: ast.Span | None = None
 
+    @property
+    def accumulates(self) -> bool:
+        """The state is an FTRL accumulator A, read through weights W = psi(A) (lq or ftrl)."""
+        return self.retention.kind == "lq" or self.algorithm.kind == "ftrl"
+
     def replace(self, **kw) -> "Level":
         return replace(self, **kw)
 

@@ -49,6 +49,9 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
     if alg.kind == "ftrl" and ret.kind in ("implicit", "dgd", "l2"):
         err(f"FTRL has no accumulator form for {ret.kind} retention", alg,
             "retention none, decay, lq or elastic")
+    if level.period is None and level.accumulates:
+        err("an `update outer` level does not learn in context, so it has no FTRL accumulator", alg,
+            "algorithm gd (the outer loop trains its state)")
     if alg.kind == "muon" and mem.kind == "vector":
         err("Newton-Schulz (muon) acts on 2-D weights; a vector memory has none", alg,
             "memory matrix or mlp")

@@ -29,7 +29,7 @@ class LevelRules:
     @property
     def accumulator(self) -> bool:
         """State is an FTRL accumulator A with weights W = psi(A)."""
-        return self.retention.form == "mirror" or self.algorithm == "ftrl"
+        return self.level.accumulates
 
     @property
     def lr(self) -> sympy.Expr:

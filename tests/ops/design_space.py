@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import nlc
+from nlc.lower import check
 
 MEMORIES = {"matrix": "matrix", "mlp1": "mlp(depth = 1)", "mlp2": "mlp(depth = 2, expand = 1)"}
 BIASES = {"dot": "dot", "l2": "l2", "lp3": "lp(p = 3)", "l1": "l1(eps = 1e-3)",
@@ -18,7 +19,7 @@ RETENTIONS = {"none": "none", "decay": "decay(alpha)", "l2": "l2(global = 2)",
 ALGORITHMS = {"gd": "gd(lr = eta)", "momentum": "momentum(lr = eta, beta = theta)",
               "muon": "muon(lr = eta, beta = theta, steps = 3)", "ftrl": "ftrl(lr = eta)"}
 SCHEDULES = {"token": "", "chunk": "gradient chunk_start(2)", "period": "update every 2",
-             "before": "read before", "retained": "gradient retained"}
+             "before": "read before", "retained": "gradient retained", "outer": "update outer"}
 
 TEMPLATE = """
 model point
@@ -56,7 +57,7 @@ def points(memories=tuple(MEMORIES), schedules=("token",)):
             memories, BIASES, RETENTIONS, ALGORITHMS, schedules):
         text = spec_text(memory, bias, retention, algorithm, schedule)
         try:
-            nlc.lower.check(text)
+            check(text)
         except nlc.SpecError:
             continue
         yield f"{memory}-{bias}-{retention}-{algorithm}-{schedule}", text

@@ -10,8 +10,8 @@ from .design_space import ALGORITHMS, BIASES, RETENTIONS, points, spec_text
 
 B, T = 2, 5
 TOKEN_POINTS = list(points())
-SCHEDULE_POINTS = list(points(memories=("matrix", "mlp2"), schedules=("chunk", "period", "before",
-                                                                        "retained")))
+SCHEDULE_POINTS = list(points(memories=("matrix", "mlp2"),
+                              schedules=("chunk", "period", "before", "retained", "outer")))
 
 
 def _inputs(op, seed=0, T=T):

@@ -22,7 +22,7 @@ def compile(spec, **params) -> "Program":
     graph_module.verify(level_graph)                      # causality, frequency order, names
     rules = derive(checked)                               # sympy: gradients, proximal maps
     sources = render(checked, rules)                      # codegen: readable PyTorch
-    folder = cache.store(checked.name, cache.key(source, params), sources)
+    folder = cache.store(checked.name, cache.key(source, file, params), sources)
     return Program(checked, diagnostics, level_graph, rules, sources, folder)
 
 

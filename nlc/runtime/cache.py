@@ -29,9 +29,11 @@ def codegen_fingerprint() -> str:
     return h.hexdigest()
 
 
-def key(source: str, params: dict) -> str:
+def key(source: str, file: str, params: dict) -> str:
+    """Everything the generated text depends on: the spec (its text, and its file name, which the
+    sources quote), the overrides, and the versions of nlc, its generator and torch."""
     h = hashlib.sha256()
-    for part in (source, repr(sorted(params.items())), nlc.__version__, codegen_fingerprint(),
+    for part in (source, file, repr(sorted(params.items())), nlc.__version__, codegen_fingerprint(),
                  torch.__version__):
         h.update(part.encode())
         h.update(b"\0")

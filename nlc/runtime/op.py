@@ -39,24 +39,48 @@ class LevelOp:
                             f"its gates: {list(self.gates) or 'none'}")
         missing = [g for g in self.gates if g not in gates]
         if missing:
-            raise TypeError(f"level {lv.name!r} needs gate(s) {missing}")
+            shapes = ", ".join(f"{g} {_expected(B, T, self._gate_tail(g))}" for g in missing)
+            raise TypeError(f"level {lv.name!r} needs gate(s) {shapes}")
         kwargs = {}
         for name in self.gates:
-            axis = lv.gate_axes[name]
-            tail = () if axis == "scalar" else ((lv.d_key,) if axis == "key" else (lv.d_value,))
+            tail = self._gate_tail(name)
             value = gates[name]
             if not torch.is_tensor(value):
-                value = torch.as_tensor(value, dtype=q.dtype, device=q.device).expand(B, T, lv.heads, *tail)
-            _check(f"gate {name!r}", value, 3 + len(tail), B, T, (lv.heads, *tail))
+                value = torch.as_tensor(value, dtype=q.dtype, device=q.device)
+                if value.dim() == 0:
+                    value = value.expand(B, T, *tail)
+            _check(f"gate {name!r}", value, len(tail) + 2, B, T, tail)
             kwargs[f"g_{name}"] = value.to(q.dtype)
+        if initial_state is not None:
+            self._check_state(initial_state, B, q.dtype)
         return self.function(q, k, v, **kwargs, initial_state=initial_state,
                              output_final_state=output_final_state)
+
+    def _gate_tail(self, name: str) -> tuple[int, ...]:
+        lv, axis = self.level, self.level.gate_axes[name]
+        return (lv.heads,) + {"scalar": (), "key": (lv.d_key,), "value": (lv.d_value,)}[axis]
+
+    def _check_state(self, state, B: int, dtype) -> None:
+        """initial_state must have the layout of `initial_state(B)`: one tensor or a tuple."""
+        expected = self.initial_state(B, dtype)
+        got = (state,) if torch.is_tensor(state) else tuple(state)
+        if len(got) != len(expected):
+            raise ValueError(f"initial_state has {len(got)} tensor(s); level {self.level.name!r} "
+                             f"expects {len(expected)}: {', '.join(self.state_names)}")
+        for name, x, want in zip(self.state_names, got, expected):
+            if not torch.is_tensor(x) or tuple(x.shape) != tuple(want.shape):
+                shape = list(x.shape) if torch.is_tensor(x) else type(x).__name__
+                raise ValueError(f"initial_state {name} has shape {shape}; expected {list(want.shape)}")
+
+
+def _expected(B, T, tail) -> str:
+    return f"[{'B' if B is None else B}, {'T' if T is None else T}, {', '.join(map(str, tail))}]"
 
 
 def _check(name, x, rank, B, T, tail):
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    expected = f"[{'B' if B is None else B}, {'T' if T is None else T}, {', '.join(map(str, tail))}]"
+    expected = _expected(B, T, tail)
     if x.dim() != rank or tuple(x.shape[2:]) != tuple(tail) or (B is not None and x.shape[0] != B) \
             or (T is not None and x.shape[1] != T):
         raise ValueError(f"{name} has shape {list(x.shape)}; expected {expected}")

@@ -39,7 +39,8 @@ class _Lowering(LevelFields):
         decls = self.spec.decls
         models = [d for d in decls if isinstance(d, ast.ModelDecl)]
         if not models:
-            self.diag.error("the spec declares no model", None, "a line `model <name>` at the top")
+            top = ast.Span(self.spec.file, 1, 1, 1, 1)
+            self.diag.error("the spec declares no model", top, "a line `model <name>` at the top")
         for extra in models[1:]:
             self.diag.error(f"second model declaration '{extra.name}'", extra.span,
                             "one `model` per spec")

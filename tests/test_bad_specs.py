@@ -82,7 +82,7 @@ TABLE = [
     ("unknown_granularity", sub(l7="gate alpha[heads] per tokn = sigmoid(linear(x))"), {},
      ["unknown gate granularity 'tokn'"], 7, 19, "did you mean 'token'?"),
     # ---- missing and duplicate declarations ---------------------------------------------------
-    ("missing_model", sub(l1=""), {}, ["no model"], None, None, None),
+    ("missing_model", sub(l1=""), {}, ["no model"], 1, 1, None),
     ("missing_d_model", sub(l2=""), {}, ["no parameter 'd_model'"], 1, 1, "d_model and heads"),
     ("missing_heads", sub(l3=""), {}, ["no parameter 'heads'"], 1, 1, "d_model and heads"),
     ("missing_output", sub(l15=""), {}, ["no output"], 1, 1, None),

@@ -192,27 +192,20 @@ def _render_level_call(body: Emitter, checked: ir.CheckedSpec, lv: ir.Level, mod
 
 
 def _evaluation_order(checked: ir.CheckedSpec) -> list[tuple[str, str]]:
-    """Gates first (they read x, other gates and learned values), then lets and levels in the
-    dependency order the checker established."""
-    order, done = [], {"x"}
-    gates = dict(checked.gates)
-    while gates:
-        ready = [n for n, g in gates.items()
-                 if set(expression_names(g.expr)) & set(checked.gates) <= done]
-        for n in ready:
-            order.append(("gate", n))
-            done.add(n)
-            del gates[n]
-    pending = {n: s for n, s in checked.streams.items() if s.source != "input"}
-    while pending:
-        for n, s in list(pending.items()):
-            if s.source == "let":
-                deps = set(expression_names(s.expr))
-            else:
-                lv = checked.level(n)
-                deps = {lv.key, lv.value, lv.query} | set(lv.gates)
-            if deps & set(pending) - {n}:
-                continue
-            order.append(("let" if s.source == "let" else "level", n))
-            del pending[n]
+    """Gates, lets and levels in an order where each reads only what came before (the checker
+    has already rejected cycles)."""
+    deps = {n: set(expression_names(g.expr)) for n, g in checked.gates.items()}
+    kinds = {n: "gate" for n in checked.gates}
+    for n, st in checked.streams.items():
+        if st.source == "let":
+            deps[n], kinds[n] = set(expression_names(st.expr)), "let"
+        elif st.source == "level":
+            lv = checked.level(n)
+            deps[n], kinds[n] = {lv.key, lv.value, lv.query} | set(lv.gates), "level"
+    order, done = [], set()
+    while len(order) < len(deps):
+        for n in deps:
+            if n not in done and deps[n] & deps.keys() <= done | {n}:
+                order.append((kinds[n], n))
+                done.add(n)
     return order

@@ -188,17 +188,16 @@ class _Lowering(LevelFields):
             except Abort:
                 self.failed.add(d.name)
         self._gate_cycles()
-        for g in list(self.gates.values()):
-            try:
-                got = self._sized(g.expr, g.shape, in_gate=True)
-                if got not in (g.shape, (1,), ()):
-                    if not (len(got) == 1 and len(g.shape) == 2 and got[0] == g.shape[0]):
-                        self._fail(f"gate '{g.name}' computes shape {list(got)}", g.expr.span,
-                                   f"shape {list(g.shape)}")
-                if not self._depends_on_input(g.expr):
-                    self.gates[g.name] = dc_replace(g, granularity="constant")
-            except Abort:
-                continue
+
+    def _type_gate(self, g: ir.Gate) -> None:
+        """Check a gate's expression once the streams and levels it reads are known."""
+        got = self._sized(g.expr, g.shape, in_gate=True)
+        if got not in (g.shape, (1,), ()):
+            if not (len(got) == 1 and len(g.shape) == 2 and got[0] == g.shape[0]):
+                self._fail(f"gate '{g.name}' computes shape {list(got)}", g.expr.span,
+                           f"shape {list(g.shape)}")
+        if not self._depends_on_input(g.expr):
+            self.gates[g.name] = dc_replace(g, granularity="constant")
 
     def _gate_cycles(self) -> None:
         """Gates that define each other have no value; report the path and stop."""
@@ -230,10 +229,11 @@ class _Lowering(LevelFields):
         return False
 
     def _streams_and_levels(self, lets, levels) -> None:
-        """Lets and levels depend on each other (a CMS chain keys one level on another's output):
-        resolve them in dependency order and report cycles with their path."""
+        """Gates, lets and levels depend on each other (a CMS chain keys one level on another's
+        output; a gate may read a stream): resolve them in dependency order, report cycles with
+        their path."""
         self.levels: list[ir.Level] = []
-        pending = {d.name: d for d in [*lets, *levels]}
+        pending = {d.name: d for d in [*self.gates.values(), *lets, *levels]}
         deps = {n: self._refs(d) & set(pending) for n, d in pending.items()}
         done: set[str] = set()
         while pending:
@@ -243,14 +243,17 @@ class _Lowering(LevelFields):
                 first = pending[cycle[0]]
                 path = " -> ".join(f"{n} ({pending[n].span})" for n in cycle + [cycle[0]])
                 self.diag.error("cycle in the level graph: " + " -> ".join(cycle + [cycle[0]]),
-                                first.span, "streams and levels that read only earlier ones",
+                                first.span, "gates, streams and levels that read only earlier ones",
                                 f"path: {path}")
+                self.failed |= set(pending)
                 return
             for n in ready:
                 d = pending.pop(n)
                 done.add(n)
                 try:
-                    if isinstance(d, ast.LetDecl):
+                    if isinstance(d, ir.Gate):
+                        self._type_gate(d)
+                    elif isinstance(d, ast.LetDecl):
                         self._let(d)
                     else:
                         self._level(d)
@@ -258,12 +261,13 @@ class _Lowering(LevelFields):
                     self.failed.add(n)
 
     def _refs(self, d) -> set[str]:
+        if isinstance(d, ir.Gate):
+            return _names(d.expr)
         if isinstance(d, ast.LetDecl):
             return _names(d.value)
         out = set()
         for f in d.fields:
-            if f.key in ("key", "value", "query"):
-                out |= _names(f.value)
+            out |= _names(f.value) if f.key in ("key", "value", "query") else _argument_names(f.value)
         defaults = {"key": "k", "value": "v", "query": "q"}
         given = {f.key for f in d.fields}
         return out | {v for k, v in defaults.items() if k not in given}
@@ -434,6 +438,18 @@ def expression_names(e) -> list[str]:
 
 def _names(e) -> set[str]:
     return set(expression_names(e))
+
+
+def _argument_names(e) -> set[str]:
+    """Names read by an option's arguments (`decay(alpha)` -> alpha), not the option words."""
+    match e:
+        case ast.Call(args=args, kwargs=kw):
+            return set().union(*(_names(a) for a in args), *(_names(v) for _, v in kw))
+        case ast.Of(outer=o, inner=i):
+            return _argument_names(o) | _argument_names(i)
+        case ast.Every(period=p):
+            return _names(p)
+    return set()
 
 
 def _substitute(e: ast.Expr, name: str, value: float) -> ast.Expr:

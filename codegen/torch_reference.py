@@ -20,7 +20,7 @@ def render_level(rules: LevelRules, model: str, file: str) -> str:
     layout = torch_arch.param_layout(lv)
     buffers = 1 if lv.algorithm.kind in ("momentum", "muon") else 0
     state_names = [n for n, _, _ in layout]
-    state_names += [f"{'A' if False else 'M'}_{n}" for n in state_names] * buffers
+    state_names += [f"M_{n}" for n in state_names] * buffers
     if rules.accumulator:
         state_names = [f"A_{n}" if i < len(layout) else n for i, n in enumerate(state_names)]
     _header(em, rules, model, file, state_names)
@@ -61,7 +61,7 @@ def render_level(rules: LevelRules, model: str, file: str) -> str:
             em.line('"""A per-head scalar [B, H] shaped to broadcast against a state tensor [B, H, ...]."""')
             em.line("return g.reshape(g.shape + (1,) * (like.dim() - g.dim()))")
     em.gap()
-    _render_op(em, rules, gates, len(layout), buffers)
+    _render_op(em, rules, gates)
     return em.text()
 
 
@@ -100,7 +100,7 @@ def _render_output_grad(em: Emitter, rules: LevelRules) -> None:
 
 
 def _bias_gate_args(rules: LevelRules) -> list[str]:
-    return sorted({str(s)[5:] for s in rules.bias.grad.free_symbols if str(s).startswith("gate_")})
+    return ir.gate_names(rules.bias.grad)
 
 
 def _tensorish(text: str, like: str) -> str:
@@ -112,17 +112,13 @@ def _tensorish(text: str, like: str) -> str:
     return f"torch.full_like({like}, {text})"
 
 
-def _retention_symbols(rules: LevelRules, expr: sympy.Expr) -> list[str]:
-    return sorted({str(s)[5:] for s in expr.free_symbols if str(s).startswith("gate_")})
-
-
 def _render_retention(em: Emitter, rules: LevelRules) -> None:
     """retain(w0, s, gates...): the derived per-entry map; threshold/softmax/mirror forms wrap it."""
     ret, lv = rules.retention, rules.level
     span = where(lv.retention.span) if lv.retention.span else ""
     if ret.form == "implicit":
         expr = ret.new.subs(S.lr, rules.lr)
-        args = _retention_symbols(rules, expr)
+        args = ir.gate_names(expr)
         params = "".join(f", {ident(g, 'g')}" for g in args)
         with em.indent(f"def implicit_lr(n{params}):  {span}"):
             em.line(f'"""{comment(ret.objective)}; n = ||k||^2."""')
@@ -134,9 +130,9 @@ def _render_retention(em: Emitter, rules: LevelRules) -> None:
         return
     expr = rules.retention_new()
     extra = [rules.threshold()] if ret.form == "threshold" else []
-    args = sorted(set().union(*(_retention_symbols(rules, x) for x in [expr, *extra])))
+    args = sorted(set().union(*(ir.gate_names(x) for x in [expr, *extra])))
     if ret.form == "dgd":
-        args = sorted(set(args) | set(_retention_symbols(rules, rules.lr)))
+        args = sorted(set(args) | set(ir.gate_names(rules.lr)))
     params = "".join(f", {ident(g, 'g')}" for g in args)
     names = {S.w0: "w0", S.s: "s", S.lw0: "torch.log(w0.clamp_min(1e-30))",
              **{ir.gate_symbol(g): ident(g, "g") for g in args}}
@@ -170,7 +166,7 @@ def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
         decay = lv.retention.args["rate"]
     else:
         decay = sympy.Integer(1)
-    args = _retention_symbols(rules, decay)
+    args = ir.gate_names(decay)
     params = "".join(f", {ident(g, 'g')}" for g in args)
     names = {ir.gate_symbol(g): ident(g, "g") for g in args}
     with em.indent(f"def accumulate(A, s{params}):  {span}"):
@@ -179,8 +175,8 @@ def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
     em.gap()
     psi_args = []
     if ret.form == "threshold":
-        psi_args = sorted(set(_retention_symbols(rules, rules.retention_new()))
-                          | set(_retention_symbols(rules, rules.threshold())))
+        psi_args = sorted(set(ir.gate_names(rules.retention_new()))
+                          | set(ir.gate_names(rules.threshold())))
     params = "".join(f", {ident(g, 'g')}" for g in psi_args)
     names = {S.A: "A", S.N: "N", S.w0: "0.0", S.s: "A",
              **{ir.gate_symbol(g): ident(g, "g") for g in psi_args}}
@@ -235,7 +231,7 @@ def _view(level: ir.Level, gate: str, role: str) -> str:
     return f"{g}[:, t]"  # MLP: scalars, broadcast per tensor by _per_tensor
 
 
-def _render_op(em: Emitter, rules: LevelRules, gates: list[str], n_params: int, buffers: int) -> None:
+def _render_op(em: Emitter, rules: LevelRules, gates: list[str]) -> None:
     lv = rules.level
     mlp = lv.memory.kind == "mlp"
     name = ident(lv.name, "level")
@@ -278,7 +274,7 @@ def _render_loop(em: Emitter, rules: LevelRules, weights: str, mlp: bool) -> Non
 
 def _psi_gated(rules: LevelRules) -> bool:
     return rules.accumulator and rules.retention.form == "threshold" and bool(
-        _retention_symbols(rules, rules.retention_new()) or _retention_symbols(rules, rules.threshold()))
+        ir.gate_names(rules.retention_new()) or ir.gate_names(rules.threshold()))
 
 
 def _render_pack(em: Emitter) -> None:
@@ -292,12 +288,10 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     span = where(lv.span)
     em.line(f"{span} level {comment(lv.name)}")
     em.line("q_t, k_t, v_t = qh[:, :, t:t + 1], kh[:, :, t:t + 1], vh[:, :, t:t + 1]  # [B, H, 1, D]")
-    state_gates = [g for g in lv.gates]
-    for g in state_gates:
+    for g in lv.gates:
         em.line(f"{ident(g, 'gs')} = {_view(lv, g, 'state')}  # gate {comment(g)} at t, shaped for the state")
     bias_args = _bias_gate_args(rules)
-    window_gates = sorted({str(x)[5:] for x in sympy.sympify(lv.bias.args.get("gamma", 0)).free_symbols}
-                          ) if lv.bias.kind == "omega" else []
+    window_gates = ir.gate_names(lv.bias.args["gamma"]) if lv.bias.kind == "omega" else []
     for g in sorted(set(bias_args) | set(window_gates)):
         em.line(f"{ident(g, 'go')} = {_view(lv, g, 'output')}  # gate {comment(g)} at t, shaped for outputs")
     # where the gradient is taken
@@ -307,7 +301,7 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
         em.line("at = chunk_start")
     elif lv.grad_at == "retained":
         args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'w')}"
-                       for g in _retention_symbols(rules, rules.retention_new()))
+                       for g in ir.gate_names(rules.retention_new()))
         em.line(f"at = tuple(retain(w, torch.zeros_like(w){args}) for w in weights)  # after the decay")
     else:
         em.line("at = weights")
@@ -338,7 +332,7 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     gnames = {ir.gate_symbol(g): ident(g, 'gs') for g in lv.gates}
     lr = to_torch(rules.lr, gnames)
     if lv.retention.kind == "implicit":
-        args = "".join(f", {ident(g, 'gs')}" for g in _retention_symbols(rules, rules.retention.new.subs(S.lr, rules.lr)))
+        args = "".join(f", {ident(g, 'gs')}" for g in ir.gate_names(rules.retention.new.subs(S.lr, rules.lr)))
         em.line(f"lr = implicit_lr((k_t * k_t).sum(-1, keepdim=True).transpose(-1, -2){args})  "
                 "# [B, H, 1, 1|V]: the proximal step's effective rate")
         lr = "lr"
@@ -360,22 +354,22 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     # retention
     if rules.accumulator:
         decay_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in
-                             _retention_symbols(rules, rules.retention.decay if rules.retention.decay is not None
+                             ir.gate_names(rules.retention.decay if rules.retention.decay is not None
                                                 else lv.retention.args.get("rate", sympy.Integer(1))))
         em.line(f"params = tuple(accumulate(a, s{decay_args}) for a, s in zip(params, steps))  "
                 f"{where(lv.retention.span)}")
         psi_args = ""
         if _psi_gated(rules):
-            syms = sorted(set(_retention_symbols(rules, rules.retention_new()))
-                          | set(_retention_symbols(rules, rules.threshold())))
+            syms = sorted(set(ir.gate_names(rules.retention_new()))
+                          | set(ir.gate_names(rules.threshold())))
             psi_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in syms)
         em.line(f"weights = tuple(psi(a{psi_args}) for a in params)")
     else:
-        syms = _retention_symbols(rules, rules.retention_new())
+        syms = ir.gate_names(rules.retention_new())
         if rules.retention.form == "threshold":
-            syms = sorted(set(syms) | set(_retention_symbols(rules, rules.threshold())))
+            syms = sorted(set(syms) | set(ir.gate_names(rules.threshold())))
         if rules.retention.form == "dgd":
-            syms = sorted(set(syms) | set(_retention_symbols(rules, rules.lr)))
+            syms = sorted(set(syms) | set(ir.gate_names(rules.lr)))
         args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'w')}" for g in syms)
         if rules.retention.form == "dgd":
             em.line("inputs = []")

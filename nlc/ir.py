@@ -166,3 +166,11 @@ class CheckedSpec:
 def gate_symbol(name: str) -> sympy.Symbol:
     """The sympy symbol standing for a gate inside derived expressions."""
     return sympy.Symbol(f"gate_{name}", real=True)
+
+
+def gate_names(value) -> list[str]:
+    """The gates a scalar argument (a sympy expression, or a plain value) reads, sorted."""
+    if not isinstance(value, sympy.Basic):
+        return []
+    prefix = "gate_"
+    return sorted(str(s)[len(prefix):] for s in value.free_symbols if str(s).startswith(prefix))

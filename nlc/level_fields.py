@@ -209,14 +209,8 @@ class LevelFields:
     def _level_gates(self, level: ir.Level) -> tuple[str, ...]:
         used: list[str] = []
         for choice in (level.bias, level.bias.inner, level.retention, level.algorithm):
-            if choice is None:
-                continue
-            for v in choice.args.values():
-                if isinstance(v, sympy.Expr):
-                    for s in sorted(v.free_symbols, key=str):
-                        name = str(s)[len("gate_"):]
-                        if name not in used:
-                            used.append(name)
+            for v in (choice.args.values() if choice is not None else ()):
+                used += [g for g in ir.gate_names(v) if g not in used]
         return tuple(used)
 
     def _gate_axes(self, level: ir.Level) -> dict[str, str]:
@@ -224,10 +218,9 @@ class LevelFields:
         value_roles = set()
         for choice in (level.bias, level.bias.inner):
             if choice is not None:
-                value_roles |= {str(s)[5:] for v in choice.args.values()
-                                if isinstance(v, sympy.Expr) for s in v.free_symbols}
+                value_roles |= {g for v in choice.args.values() for g in ir.gate_names(v)}
         if level.retention.kind == "implicit":
-            value_roles |= {str(s)[5:] for s in level.algorithm.args["lr"].free_symbols}
+            value_roles |= set(ir.gate_names(level.algorithm.args["lr"]))
         for name in level.gates:
             g = self.gates[name]
             if g.shape[0] != level.heads:

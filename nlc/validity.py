@@ -25,7 +25,7 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
     if mem.kind == "mlp" and mem.gated and mem.depth != 2:
         err("a gated MLP memory has depth 2", mem, "mlp(depth = 2, gated = true)")
     if ret.kind == "implicit" and not (base_bias.kind == "l2" and bias.kind != "omega"
-                                       and mem.kind in ("matrix", "vector") and alg.kind == "gd"):
+                                       and mem.kind == "matrix" and alg.kind == "gd"):
         err("the implicit (proximal) step has a closed form only for l2 bias, matrix memory and gd",
             ret, "bias l2, memory matrix, algorithm gd", "use decay or l2 retention instead")
     if ret.kind == "dgd" and not (mem.kind in ("matrix", "mlp") and alg.kind == "gd"):

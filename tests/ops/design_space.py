@@ -7,7 +7,8 @@ import itertools
 import nlc
 from nlc.lower import check
 
-MEMORIES = {"matrix": "matrix", "mlp1": "mlp(depth = 1)", "mlp2": "mlp(depth = 2, expand = 1)"}
+MEMORIES = {"matrix": "matrix", "vector": "vector", "mlp1": "mlp(depth = 1)",
+            "mlp2": "mlp(depth = 2, expand = 1)"}
 BIASES = {"dot": "dot", "l2": "l2", "lp3": "lp(p = 3)", "l1": "l1(eps = 1e-3)",
           "huber": "huber(delta = 0.5)", "huber_norm": "huber(delta = 0.5, form = norm)",
           "yaad": "huber(delta = delta, form = mixture)", "robust": "robust(shift = 0.1)",

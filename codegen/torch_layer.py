@@ -118,8 +118,10 @@ def _numel(shape) -> int:
     return out
 
 
-def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str]) -> str:
-    """The layer module source. `level_modules`: level name -> generated module name."""
+def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
+                 chunk_modules: dict[str, str]) -> str:
+    """The layer module source. `level_modules` / `chunk_modules`: level name -> generated module
+    name of its reference / chunk-parallel form (levels without one are absent)."""
     exprs, body = _Expressions(checked), Emitter()
     body.depth = 2
     body.line("B, T, _ = x.shape")
@@ -139,7 +141,8 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str]) -> str:
             s = checked.streams[name]
             body.line(f"{ident(name, 's')} = {exprs.compile(s.expr, ident(name, 'let'))}  {where(s.span)}")
         else:
-            _render_level_call(body, checked, checked.level(name), level_modules[name])
+            _render_level_call(body, checked, checked.level(name), level_modules[name],
+                               chunk_modules.get(name))
     body.line(f"return {exprs.compile(checked.output, 'out')}")
     em = Emitter()
     em.line(f'"""Model {comment(checked.name)!r}: the layer [B, T, d_model] -> [B, T, d_model].')
@@ -149,16 +152,19 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str]) -> str:
     em.line("import torch")
     em.line("from torch import nn")
     em.line()
-    em.line("from nlc.runtime import blocks")
+    em.line("from nlc.runtime import blocks, dispatch")
     em.line()
     for lv in checked.levels:
         em.line(f"from . import {level_modules[lv.name]}")
+        if lv.name in chunk_modules:
+            em.line(f"from . import {chunk_modules[lv.name]}")
     em.gap()
     with em.indent("class Layer(nn.Module):"):
         em.line(f"d_model = {checked.d_model}")
         em.line()
-        with em.indent("def __init__(self):"):
+        with em.indent('def __init__(self, mode="auto"):'):
             em.line("super().__init__()")
+            em.line("self.mode = mode  # auto | reference | chunk (see dispatch.pick)")
             for attr, ctor, span in exprs.modules:
                 em.line(f"self.{attr} = {ctor}  # {comment(span)}")
             for lv in checked.levels:
@@ -173,7 +179,8 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str]) -> str:
     return em.text()
 
 
-def _render_level_call(body: Emitter, checked: ir.CheckedSpec, lv: ir.Level, module: str) -> None:
+def _render_level_call(body: Emitter, checked: ir.CheckedSpec, lv: ir.Level, module: str,
+                       chunk_module: str | None) -> None:
     def stream(name):
         s = ident(name, "s") if name != "x" else "x"
         return f"{s}.unsqueeze(2)" if len(checked.streams[name].shape) == 1 else s
@@ -185,8 +192,9 @@ def _render_level_call(body: Emitter, checked: ir.CheckedSpec, lv: ir.Level, mod
         init = (f", initial_state=tuple(p.to(x.dtype).expand(B, *p.shape) for p in self.{ident(lv.name, 'init')})"
                 f" + {mod}.initial_state(B, x.dtype, x.device)[{mod}.N_PARAMS:]")
     out = ident(lv.name, "s")
-    body.line(f"{out}, _ = {module}.{ident(lv.name, 'level')}({stream(lv.query)}, {stream(lv.key)}, "
-              f"{stream(lv.value)}{gates}{init})  {where(lv.span)}")
+    op = f"dispatch.pick({module}.{ident(lv.name, 'level')}, {chunk_module}, self.mode, T)"
+    body.line(f"{out}, _ = {op}(  {where(lv.span)}")
+    body.line(f"    {stream(lv.query)}, {stream(lv.key)}, {stream(lv.value)}{gates}{init})")
     if len(checked.streams[lv.name].shape) == 1:
         body.line(f"{out} = {out}.squeeze(2)")
 

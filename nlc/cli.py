@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-DUMP_STAGES = ("ast", "graph", "rules", "sources")
+DUMP_STAGES = ("ast", "graph", "rules", "plans", "sources")
 GRAPH_FORMATS = {".dot": None, ".svg": "svg", ".png": "png"}
 
 
@@ -52,6 +52,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     names = ", ".join(level.name for level in program.levels)
     n, g = len(program.levels), len(program.gates)
     print(f"{args.spec}: ok — {n} level{'s' * (n != 1)} ({names}), {g} gate{'s' * (g != 1)}")
+    for p in program.plans.values():
+        form = "reference loop" if p.family == "reference" else f"chunk-parallel ({p.family}, chunk {p.chunk})"
+        print(f"  level {p.level}: {form}: {p.reason}")
     for space in program.spaces:
         valid = space.valid if isinstance(space.valid, int) else len(space.valid)
         print(f"  space {space.name}: {space.size} points, {valid} valid")

@@ -179,11 +179,21 @@ def test_op_boundary_errors(op, case, changes, errors, needles):
         assert needle in message, f"{case}: {needle!r} not in {message!r}"
 
 
-def test_unknown_mode_lists_the_available_ones(op, program):
-    with pytest.raises(ValueError, match=r"mode='chunk'.*available: .*reference"):
+def test_unknown_mode_lists_the_modes(op, program):
+    with pytest.raises(ValueError, match=r"mode='fast'.*modes: auto, reference, chunk"):
+        call(op, mode="fast")
+    with pytest.raises(ValueError, match=r"modes: auto, reference, chunk"):
+        program.layer(mode="fast")
+
+
+def test_chunk_mode_says_why_a_level_has_no_chunked_form():
+    text = SPEC.replace("  bias l2\n", "  bias lp(p = 3)\n")
+    program = nlc.compile(text)
+    assert program.plans["memory"].family == "reference"
+    op = program.op("memory")
+    with pytest.raises(ValueError, match=r"level 'memory' has no chunk-parallel form"):
         call(op, mode="chunk")
-    with pytest.raises(ValueError, match=r"available: .*reference"):
-        program.layer(mode="chunk")
+    call(op, mode="auto")  # falls back to the reference loop
 
 
 def test_unknown_level_lists_the_levels(program):

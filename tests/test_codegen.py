@@ -27,7 +27,7 @@ ROLE_PREFIXES = ("level", "g", "gs", "go", "s", "init", "gate", "let")
 LEVEL_TOP = {"math", "torch", "HEADS", "K", "V", "HIDDEN", "GATES", "STATE", "N_PARAMS",
              "memory_forward", "memory_grads", "initial_state", "output_grad", "retain",
              "implicit_lr", "accumulate", "psi", "newton_schulz", "_per_tensor", "_record", "_pack"}
-LAYER_TOP = {"torch", "nn", "blocks", "Layer"}
+LAYER_TOP = {"torch", "nn", "blocks", "dispatch", "Layer"}
 INIT_TOP = {"Layer"}
 
 
@@ -151,11 +151,12 @@ def test_level_modules_define_the_runtime_interface(shipped, stem):
 
 
 @pytest.mark.parametrize("stem", [p.stem for p in SPECS])
-def test_generated_imports_are_torch_and_blocks_only(shipped, stem):
+def test_generated_imports_are_torch_and_the_runtime_only(shipped, stem):
     _, program = shipped[stem]
     for file, text in program.sources.items():
         for module in imports(ast.parse(text)):
-            ok = module in (".", "torch", "nlc.runtime.blocks", "math") or module.startswith("torch.")
+            runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch")
+            ok = module in (".", "torch", "math", *runtime) or module.startswith("torch.")
             assert ok, f"{stem}/{file} imports {module}"  # math: the stdlib, no dependency
         assert "importlib" not in text and "__import__" not in text, (stem, file)
 
@@ -486,5 +487,7 @@ def test_golden_layer_calls_the_level_with_prefixed_names():
     source = nlc.compile(GOLDEN_SPEC).sources["layer.py"]
     lines = [l.strip() for l in source.splitlines()]
     assert "from . import level_memory" in lines
-    assert any(l.startswith("s_memory, _ = level_memory.level_memory(s_q, s_k, s_v, "
-                            "g_alpha=g_alpha, g_beta=g_beta)") for l in lines)
+    call = next(i for i, l in enumerate(lines) if l.startswith("s_memory, _ = dispatch.pick("))
+    assert lines[call].startswith("s_memory, _ = dispatch.pick(level_memory.level_memory, ")
+    assert lines[call].split("# ")[0].rstrip().endswith(", self.mode, T)(")
+    assert lines[call + 1] == "s_q, s_k, s_v, g_alpha=g_alpha, g_beta=g_beta)"

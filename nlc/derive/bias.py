@@ -6,6 +6,7 @@ through the memory (outer product for a matrix memory, torch.func.vjp for an MLP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy
 
@@ -24,7 +25,13 @@ class BiasRule:
 
 
 def derive_bias(choice: ir.Choice) -> BiasRule:
-    kind, args = choice.kind, choice.args
+    return _derive_bias(choice.kind, tuple(sorted(choice.args.items())))
+
+
+@lru_cache(maxsize=None)
+def _derive_bias(kind: str, items: tuple) -> BiasRule:
+    """Derivations are pure in (kind, args): each is done once per process."""
+    args = dict(items)
     match kind:
         case "dot":
             loss = -y * v

@@ -7,6 +7,7 @@ stationarity of the linearised proximal problem (MATH.md §1.2-1.3):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy
 
@@ -34,7 +35,13 @@ class RetentionRule:
 
 
 def derive_retention(choice: ir.Choice) -> RetentionRule:
-    kind, args = choice.kind, choice.args
+    return _derive_retention(choice.kind, tuple(sorted(choice.args.items())))
+
+
+@lru_cache(maxsize=None)
+def _derive_retention(kind: str, items: tuple) -> RetentionRule:
+    """Derivations are pure in (kind, args): each is done once per process."""
+    args = dict(items)
     quad = (w - w0) ** 2 / 2
     match kind:
         case "none":

@@ -5,18 +5,20 @@ from __future__ import annotations
 import torch
 
 from .. import ir
-
-MODES = ("reference",)
+from .dispatch import pick
 
 
 class LevelOp:
     """op(q, k, v, *, <gates by spec name>, initial_state=None, output_final_state=False,
     mode='reference') -> (o [B, T, H, V], final_state or None).
-    q, k: [B, T, H, K]; v: [B, T, H, V]; scalar gates [B, T, H]; vector gates [B, T, H, K or V]."""
+    q, k: [B, T, H, K]; v: [B, T, H, V]; scalar gates [B, T, H]; vector gates [B, T, H, K or V].
+    mode: reference (the per-token loop), chunk (the chunk-parallel form), auto (chunk-parallel
+    for sequences of at least one chunk where the level has one)."""
 
-    def __init__(self, level: ir.Level, module):
+    def __init__(self, level: ir.Level, module, chunked=None):
         self.level = level
         self.module = module
+        self.chunked = chunked
         self.function = getattr(module, f"level_{level.name}")
         self.gates = level.gates
         self.initial_state = module.initial_state
@@ -24,9 +26,6 @@ class LevelOp:
 
     def __call__(self, q, k, v, *, initial_state=None, output_final_state=False,
                  mode="reference", **gates):
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not available for level {self.level.name!r}; "
-                             f"available: {', '.join(MODES)}")
         lv = self.level
         B, T = _check("q", q, 4, None, None, (lv.heads, lv.d_key))
         _check("k", k, 4, B, T, (lv.heads, lv.d_key))
@@ -53,8 +52,9 @@ class LevelOp:
             kwargs[f"g_{name}"] = value.to(q.dtype)
         if initial_state is not None:
             self._check_state(initial_state, B, q.dtype)
-        return self.function(q, k, v, **kwargs, initial_state=initial_state,
-                             output_final_state=output_final_state)
+        function = pick(self.function, self.chunked, mode, T)
+        return function(q, k, v, **kwargs, initial_state=initial_state,
+                        output_final_state=output_final_state)
 
     def _gate_tail(self, name: str) -> tuple[int, ...]:
         lv, axis = self.level, self.level.gate_axes[name]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-import nlc
+from nlc import SpecError
+from nlc.derive.rules import derive
 from nlc.lower import check
+from nlc.plan import plan
 
 MEMORIES = {"matrix": "matrix", "vector": "vector", "mlp1": "mlp(depth = 1)",
             "mlp2": "mlp(depth = 2, expand = 1)"}
@@ -26,6 +28,7 @@ TEMPLATE = """
 model point
 param d_model = 6
 param heads = 1
+param chunk = 5
 let q[heads, 3] = l2norm(linear(x))
 let k[heads, 3] = l2norm(linear(x))
 let v[heads, 3] = linear(x)
@@ -59,6 +62,14 @@ def points(memories=tuple(MEMORIES), schedules=("token",)):
         text = spec_text(memory, bias, retention, algorithm, schedule)
         try:
             check(text)
-        except nlc.SpecError:
+        except SpecError:
             continue
         yield f"{memory}-{bias}-{retention}-{algorithm}-{schedule}", text
+
+
+def chunked_points(memories, schedules):
+    """(id, spec text) of the points whose level the planner gives a chunk-parallel family."""
+    for name, text in points(memories, schedules):
+        checked, _ = check(text)
+        if plan(derive(checked)["memory"], 5).family != "reference":
+            yield name, text

@@ -3,6 +3,7 @@ gradients of every input, over the shipped specs and every sampled design-space 
 planner gives a chunked form, for awkward lengths and chunk sizes that do not divide them."""
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import nlc
 
 from nlc.program import CHUNKED_FAMILIES
+from nlc.runtime.dispatch import pick
 
 from .design_space import chunked_points
 
@@ -92,9 +94,14 @@ def test_shipped_chunked_equals_reference(spec, level, T):
     _compare(program.op(level), T)
 
 
-def test_auto_mode_uses_the_reference_for_short_inputs():
-    program = nlc.compile(SPECS / "gated_deltanet.nl", chunk=8)
-    if program.plans["memory"].family == "reference":
-        pytest.skip("gated_deltanet has no chunked form in this build")
-    op = program.op("memory")
-    assert op.chunked is not None and op.chunked.CHUNK == 8
+def test_auto_mode_picks_by_length_and_chunk_mode_needs_a_chunked_form():
+    def level_memory(*args, **kwargs):
+        """stands in for a reference op"""
+
+    chunked = SimpleNamespace(CHUNK=8, level_memory=lambda *a, **k: None)
+    assert pick(level_memory, chunked, "auto", 7) is level_memory        # decoding: the loop
+    assert pick(level_memory, chunked, "auto", 8) is chunked.level_memory
+    assert pick(level_memory, chunked, "reference", 100) is level_memory
+    assert pick(level_memory, None, "auto", 100) is level_memory         # no chunked form
+    with pytest.raises(ValueError, match="level 'memory' has no chunk-parallel form"):
+        pick(level_memory, None, "chunk", 100)

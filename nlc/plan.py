@@ -52,14 +52,18 @@ def plan(rules: LevelRules, chunk: int) -> KernelPlan:
     state_free = not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
     if lv.bias.kind == "omega":
         return reference("omega windows are not chunked yet (MATH.md §3.8)")
+    if decay.is_number and decay <= 0:
+        return reference(f"a constant decay of {decay} has no log-space chunked form")
     if lv.memory.kind == "matrix" and lv.algorithm.kind == "gd" and state_free:
         if any(lv.gate_axes[g] == "value" for g in ir.gate_names(decay)):
             return reference("a decay over value channels has no diagonal chunked form")
+        if not _separable(scale * rules.lr, lv.gate_axes):
+            return reference("the step size is not a product of key-channel and value-channel factors")
         return KernelPlan(lv.name, "decay", chunk, "state-independent gradient under a linear decay",
                           decay, scale)
     if (lv.memory.kind == "matrix" and lv.algorithm.kind == "gd" and rules.bias.grad == S.e
             and lv.grad_at in ("current", "retained") and scalar_decay
-            and all(lv.gate_axes[g] == "scalar" for g in ir.gate_names(rules.lr))):
+            and all(lv.gate_axes[g] == "scalar" for g in ir.gate_names(rules.lr * scale))):
         if lv.grad_at == "current" and decay != 1:
             return reference("the l2 error at the undecayed state (Miras order) is not chunked yet")
         return KernelPlan(lv.name, "delta", chunk, "l2 regression step: a delta-rule transition",
@@ -70,6 +74,15 @@ def plan(rules: LevelRules, chunk: int) -> KernelPlan:
                           "gradients frozen at the chunk start: linear scans within a chunk",
                           decay, scale)
     return reference("no chunked family fits this rule yet (reference recurrent form)")
+
+
+def _separable(step: sympy.Expr, axes) -> bool:
+    """Whether a step size is a product of factors each over key or over value channels only."""
+    for factor in sympy.Mul.make_args(sympy.factor(step)):
+        kinds = {axes[g] for g in ir.gate_names(factor)} - {"scalar"}
+        if len(kinds) > 1:
+            return False
+    return True
 
 
 def _affine(rules: LevelRules) -> tuple[sympy.Expr, sympy.Expr] | None:

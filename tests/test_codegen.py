@@ -104,6 +104,8 @@ def test_there_are_shipped_specs():
 def test_sources_parse_and_have_docstrings(shipped, stem):
     path, program = shipped[stem]
     expected = {"layer.py", "__init__.py"} | set(level_files(program).values())
+    expected |= {f"level_{name}_chunk.py" for name, p in program.plans.items()
+                 if p.family != "reference"}
     assert set(program.sources) == expected
     for file, text in program.sources.items():
         tree = ast.parse(text, filename=file)

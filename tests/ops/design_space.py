@@ -8,6 +8,7 @@ from nlc import SpecError
 from nlc.derive.rules import derive
 from nlc.lower import check
 from nlc.plan import plan
+from nlc.program import CHUNKED_FAMILIES
 
 MEMORIES = {"matrix": "matrix", "vector": "vector", "mlp1": "mlp(depth = 1)",
             "mlp2": "mlp(depth = 2, expand = 1)"}
@@ -68,8 +69,8 @@ def points(memories=tuple(MEMORIES), schedules=("token",)):
 
 
 def chunked_points(memories, schedules):
-    """(id, spec text) of the points whose level the planner gives a chunk-parallel family."""
+    """(id, spec text) of the points whose level gets a generated chunk-parallel form."""
     for name, text in points(memories, schedules):
         checked, _ = check(text)
-        if plan(derive(checked)["memory"], 5).family != "reference":
+        if plan(derive(checked)["memory"], 5).family in CHUNKED_FAMILIES:
             yield name, text

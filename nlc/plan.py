@@ -68,7 +68,9 @@ def plan(rules: LevelRules, chunk: int) -> KernelPlan:
             return reference("the l2 error at the undecayed state (Miras order) is not chunked yet")
         return KernelPlan(lv.name, "delta", chunk, "l2 regression step: a delta-rule transition",
                           decay, scale)
-    if lv.grad_at == "chunk" and lv.algorithm.kind in ("gd", "momentum") and scalar_decay \
+    coefficients = [decay, scale, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0))]
+    scalar = all(lv.gate_axes[g] == "scalar" for c in coefficients for g in ir.gate_names(c))
+    if lv.grad_at == "chunk" and lv.algorithm.kind in ("gd", "momentum") and scalar \
             and lv.memory.kind in ("matrix", "mlp"):
         return KernelPlan(lv.name, "frozen", lv.grad_chunk,
                           "gradients frozen at the chunk start: linear scans within a chunk",

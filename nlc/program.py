@@ -14,7 +14,7 @@ from .plan import KernelPlan, plan
 from .runtime import cache, loader
 
 # chunk-parallel renderers by plan family (codegen/torch_chunk_<family>.py)
-CHUNKED_FAMILIES = ("decay", "delta")
+CHUNKED_FAMILIES = ("decay", "delta", "frozen")
 
 
 def compile(spec, **params) -> "Program":

@@ -130,7 +130,7 @@ def test_location_comments_point_at_real_spec_text(shipped, stem):
             assert not src[col - 1].isspace(), f"{stem}/{file}: {line}:{col} points at blank space"
             assert not src.lstrip().startswith("#"), f"{stem}/{file}: {line}:{col} is a spec comment"
             if rest.startswith("level "):      # the per-token step names its level
-                name = rest.split()[1]
+                name = rest.split()[1].rstrip(",:;")
                 assert src[col - 1:].startswith(f"level {name}"), (stem, file, line, col, src)
 
 

@@ -25,6 +25,16 @@ ALGORITHMS = {"gd": "gd(lr = eta)", "momentum": "momentum(lr = eta, beta = theta
 SCHEDULES = {"token": "", "chunk": "gradient chunk_start(2)", "period": "update every 2",
              "before": "read before", "retained": "gradient retained", "outer": "update outer"}
 
+# Gate values for tests: step sizes small enough that every stable rule stays finite over ~100
+# tokens, decays close to 1; other gates anywhere in a middle range.
+GATE_RANGES = {"eta": (0.05, 0.2), "alpha": (0.6, 0.95)}
+OTHER_GATES = (0.25, 0.75)
+
+
+def gate_range(name: str) -> tuple[float, float]:
+    return GATE_RANGES.get(name, OTHER_GATES)
+
+
 TEMPLATE = """
 model point
 param d_model = 6

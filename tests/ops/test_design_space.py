@@ -6,7 +6,7 @@ import torch
 
 import nlc
 
-from .design_space import ALGORITHMS, BIASES, RETENTIONS, points, spec_text
+from .design_space import ALGORITHMS, BIASES, RETENTIONS, gate_range, points, spec_text
 
 B, T = 2, 5
 TOKEN_POINTS = list(points())
@@ -19,10 +19,9 @@ def _inputs(op, seed=0, T=T):
     unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g, dtype=torch.float64), dim=-1)
     q, k = unit(B, T, 1, 3), unit(B, T, 1, 3)
     v = torch.randn(B, T, 1, 3, generator=g, dtype=torch.float64)
-    low, high = {"eta": (0.05, 0.2), "alpha": (0.6, 0.95)}, (0.25, 0.75)
     gates = {}
     for name in op.gates:
-        a, b = low.get(name, high)
+        a, b = gate_range(name)
         gates[name] = a + (b - a) * torch.rand(B, T, 1, generator=g, dtype=torch.float64)
     return q, k, v, gates
 

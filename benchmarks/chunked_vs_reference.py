@@ -73,12 +73,16 @@ def main() -> None:
     for name in args.specs:
         base = nlc.compile(SPECS / f"{name}.nl")
         program = nlc.compile(SPECS / f"{name}.nl", **overrides(base.params, args))
+        plans = {p.level: p.family for p in program.plans.values()}
+        if set(plans.values()) == {"reference"}:
+            print(f"{name:18s} no chunk-parallel level: skipped ({program.dump('plans')})", flush=True)
+            rows.append({"spec": name, "plans": plans, "skipped": "no chunk-parallel level"})
+            continue
         torch.manual_seed(0)
         chunked = program.layer(mode="auto")
         reference = program.layer(mode="reference")
         reference.load_state_dict(chunked.state_dict())
         x = torch.randn(args.batch, args.length, program.d_model)
-        plans = {p.level: p.family for p in program.plans.values()}
         row = {"spec": name, "plans": plans,
                "chunked": measure(chunked, x, args.repeats),
                "reference": measure(reference, x, 1)}

@@ -57,11 +57,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
                           "exponent is <= 0.")
     math_lines.append("A short last chunk is zero-padded (a = 1, k~ = v~ = 0), which changes nothing.")
     math_lines.append("Decays must be > 0 (log space); a_t = 1 (no decay) is exact.")
-    header(em, rules, model, file, "decay family, MATH.md §3.1", math_lines)
-    imports(em, plan)
-    em.gap()
-    render_chunks_helper(em)
-    em.gap()
+    preamble(em, rules, plan, model, file, "decay family, MATH.md §3.1", math_lines)
     with op_signature(em, rules):
         prologue(em, rules)
         gate_views(em, rules, [plan.decay, key_step, value_step])
@@ -195,6 +191,16 @@ def paren(text: str) -> str:
             wrapped = False
     simple = text.replace("_", "").replace(".", "").isalnum()
     return text if wrapped or simple else f"({text})"
+
+
+def preamble(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file: str, family: str,
+             math_lines) -> None:
+    """Docstring, imports, CHUNK and the chunking helper: what every chunk module opens with."""
+    header(em, rules, model, file, family, math_lines)
+    imports(em, plan)
+    em.gap()
+    render_chunks_helper(em)
+    em.gap()
 
 
 def header(em: Emitter, rules: LevelRules, model: str, file: str, family: str, math_lines) -> None:

@@ -26,9 +26,8 @@ from nlc.derive.rules import LevelRules
 from nlc.plan import KernelPlan
 
 from .emitter import Emitter, where
-from .torch_chunk_decay import (decay_axis, epilogue, gate_names, gate_views, header, imports,
-                                log_decay, op_signature, paren, prologue, render_chunks_helper, show,
-                                step_factors)
+from .torch_chunk_decay import (decay_axis, epilogue, gate_names, gate_views, log_decay,
+                                op_signature, paren, preamble, prologue, show, step_factors)
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -61,11 +60,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         "A short last chunk is zero-padded (a = 1, b = 0, k = v = 0), which changes nothing.",
         "Decays must be > 0 (log space); a_t = 1 (no decay) is exact.",
     ]
-    header(em, rules, model, file, "delta family, MATH.md §3.2-3.3", math_lines)
-    imports(em, plan)
-    em.gap()
-    render_chunks_helper(em)
-    em.gap()
+    preamble(em, rules, plan, model, file, "delta family, MATH.md §3.2-3.3", math_lines)
     with op_signature(em, rules):
         prologue(em, rules)
         gate_views(em, rules, [plan.decay, beta])

@@ -17,12 +17,6 @@ STREAM_FUNCS = ELEMENTWISE | NORMS | {"linear", "conv", "poly", "learned"}
 BUILTINS = {"x", "head"}
 
 
-def lower(spec: ast.Spec, overrides: dict | None = None, with_spaces: bool = True) -> ir.CheckedSpec:
-    """Check `spec`; raise SpecError with every problem found, else return the checked spec.
-    Warnings and notes are kept on the returned object's diagnostics (see `check`)."""
-    return _Lowering(spec, dict(overrides or {}), with_spaces).run()
-
-
 class _Lowering(LevelFields):
     def __init__(self, spec: ast.Spec, overrides: dict, with_spaces: bool):
         self.spec, self.overrides, self.with_spaces = spec, overrides, with_spaces

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,8 +19,10 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "nlc"
 
 
+@lru_cache(maxsize=1)
 def codegen_fingerprint() -> str:
-    """Hash of the code generator's own sources: a new generator never reuses old output."""
+    """Hash of the code generator's own sources: a new generator never reuses old output.
+    Read once per process (every compile asks)."""
     import nlc.codegen as codegen
     import nlc.derive as derive
     h = hashlib.sha256()

@@ -46,6 +46,7 @@ def _compile(args: argparse.Namespace):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .plan import per_token_note
     program = _compile(args)
     for diagnostic in program.diagnostics:
         print(diagnostic.render(program.source), file=sys.stderr)
@@ -55,6 +56,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     for p in program.plans.values():
         form = "reference loop" if p.family == "reference" else f"chunk-parallel ({p.family}, chunk {p.chunk})"
         print(f"  level {p.level}: {form}: {p.reason}")
+        note = per_token_note(program.rules[p.level], p)
+        if note:
+            print(f"  note: {note}")
     for space in program.spaces:
         valid = space.valid if isinstance(space.valid, int) else len(space.valid)
         print(f"  space {space.name}: {space.size} points, {valid} valid")

@@ -101,3 +101,16 @@ def _affine_coefficients(new: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr] | Non
     if a.has(S.w0, S.s) or c.has(S.w0, S.s) or sympy.simplify(new - a * S.w0 - c * S.s) != 0:
         return None
     return sympy.simplify(a), sympy.simplify(c)
+
+
+def per_token_note(rules: LevelRules, p: KernelPlan) -> str | None:
+    """A note for a level left on the reference loop because its spec asks for gradients at every
+    token's own state: only chunk-start gradients chunk exactly, and switching would change the math."""
+    lv = rules.level
+    state_dependent = bool(rules.bias.grad.free_symbols & {S.e, S.r, S.y}) or lv.memory.kind != "matrix"
+    if p.family != "reference" or lv.grad_at == "chunk" or lv.period != 1 or not state_dependent:
+        return None
+    return (f"level {lv.name} takes each gradient at the state after the previous token "
+            f"(`gradient {lv.grad_at}`), which no chunk-parallel form computes exactly; it runs the "
+            "reference loop. `gradient chunk_start(C)` would chunk it, with gradients frozen at "
+            "each chunk start: a different rule (MATH.md §3.4)")

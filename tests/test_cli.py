@@ -45,6 +45,37 @@ def test_check_good_spec(capsys):
     assert f"{GOOD}: ok" in out and "level" in out
 
 
+PER_TOKEN_MLP = """model per_token
+param d_model = 8
+param heads = 1
+gate eta[heads] = 0.1 * sigmoid(linear(x))
+let q[heads, 4] = linear(x)
+let k[heads, 4] = linear(x)
+let v[heads, 4] = linear(x)
+level memory {{
+  memory mlp(depth = 2, expand = 2)
+  bias l2
+  retention none
+  algorithm gd(lr = eta)
+  {gradient}
+}}
+output = linear(memory)
+"""
+
+
+def test_check_notes_per_token_gradients_that_cannot_be_chunked(capsys, tmp_path):
+    spec = tmp_path / "per_token.nl"
+    spec.write_text(PER_TOKEN_MLP.format(gradient=""))
+    code, out, _ = run(capsys, "check", spec)
+    assert code == 0
+    assert "level memory: reference loop" in out
+    assert "note: level memory takes each gradient at the state after the previous token" in out
+    assert "`gradient chunk_start(C)` would chunk it" in out
+    spec.write_text(PER_TOKEN_MLP.format(gradient="gradient chunk_start(4)"))
+    code, out, _ = run(capsys, "check", spec)
+    assert code == 0 and "chunk-parallel" in out and "note:" not in out
+
+
 def test_check_syntax_error_points_at_the_spec(capsys, tmp_path):
     bad = tmp_path / "bad.nl"
     bad.write_text(BAD)

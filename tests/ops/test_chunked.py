@@ -16,7 +16,7 @@ from nlc.runtime.dispatch import pick
 from .design_space import chunked_points, gate_range
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
-LENGTHS = (1, 63, 100)
+LENGTHS = (1, 63, 100, 257)
 
 
 @functools.lru_cache(maxsize=None)

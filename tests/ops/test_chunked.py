@@ -2,6 +2,7 @@
 gradients of every input, over the shipped specs and every sampled design-space point that the
 planner gives a chunked form, for awkward lengths and chunk sizes that do not divide them."""
 import functools
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,6 +109,32 @@ def test_shipped_chunked_equals_reference(spec, level, T):
     program = nlc.compile(SPECS / f"{spec}.nl", **({"chunk": 5} if "chunk" in
                                                    nlc.compile(SPECS / f"{spec}.nl").params else {}))
     _compare(program.op(level), T)
+
+
+@pytest.mark.parametrize("spec,level", SHIPPED, ids=[f"{s}-{l}" for s, l in SHIPPED])
+def test_shipped_chunked_streams_in_pieces(spec, level):
+    """A sequence cut into two pieces, the second starting from the first's final state, gives the
+    whole sequence's outputs and final state. The cut falls on a boundary of the level's gradient
+    chunks and update periods (the rule itself restarts them at each call)."""
+    program = nlc.compile(SPECS / f"{spec}.nl", **({"chunk": 5} if "chunk" in
+                                                   nlc.compile(SPECS / f"{spec}.nl").params else {}))
+    op = program.op(level)
+    align = math.lcm(op.level.grad_chunk or 1, op.level.period or 1)
+    cut = align * -(-37 // align)
+    q, k, v, gates, state = _stable_inputs(op, cut + 30, seed=5)
+
+    def part(lo, hi, start):
+        return op(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], **{n: g[:, lo:hi] for n, g in gates.items()},
+                  initial_state=start, output_final_state=True, mode="chunk")
+
+    o_all, s_all = part(0, None, state)
+    o1, s1 = part(0, cut, state)
+    o2, s2 = part(cut, None, s1)
+    tol = dict(rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(torch.cat([o1, o2], dim=1), o_all, **tol)
+    s2, s_all = ((s,) if torch.is_tensor(s) else s for s in (s2, s_all))
+    for a, b in zip(s2, s_all, strict=True):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_auto_mode_picks_by_length_and_chunk_mode_needs_a_chunked_form():

@@ -1,5 +1,10 @@
 """Memory architectures as generated PyTorch: forward over a batch of tokens, parameter gradients
-(outer products for a matrix, torch.func.vjp for an MLP), layer inputs, and default initial states."""
+(outer products for a matrix, torch.func.vjp for an MLP), layer inputs, and default initial states.
+
+A matrix or MLP memory is a chain of layers, each one product h @ W (+ a bias b), with parameter-free
+maps between them (activation, gating, norm, residual). `memory_forward` sends every product through
+an optional `layer(i, h, W, b)` hook (`layers` numbers them), so a chunked form can record each
+layer's inputs or swap in its own product (MATH.md §3.5, the dual form)."""
 from __future__ import annotations
 
 from nlc import ir
@@ -30,43 +35,76 @@ def param_layout(level: ir.Level) -> list[tuple[str, tuple[str, ...], bool]]:
     return out
 
 
+def layers(level: ir.Level) -> list[tuple[int, int | None]]:
+    """Per layer of a matrix or MLP memory, in the order `memory_forward` calls `layer(i, ...)`: the
+    index in `param_layout` of its weight and of its bias (None without one)."""
+    index = {name: i for i, (name, _, _) in enumerate(param_layout(level))}
+    m = level.memory
+    if m.kind == "matrix":
+        return [(index["S"], None)]
+    if m.kind != "mlp":
+        raise ValueError(f"a {m.kind} memory has no layers")
+    if m.gated:
+        return [(index["W_in"], None), (index["W_gate"], None), (index["W_out"], index.get("b_out"))]
+    return [(index[f"W{i + 1}"], index.get(f"b{i + 1}")) for i in range(m.depth)]
+
+
 def hidden_size(level: ir.Level) -> int:
     return max(1, int(round(level.memory.expand * level.d_key)))
 
 
 def render_forward(em: Emitter, level: ir.Level, record: bool) -> None:
-    """memory_forward(params, x[, inputs]): x [B, H, N, K] -> [B, H, N, V]. With `record`, each
-    weight matrix's input is appended to `inputs` when given (delta gradient descent needs them)."""
+    """memory_forward(params, x[, inputs], layer=None): x [B, H, N, K] -> [B, H, N, V]. With `record`,
+    each weight matrix's input is appended to `inputs` when given (delta gradient descent needs them).
+    A matrix or MLP memory computes each product through `layer(i, h, W, b)`, h @ W (+ b) by default."""
     m, names = level.memory, [n for n, _, _ in param_layout(level)]
-    signature = "params, x, inputs=None" if record else "params, x"
+    hooked = m.kind in ("matrix", "mlp")
+    signature = "params, x" + (", inputs=None" if record else "") + (", layer=None" if hooked else "")
     rec = (lambda *xs: em.line(f"_record(inputs, {', '.join(xs)})")) if record else (lambda *xs: None)
     with em.indent(f"def memory_forward({signature}):"):
-        em.line(f'"""{m.describe()}: x [B, H, N, K] -> [B, H, N, V]."""')
+        if hooked:
+            em.line(f'"""{m.describe()}: x [B, H, N, K] -> [B, H, N, V].')
+            em.line('Layer i\'s product h @ W (+ b) is layer(i, h, W, b) when given (b None: no bias)."""')
+        else:
+            em.line(f'"""{m.describe()}: x [B, H, N, K] -> [B, H, N, V]."""')
         em.line(f"({names[0]},) = params" if len(names) == 1 else f"{', '.join(names)} = params")
-        if m.kind == "matrix":
-            rec("x")
-            em.line("return x @ S")
-            return
         if m.kind == "vector":
             em.line("return x * m[:, :, None, :]")
+            return
+        with em.indent("if layer is None:"):
+            with em.indent("def layer(i, h, W, b):"):
+                em.line("return h @ W if b is None else h @ W + b[:, :, None, :]")
+        product = _products(level, names)
+        if m.kind == "matrix":
+            rec("x")
+            em.line(f"return {product(0, 'x')}")
             return
         act = _ACT[m.act]
         if m.gated:
             rec("x", "x")
-            em.line(f"h = {act}(x @ W_gate) * (x @ W_in)")
+            em.line(f"h = {act}({product(1, 'x')}) * {product(0, 'x')}")
             rec("h")
-            em.line("h = h @ W_out" + (" + b_out[:, :, None, :]" if m.bias else ""))
+            em.line(f"h = {product(2, 'h')}")
         else:
             em.line("h = x")
             for i in range(m.depth):
                 rec("h")
-                bias = f" + b{i + 1}[:, :, None, :]" if m.bias else ""
-                em.line(f"h = h @ W{i + 1}{bias}")
+                em.line(f"h = {product(i, 'h')}")
                 if i < m.depth - 1:
                     em.line(f"h = {act}(h)")
         if m.norm == "layernorm":
             em.line("h = torch.nn.functional.layer_norm(h, h.shape[-1:])")
         em.line("return x + h" if m.residual else "return h")
+
+
+def _products(level: ir.Level, names: list[str]):
+    """`layer(i, h, W, b)` of layer i, as source."""
+    table = layers(level)
+
+    def product(i: int, h: str) -> str:
+        w, b = table[i]
+        return f"layer({i}, {h}, {names[w]}, {names[b] if b is not None else 'None'})"
+    return product
 
 
 def render_grads(em: Emitter, level: ir.Level) -> None:

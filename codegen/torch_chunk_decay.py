@@ -7,12 +7,14 @@ gradient does not read the state (`dot`), under an affine retention:
 
 a_t (plan.decay) is a scalar or per-key-channel factor; c_t (plan.scale) times the learning rate
 lr_t is the step's coefficient, which may be scalar, per key channel (it scales k_t) or per value
-channel (it scales v_t). Inside a chunk everything is matmuls in log space; chunks run in sequence
-carrying S. The generated module imports `initial_state` and `_pack` from the level's reference
-module (`level_<name>.py`, same package) and otherwise only torch and math.
+channel (it scales v_t). Inside a chunk everything is matmuls; chunks run in sequence carrying S
+(one multiply-add per chunk). Decay products are plain products (cumprod), never ratios or logs, so
+a decay of exactly 0, 1 or a negative one is exact, gradients included. A per-channel decay is
+sub-chunked (fla's secondary chunks): matmuls between sub-chunks, keys carried within them.
 
-The shared pieces (header, gate views, step split, chunking helper, prologue) are used by
-`torch_chunk_delta` too.
+The generated module imports `initial_state` and `_pack` from the level's reference module
+(`level_<name>.py`, same package) and otherwise only torch and math. The shared pieces (header, gate
+views, step split, runtime helpers, prologue) are used by `torch_chunk_delta` too.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from nlc.plan import KernelPlan
 
 from .emitter import Emitter, comment, ident, where
 
+SUB_MAX = 8
+
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     """The source of `level_<name>_chunk.py` for a decay-family plan."""
@@ -35,74 +39,73 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         raise ValueError(f"plan family {plan.family!r} is not 'decay'")
     key_step, value_step = step_factors(rules, plan, value_target=True)
     vector = decay_axis(rules, plan) == "key"
-    em = Emitter()
+    decayed = plan.decay != 1
     after = lv.read == "after"
+    shift = 0 if after else 1
+    em = Emitter()
+    upto = "i" if after else "i - 1"
     math_lines = [
         f"  recurrence  S_t = {'Diag(a_t)' if vector else 'a_t'} S_(t-1) + k~_t v~_t^T",
         f"  decay       a_t = {show(plan.decay)}" + ("   (per key channel)" if vector else ""),
         f"  step        k~_t = {_times('k_t', key_step)},  v~_t = {_times('v_t', value_step)}",
         f"  read        o_t = {'S_t' if after else 'S_(t-1)'}^T q_t ({lv.read} write)",
-        "Per chunk of C = CHUNK tokens (i, j = 1..C), S_0 the state entering it, g = cumsum(log a)",
-        f"from the chunk start ({'[C, K]' if vector else '[C]'}), g~_i = "
-        + ("g_i (read after)" if after else "g_(i-1) = g_i - log a_i (read before)") + ":",
-        "  O   = (Q * e^g~) S_0 + P V~,   P_ij = sum_k Q_ik K~_jk exp(g~_ik - g_jk) for j "
-        + ("<= i" if after else "< i") + ", else 0",
-        "  S_C = Diag(e^(g_C)) S_0 + (K~ * e^(g_C - g))^T V~",
+        "Per chunk of C = CHUNK tokens (i, j = 1..C), S_0 the state entering it, and products of the",
+        f"decays (per channel{'' if vector else ', one here'}) over a span of tokens:",
+        f"  O   = (Q * prod_(r<={upto}) a_r) S_0 + P V~,   P_ij = sum_c Q_ic K~_jc prod_(j<r<={upto}) a_rc"
+        f" for j <= {upto}, else 0",
+        "  S_C = Diag(prod_(r<=C) a_r) S_0 + (K~ * prod_(j<r<=C) a_r)^T V~",
     ]
     if vector:
-        math_lines.append("P is formed per channel ([C, C, K]); every exponent is <= 0, so nothing "
-                          "overflows (no K / B division).")
-    else:
-        math_lines.append("P = (Q K~^T) * Gamma with Gamma_ij = exp(g~_i - g_j) masked; every "
-                          "exponent is <= 0.")
-    math_lines.append("A short last chunk is zero-padded (a = 1, k~ = v~ = 0), which changes nothing.")
-    math_lines.append("Decays must be > 0 (log space); a_t = 1 (no decay) is exact.")
-    preamble(em, rules, plan, model, file, "decay family, MATH.md §3.1", math_lines)
+        math_lines.append("P by sub-chunks of SUB tokens, keys carried forward and decayed as they go: "
+                          "token by token within a")
+        math_lines.append("sub-chunk, sub-chunk by sub-chunk across them (matmuls).")
+    math_lines.append("A short last chunk is padded (a = 1, k~ = v~ = 0), which changes nothing.")
+    helpers = ["_cumulative", "_remaining", "_by_channel" if vector else "_segments"] if decayed else []
+    helpers.append("_scan_chunks")
+    constants = [f"SUB = {_sub_chunk(plan.chunk)}  # sub-chunk of the per-channel decay (MATH.md §3.1: "
+                 "secondary chunks)"] if vector and decayed else []
+    preamble(em, rules, plan, model, file, "decay family, MATH.md §3.1", math_lines, helpers, constants)
     with op_signature(em, rules):
         prologue(em, rules)
-        gate_views(em, rules, [plan.decay, key_step, value_step])
-        log_decay(em, rules, plan, vector)
-        names = gate_names(rules)
-        em.line(f"k_step = {_scaled('k', key_step, names)}  {where(lv.algorithm.span) or '#'} "
-                "[B, T, H, K]: key side of the step")
-        em.line(f"v_step = {_scaled('v', value_step, names)}  # [B, T, H, V]: value side of the step")
-        em.line("C = CHUNK")
-        em.line("q_c, k_c, v_c, la_c = (_chunks(x, C) for x in (q, k_step, v_step, log_a))  "
-                "# [B, H, N, C, D]")
-        em.line("N = q_c.shape[2]")
-        em.line("g = la_c.cumsum(-2)  # log decay from the chunk start, inclusive")
-        em.line("g_q = g  # the query side reads S_i" if after else
-                "g_q = g - la_c  # the query side reads S_(i-1): exclusive cumsum")
-        em.line(f"causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril({0 if after else -1})"
-                f"  # j {'<=' if after else '<'} i")
-        if vector:
-            em.line("# per-channel decay between positions: [B, H, N, C, C, K], masked before exp")
-            em.line("gamma = (g_q[..., :, None, :] - g[..., None, :, :]).masked_fill("
-                    "~causal[:, :, None], float('-inf')).exp()")
-            em.line("P = torch.einsum('bhnik,bhnjk,bhnijk->bhnij', q_c, k_c, gamma)  "
-                    "# [B, H, N, C, C]")
+        exprs = [plan.decay, key_step, value_step]
+        gate_views(em, rules, exprs)
+        names = gate_names(rules, exprs)
+        steps = []
+        for x, factor, side in (("k", key_step, "key"), ("v", value_step, "value")):
+            if factor != 1:
+                em.line(f"{x}_step = {_scaled(x, factor, names)}  {where(lv.algorithm.span) or '#'} "
+                        f"[B, T, H, {x.upper()}]: {side} side of the step")
+            steps.append(x if factor == 1 else f"{x}_step")
+        em.line(f"q_c, k_c, v_c = (_chunks(x, CHUNK) for x in (q, {', '.join(steps)}))  # [B, H, N, C, D]")
+        if not decayed:
+            em.line(f"P = (q_c @ k_c.transpose(-1, -2)).tril({-shift or ''})  # [B, H, N, C, C]: no decay")
+            em.line("q_in, k_out, a_chunk = q_c, k_c, None")
         else:
-            em.line("gamma = (g_q[..., :, None, 0] - g[..., None, :, 0]).masked_fill("
-                    "~causal, float('-inf')).exp()  # [B, H, N, C, C]")
-            em.line("P = (q_c @ k_c.transpose(-1, -2)) * gamma  # [B, H, N, C, C]")
-        em.line("o_intra = P @ v_c  # [B, H, N, C, V]: the chunk's own tokens")
-        em.line("q_decay = q_c * g_q.exp()  # queries, decayed from the chunk start")
-        em.line("k_decay = k_c * (g[..., -1:, :] - g).exp()  # keys, decayed to the chunk end")
-        em.line(f"a_chunk = g[..., -1, :].exp()  # [B, H, N, {'K' if vector else '1'}]: "
-                "the whole chunk's decay")
-        em.line("outputs = []")
-        with em.indent("for n in range(N):"):
-            em.line("outputs.append(o_intra[:, :, n] + q_decay[:, :, n] @ S)")
-            em.line("S = a_chunk[:, :, n, :, None] * S + k_decay[:, :, n].transpose(-1, -2) @ v_c[:, :, n]")
+            decay_chunks(em, rules, plan, vector)
+            if vector:
+                em.line(f"P, q_in, k_out, a_chunk = _by_channel(q_c, k_c, a_c, {shift})  # P [B, H, N, C, C]")
+            else:
+                em.line(f"P = ((q_c @ k_c.transpose(-1, -2)) * _segments(a_c, {shift})[..., 0])"
+                        f".tril({-shift or ''})  # [B, H, N, C, C]")
+                em.line(f"q_in = q_c * _cumulative(a_c, {shift})  # queries, decayed from the chunk start")
+                em.line("k_out = k_c * _remaining(a_c)  # keys, decayed to the chunk end")
+                em.line("a_chunk = a_c.prod(-2)  # [B, H, N, 1]: each chunk's whole decay")
+        em.line("S_in, S = _scan_chunks(S, a_chunk, k_out.transpose(-1, -2) @ v_c)  # [B, H, N, K, V]")
+        em.line("o = P @ v_c + q_in @ S_in  # [B, H, N, C, V]: the chunk's own tokens, then S_0")
         epilogue(em)
     return em.text()
+
+
+def _sub_chunk(chunk: int) -> int:
+    """The longest divisor of the chunk up to SUB_MAX tokens."""
+    return max(d for d in range(1, min(chunk, SUB_MAX) + 1) if chunk % d == 0)
 
 
 # ------------------------------------------------------------------------------ shared helpers
 
 def show(expr) -> str:
     """A derived expression for a docstring: gate names without their symbol prefix."""
-    return comment(str(expr).replace("gate_", ""))
+    return comment(str(expr).replace("gate_", "").replace(str(S.n), "||k||^2"))
 
 
 def decay_axis(rules: LevelRules, plan: KernelPlan) -> str:
@@ -115,8 +118,8 @@ def decay_axis(rules: LevelRules, plan: KernelPlan) -> str:
 
 def step_factors(rules: LevelRules, plan: KernelPlan, value_target: bool):
     """The step's coefficient c_t·lr_t (times, for the decay family, the value target -dℓ/dy / v),
-    split into a factor on the key side (scalar and key-channel gates) and one on the value side
-    (value-channel gates)."""
+    split into a factor on the key side (scalar and key-channel gates, ||k||^2) and one on the value
+    side (anything with a value-channel gate)."""
     coef = plan.scale * rules.lr
     if value_target:
         target = sympy.simplify(-rules.bias.grad / S.v)
@@ -136,14 +139,19 @@ def step_factors(rules: LevelRules, plan: KernelPlan, value_target: bool):
     raise NotImplementedError(f"step coefficient {coef} mixes key and value channels")
 
 
-def gate_names(rules: LevelRules) -> dict:
-    """sympy gate symbol -> its channel view in the generated op (see `gate_views`)."""
-    return {ir.gate_symbol(g): ident(g, "gc") for g in rules.level.gates}
+def gate_names(rules: LevelRules, exprs=()) -> dict:
+    """sympy symbol -> its name in the generated op: gates by their channel view (see `gate_views`),
+    and ||k_t||^2 (the implicit step's n) as `k_norm2` where one of `exprs` reads it."""
+    names = {ir.gate_symbol(g): ident(g, "gc") for g in rules.level.gates}
+    if any(sympy.sympify(e).has(S.n) for e in exprs):
+        names[S.n] = "k_norm2"
+    return names
 
 
 def gate_views(em: Emitter, rules: LevelRules, exprs) -> None:
     """Views of the gates the derived expressions read: [B, T, H, 1] for scalar gates, the gate
-    itself ([B, T, H, K|V]) for vector gates, so any expression over them broadcasts elementwise."""
+    itself ([B, T, H, K|V]) for vector gates, so any expression over them broadcasts elementwise;
+    and ||k_t||^2 [B, T, H, 1] where an expression reads it."""
     used = sorted(set().union(*(ir.gate_names(e) for e in exprs)))
     if used:
         em.line("# gates as [B, T, H, 1] (scalar) or [B, T, H, K|V] (vector): derived expressions broadcast")
@@ -151,25 +159,21 @@ def gate_views(em: Emitter, rules: LevelRules, exprs) -> None:
         axis = rules.level.gate_axes[g]
         view = f"{ident(g, 'g')}[..., None]" if axis == "scalar" else ident(g, "g")
         em.line(f"{ident(g, 'gc')} = {view}  # gate {comment(g)}: {axis}")
+    if S.n in gate_names(rules, exprs):
+        em.line("k_norm2 = (k * k).sum(-1, keepdim=True)  # [B, T, H, 1]: ||k_t||^2")
 
 
-def log_decay(em: Emitter, rules: LevelRules, plan: KernelPlan, vector: bool) -> None:
-    """log_a [B, T, H, 1|K]: the log of the decay a_t (0 where a_t = 1)."""
+def decay_chunks(em: Emitter, rules: LevelRules, plan: KernelPlan, vector: bool, step: str = "CHUNK") -> None:
+    """a_c [B, H, N, C, 1|K]: the decay a_t by chunks of `step` tokens, padded with 1."""
     lv, decay = rules.level, plan.decay
     span = where(lv.retention.span) or "#"
-    shape = "[B, T, H, K]" if vector else "[B, T, H, 1]"
     if not decay.free_symbols:
-        value = float(decay)
-        if not value > 0:
-            raise ValueError(f"level {lv.name!r}: the log-space chunk form needs a decay a_t > 0, "
-                             f"got the constant {value!r}")
-        if value == 1.0:
-            em.line(f"log_a = q.new_zeros(B, T, H, 1)  {span} a_t = 1: no decay")
-        else:
-            em.line(f"log_a = q.new_full((B, T, H, 1), math.log({value!r}))  {span} a_t = {value!r}")
-        return
-    text = to_torch(decay, gate_names(rules))
-    em.line(f"log_a = torch.log({text}).expand(B, T, H, -1)  {span} {shape}: a_t = {show(decay)} > 0")
+        em.line(f"a = q.new_full((B, T, H, 1), {float(decay)!r})  {span} a_t = {show(decay)}")
+    else:
+        text = to_torch(decay, gate_names(rules))
+        em.line(f"a = {paren(text)}.expand(B, T, H, -1)  {span} [B, T, H, {'K' if vector else '1'}]: "
+                f"a_t = {show(decay)}")
+    em.line(f"a_c = _chunks(a, {step}, fill=1.0)  # [B, H, N, C, 1|K]")
 
 
 def _times(x: str, factor) -> str:
@@ -177,8 +181,6 @@ def _times(x: str, factor) -> str:
 
 
 def _scaled(x: str, factor, names) -> str:
-    if factor == 1:
-        return x
     return f"{x} * {paren(to_torch(factor, names))}"
 
 
@@ -194,12 +196,20 @@ def paren(text: str) -> str:
 
 
 def preamble(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file: str, family: str,
-             math_lines) -> None:
-    """Docstring, imports, CHUNK and the chunking helper: what every chunk module opens with."""
+             math_lines, helpers, constants=()) -> None:
+    """Docstring, imports, CHUNK (and `constants`, lines of source) and the runtime helpers the op
+    uses (names in HELPERS)."""
     header(em, rules, model, file, family, math_lines)
-    imports(em, plan)
-    em.gap()
-    render_chunks_helper(em)
+    em.line("import torch")
+    em.line()
+    em.line(f"from .level_{plan.level} import _pack, initial_state")
+    em.line()
+    em.line(f"CHUNK = {int(plan.chunk)}")
+    for text in constants:
+        em.line(text)
+    for name in ("_chunks", *helpers):
+        em.gap()
+        em.block(HELPERS[name])
     em.gap()
 
 
@@ -220,25 +230,86 @@ def header(em: Emitter, rules: LevelRules, model: str, file: str, family: str, m
     em.line('"""')
 
 
-def imports(em: Emitter, plan: KernelPlan) -> None:
-    em.line("import math")
-    em.line()
-    em.line("import torch")
-    em.line()
-    em.line(f"from .level_{plan.level} import _pack, initial_state")
-    em.line()
-    em.line(f"CHUNK = {int(plan.chunk)}")
-
-
-def render_chunks_helper(em: Emitter) -> None:
-    with em.indent("def _chunks(x, C):"):
-        em.line('"""[B, T, H, D] -> [B, H, N, C, D] with N = ceil(T / C); the last chunk is zero-padded."""')
-        em.line("B, T, H, D = x.shape")
-        em.line("N = -(-T // C)")
-        em.line("x = x.transpose(1, 2)")
-        with em.indent("if N * C != T:"):
-            em.line("x = torch.cat([x, x.new_zeros(B, H, N * C - T, D)], dim=2)")
-        em.line("return x.reshape(B, H, N, C, D)")
+# runtime helpers of the generated modules, emitted where the op uses them
+HELPERS = {
+    "_chunks": '''
+def _chunks(x, C, fill=0.0):
+    """[B, T, H, D] -> [B, H, N, C, D] with N = ceil(T / C); the last chunk is padded with `fill`."""
+    x = torch.nn.functional.pad(x.transpose(1, 2), (0, 0, 0, (-x.shape[1]) % C), value=fill)
+    return x.unflatten(2, (-1, C))
+''',
+    "_cumulative": '''
+def _cumulative(a, shift):
+    """a [..., L, D] -> [..., L, D]: prod_{r <= i - shift} a_r, the decay from the chunk start up to
+    token i (shift 0) or i - 1 (shift 1)."""
+    run = a.cumprod(-2)
+    if shift:
+        run = torch.cat([torch.ones_like(run[..., :1, :]), run[..., :-1, :]], dim=-2)
+    return run
+''',
+    "_remaining": '''
+def _remaining(a):
+    """a [..., L, D] -> [..., L, D]: prod_{i < r <= L} a_r, the decay from token i to the chunk end."""
+    rest = a.flip(-2).cumprod(-2).flip(-2)  # prod_{r >= i}
+    return torch.cat([rest[..., 1:, :], torch.ones_like(rest[..., :1, :])], dim=-2)
+''',
+    "_segments": '''
+def _segments(a, shift):
+    """a [..., L, D] -> [..., L, L, D]: [i, j] = prod_{j < r <= i - shift} a_r where j <= i - shift;
+    the entries above hold 1 (the caller masks them where it is cheapest). A cumprod down i of a
+    matrix holding a_(r - shift) below the band and 1 elsewhere: plain products, so a decay of
+    exactly 0 or a negative one is exact, gradients included."""
+    L = a.shape[-2]
+    if shift:
+        a = torch.cat([torch.ones_like(a[..., :shift, :]), a[..., :-shift, :]], dim=-2)
+    i = torch.arange(L, device=a.device)
+    steps = torch.where((i[:, None] > i[None, :] + shift)[:, :, None], a[..., :, None, :], 1.0)
+    return steps.cumprod(-3)
+''',
+    "_scan_chunks": '''
+def _scan_chunks(S, a, X):
+    """S_n = Diag(a_n) S_(n-1) + X_n over the chunks (a None: no decay): S [B, H, K, V],
+    a [B, H, N, 1|K], X [B, H, N, K, V] -> (the states entering each chunk [B, H, N, K, V], the last)."""
+    starts = []
+    decays = [None] * X.shape[2] if a is None else a[..., None].unbind(2)  # lists: no per-chunk indexing
+    for a_n, X_n in zip(decays, X.unbind(2)):
+        starts.append(S)
+        S = (S if a_n is None else a_n * S) + X_n
+    return torch.stack(starts, dim=2), S
+''',
+    "_by_channel": '''
+def _by_channel(q, k, a, shift):
+    """A chunk's terms for per-channel decays a [..., C, K], by sub-chunks of SUB tokens: P [..., C, C]
+    with P[i, j] = sum_c q_ic k_jc prod_{j < r <= i - shift} a_rc for j <= i - shift (else 0); q_in =
+    q * prod_{r <= i - shift} a_r and k_out = k * prod_{j < r <= C} a_r [..., C, K]; the chunk's decay
+    [..., K]. Keys are carried forward, decayed as they go: token by token inside each sub-chunk (the
+    diagonal blocks of P), sub-chunk by sub-chunk across them (a block of P between sub-chunks m < n
+    is a matmul of Q * (decay since n starts) with those keys). Products only, no ratios: exact for
+    decays of 0, and nothing overflows."""
+    *batch, C, K = q.shape
+    M = C // SUB
+    q, k, a = (x.unflatten(-2, (M, SUB)) for x in (q, k, a))  # [..., M, SUB, K]
+    carried = []  # carried[t] [..., M, t + 1, K]: k_j prod_{j < r <= t} a_r for the sub-chunk's j <= t
+    for k_t, a_t in zip(k.unbind(-2), a.unbind(-2)):
+        new = k_t[..., None, :]
+        carried.append(torch.cat([carried[-1] * a_t[..., None, :], new], dim=-2) if carried else new)
+    rows = [q.new_zeros(q.shape[:-2] + (SUB,))] * shift  # row i reads the keys carried to i - shift
+    for i, q_i in list(enumerate(q.unbind(-2)))[shift:]:
+        row = (q_i[..., None, :] * carried[i - shift]).sum(-1)  # [..., M, i + 1 - shift]
+        rows.append(torch.nn.functional.pad(row, (0, SUB - row.shape[-1])))
+    diagonal = torch.stack(rows, dim=-2).unbind(-3)  # M blocks [..., SUB, SUB]
+    q_in, k_out, total = q * _cumulative(a, shift), k * _remaining(a), a.prod(-2)  # total: [..., M, K]
+    blocks, earlier = [], None  # earlier [..., n SUB, K]: the keys of sub-chunks m < n, decayed to n's start
+    for n, (q_n, k_n, total_n, block) in enumerate(
+            zip(q_in.unbind(-3), k_out.unbind(-3), total.unbind(-2), diagonal)):
+        row = block if earlier is None else torch.cat([q_n @ earlier.transpose(-1, -2), block], dim=-1)
+        blocks.append(torch.nn.functional.pad(row, (0, C - (n + 1) * SUB)))
+        earlier = k_n if earlier is None else torch.cat([earlier * total_n[..., None, :], k_n], dim=-2)
+    q_in = q_in * _cumulative(total, 1)[..., None, :]  # times the decay over the sub-chunks before n
+    k_out = k_out * _remaining(total)[..., None, :]  # times the decay over the sub-chunks after m
+    return torch.cat(blocks, dim=-2), q_in.flatten(-3, -2), k_out.flatten(-3, -2), total.prod(-2)
+''',
+}
 
 
 class _Signature:
@@ -277,5 +348,5 @@ def prologue(em: Emitter, rules: LevelRules) -> None:
 
 
 def epilogue(em: Emitter) -> None:
-    em.line("o = torch.cat(outputs, dim=2)[:, :, :T].transpose(1, 2)  # [B, T, H, V]")
+    em.line("o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)  # [B, T, H, V]")
     em.line("return o, (_pack((S,)) if output_final_state else None)")

@@ -6,9 +6,19 @@ Families recognised here:
 - decay:  S_t = a_t S_{t-1} + c_t k_t v_t^T — a state-independent bias gradient (dot) under an affine
           retention with scalar or per-key-channel decay (linear attention, RetNet, GLA, Mamba2).
 - delta:  S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T — the l2 bias on a matrix memory with
-          gd and a scalar decay (DeltaNet, Gated DeltaNet, Longhorn's scalar form), WY/UT chunked.
+          gd and a scalar decay, the error at the decayed or the old state, b_t over key or value
+          channels; and the implicit l2 step (DeltaNet, Gated DeltaNet, Longhorn), WY/UT chunked.
 - frozen: gradients frozen at the chunk start (`gradient chunk_start(C)`), any bias, gd or momentum
           under a scalar affine retention: linear scans within the chunk (Titans, TTT, Miras by GD).
+- mapped: gradients frozen at the chunk start on a matrix or MLP memory, where what turns them into
+          weights is not one affine scan of W (MATH.md §3.6 family 4, §3.7, §3.8): accumulators
+          W = psi(A) (lq, ftrl), KL's softmax, elastic's threshold, dgd, muon, omega windows. The
+          gradients (and omega's window sums) come for the whole chunk at once; the per-token maps,
+          which touch every weight anyway, run token by token (Moneta, Memora, ATLAS, Hope).
+- period: `update every P` (MATH.md §4.1-4.2, the CMS): reads see the state at the last period
+          boundary; gradients frozen at chunk starts that nest with P (or state-free), gd or momentum
+          under a scalar affine retention: units of min(C, P) tokens, one batched read and one
+          weighted vjp each (CMS levels of cms and Hope). `update outer` needs none: it never changes.
 """
 from __future__ import annotations
 
@@ -22,12 +32,16 @@ from .derive import symbols as S
 from .derive.rules import LevelRules
 
 
+ONE_TOKEN = ("gradient chunk_start(1): each gradient needs the previous token's update, so a chunked "
+             "form is the per-token loop with more overhead (measured slower than the reference)")
+
+
 @dataclass(frozen=True)
 class KernelPlan:
     """decay: the factor a_t on the old state; scale: the factor c_t on the step (both sympy over
     gates; for the delta family, the step size b_t = scale · lr)."""
     level: str
-    family: str          # decay | delta | frozen | reference
+    family: str          # decay | delta | frozen | mapped | period | reference
     chunk: int
     reason: str
     decay: sympy.Expr = sympy.Integer(1)
@@ -43,17 +57,18 @@ def plan(rules: LevelRules, chunk: int) -> KernelPlan:
     def reference(reason: str) -> KernelPlan:
         return KernelPlan(lv.name, "reference", chunk, reason)
 
-    if lv.period != 1:
-        return reference("multi-period and outer levels are not chunked yet (MATH.md §3, family 5)")
-    if affine is None:
-        return reference(f"retention {lv.retention.kind} is not an affine map of the old state")
+    if lv.period is None:
+        return reference("update outer: the memory never changes in context, so the reference form is "
+                         "already one batched read")
+    if lv.period > 1:
+        return _period(rules, affine)
+    if lv.retention.kind == "implicit" and lv.grad_at == "current":
+        return _implicit(rules, chunk)
+    if affine is None or lv.bias.kind == "omega" or lv.algorithm.kind == "muon":
+        return _mapped(rules, affine)
     decay, scale = affine
     scalar_decay = all(lv.gate_axes[g] == "scalar" for g in ir.gate_names(decay))
     state_free = not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
-    if lv.bias.kind == "omega":
-        return reference("omega windows are not chunked yet (MATH.md §3.8)")
-    if decay.is_number and decay <= 0:
-        return reference(f"a constant decay of {decay} has no log-space chunked form")
     if lv.memory.kind == "matrix" and lv.algorithm.kind == "gd" and state_free:
         if any(lv.gate_axes[g] == "value" for g in ir.gate_names(decay)):
             return reference("a decay over value channels has no diagonal chunked form")
@@ -62,20 +77,115 @@ def plan(rules: LevelRules, chunk: int) -> KernelPlan:
         return KernelPlan(lv.name, "decay", chunk, "state-independent gradient under a linear decay",
                           decay, scale)
     if (lv.memory.kind == "matrix" and lv.algorithm.kind == "gd" and rules.bias.grad == S.e
-            and lv.grad_at in ("current", "retained") and scalar_decay
-            and all(lv.gate_axes[g] == "scalar" for g in ir.gate_names(rules.lr * scale))):
-        if lv.grad_at == "current" and decay != 1:
-            return reference("the l2 error at the undecayed state (Miras order) is not chunked yet")
+            and lv.grad_at in ("current", "retained")):
+        if not scalar_decay:
+            return reference("a per-channel decay under the l2 bias has no WY/UT chunked form")
+        if not _separable(scale * rules.lr, lv.gate_axes):
+            return reference("the step size is not a product of key-channel and value-channel factors")
         return KernelPlan(lv.name, "delta", chunk, "l2 regression step: a delta-rule transition",
                           decay, scale)
+    if decay.is_number and decay <= 0:
+        return reference(f"a constant decay of {decay} has no log-space chunked form")
     coefficients = [decay, scale, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0))]
     scalar = all(lv.gate_axes[g] == "scalar" for c in coefficients for g in ir.gate_names(c))
     if lv.grad_at == "chunk" and lv.algorithm.kind in ("gd", "momentum") and scalar \
             and lv.memory.kind in ("matrix", "mlp"):
+        if lv.grad_chunk == 1:
+            return reference(ONE_TOKEN)
         return KernelPlan(lv.name, "frozen", lv.grad_chunk,
                           "gradients frozen at the chunk start: linear scans within a chunk",
                           decay, scale)
     return reference("no chunked family fits this rule yet (reference recurrent form)")
+
+
+def _period(rules: LevelRules, affine) -> KernelPlan:
+    """`update every P` (P > 1): the period family runs units of min(C, P) tokens when gradients are
+    frozen at chunk starts with C | P or P | C (P when the gradient is state-free), or the reference
+    with the reason why not."""
+    lv, period = rules.level, rules.level.period
+
+    def reference(reason: str) -> KernelPlan:
+        return KernelPlan(lv.name, "reference", period, f"update every {period}: {reason}")
+
+    if affine is None:
+        return reference(f"retention {lv.retention.kind} is not an affine map of the old state")
+    decay, scale = affine
+    if lv.memory.kind not in ("matrix", "mlp") or lv.algorithm.kind not in ("gd", "momentum"):
+        return reference(f"a {lv.memory.kind} memory with {lv.algorithm.kind} has no period chunked form")
+    if lv.bias.kind == "omega":
+        return reference("omega windows have no period chunked form")
+    if decay.is_number and decay <= 0:
+        return reference(f"a constant decay of {decay} has no log-space chunked form")
+    coefficients = [decay, scale, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0))]
+    vector = sorted({g for c in coefficients for g in ir.gate_names(c) if lv.gate_axes[g] != "scalar"})
+    if vector:
+        return reference(f"per-channel gates ({', '.join(vector)}) in the step coefficients")
+    state_free = lv.memory.kind == "matrix" and not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
+    if state_free:
+        unit = period
+    elif lv.grad_at != "chunk":
+        return reference(f"each gradient at the {lv.grad_at} state needs the previous token's update")
+    elif period % lv.grad_chunk and lv.grad_chunk % period:
+        return reference(f"gradient chunks of {lv.grad_chunk} and periods of {period} do not nest")
+    else:
+        unit = min(period, lv.grad_chunk)
+    if unit == 1:
+        return reference(ONE_TOKEN)
+    return KernelPlan(lv.name, "period", unit, "reads of a period see one committed state; steps "
+                      f"of {unit} tokens at one frozen state in closed form", decay, scale)
+
+
+def _mapped(rules: LevelRules, affine) -> KernelPlan:
+    """The mapped family for a level that is not one affine scan of W (a non-affine retention, an
+    omega window or muon), or the reference with the reason why not."""
+    lv, ret = rules.level, rules.retention
+    if affine is None:
+        what = f"retention {lv.retention.kind} is not an affine map of the old state"
+    else:
+        what = "omega windows" if lv.bias.kind == "omega" else "muon's orthogonalised steps"
+
+    def reference(reason: str) -> KernelPlan:
+        return KernelPlan(lv.name, "reference", lv.grad_chunk or 0, f"{what}; {reason}")
+
+    if lv.grad_at != "chunk":
+        return reference("chunked only with gradients at the chunk start (MATH.md §3.7, §3.8)")
+    if lv.grad_chunk == 1:
+        return reference(ONE_TOKEN)
+    if lv.memory.kind not in ("matrix", "mlp"):
+        return reference(f"a {lv.memory.kind} memory has no layers to factor its gradients")
+    if ret.form == "implicit":
+        return reference("the implicit step is not in the mapped family")
+    if lv.retention.kind == "lq" and lv.memory.kind == "mlp":
+        return reference("its mapped form on an MLP memory disagrees with the reference beyond "
+                         "round-off over ~100 tokens (not yet understood), so it stays on the loop")
+    used = [rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0)), rules.retention_new(),
+            ret.decay if ret.decay is not None else lv.retention.args.get("rate", sympy.Integer(1))]
+    if ret.form == "threshold":
+        used.append(rules.threshold())
+    if lv.bias.kind == "omega":
+        used.append(lv.bias.args["gamma"])
+    vector = sorted({g for e in used for g in ir.gate_names(e) if lv.gate_axes[g] != "scalar"})
+    if vector:
+        return reference(f"per-channel gates ({', '.join(vector)}) are not chunked in the mapped family")
+    batched = "omega windows of gradients" if lv.bias.kind == "omega" else "gradients"
+    return KernelPlan(lv.name, "mapped", lv.grad_chunk, f"{batched} at the chunk start for the whole "
+                      "chunk at once, then the optimizer step and retention map token by token")
+
+
+def _implicit(rules: LevelRules, chunk: int) -> KernelPlan:
+    """`retention implicit` at the current state: the exact proximal l2 step W = W0 - eps (W0 k - v) kᵀ
+    with the derived rate eps = retention.new(lr, n = ||k||²) (MATH.md §2.7) is the delta rule with
+    step size eps_t, per value channel where lr is (Longhorn). scale = eps / lr, so b_t = scale·lr."""
+    lv, eps = rules.level, rules.retention_new()
+    if not (lv.memory.kind == "matrix" and lv.algorithm.kind == "gd" and rules.bias.grad == S.e):
+        return KernelPlan(lv.name, "reference", chunk,
+                          "the implicit step is a delta rule only for the l2 bias, a matrix memory and gd")
+    if not _separable(eps, lv.gate_axes):
+        return KernelPlan(lv.name, "reference", chunk,
+                          "the implicit rate is not a product of key-channel and value-channel factors")
+    return KernelPlan(lv.name, "delta", chunk, "implicit l2 step: a delta rule with the proximal rate "
+                      f"eps_t = {str(eps).replace('gate_', '')}, n = ||k_t||^2", sympy.Integer(1),
+                      sympy.simplify(eps / rules.lr))
 
 
 def _separable(step: sympy.Expr, axes) -> bool:

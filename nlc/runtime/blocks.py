@@ -17,8 +17,12 @@ class CausalConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(channels, 1, kernel) / math.sqrt(kernel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padded = nn.functional.pad(x.transpose(1, 2), (self.kernel - 1, 0))
-        return nn.functional.conv1d(padded, self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+        """y_t = Σ_i w_i x_{t-kernel+1+i}: a sum of `kernel` shifted products, whose backward on CPU
+        is several times faster than depthwise conv1d's for the short kernels used here."""
+        T = x.shape[1]
+        padded = nn.functional.pad(x, (0, 0, self.kernel - 1, 0))  # [B, T + kernel - 1, C]
+        weight = self.weight[:, 0].to(x.dtype)  # [C, kernel]
+        return sum(padded[:, i:i + T] * weight[:, i] for i in range(self.kernel))
 
 
 class RMSNorm(nn.Module):

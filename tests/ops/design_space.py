@@ -23,7 +23,8 @@ RETENTIONS = {"none": "none", "decay": "decay(alpha)", "l2": "l2(global = 2)",
 ALGORITHMS = {"gd": "gd(lr = eta)", "momentum": "momentum(lr = eta, beta = theta)",
               "muon": "muon(lr = eta, beta = theta, steps = 3)", "ftrl": "ftrl(lr = eta)"}
 SCHEDULES = {"token": "", "chunk": "gradient chunk_start(2)", "period": "update every 2",
-             "before": "read before", "retained": "gradient retained", "outer": "update outer"}
+             "before": "read before", "retained": "gradient retained", "outer": "update outer",
+             "period_chunk": "update every 2\n  gradient chunk_start(2)"}
 
 # Gate values for tests: step sizes small enough that every stable rule stays finite over ~100
 # tokens, decays close to 1; other gates anywhere in a middle range.

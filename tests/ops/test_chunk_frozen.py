@@ -139,6 +139,39 @@ def test_matrix_memory(bias, algorithm, read, retention):
         compare(nlc.compile(text, chunk=chunk), seed=chunk, lr=0.05)
 
 
+MLPS = ("mlp(depth = 1, bias = true)",
+        "mlp(depth = 1, residual = true, norm = layernorm, bias = true)",
+        "mlp(depth = 2, expand = 2)",
+        "mlp(depth = 2, expand = 2, residual = false, act = silu)",
+        "mlp(depth = 2, expand = 2, bias = true)",
+        "mlp(depth = 2, expand = 2, norm = layernorm)",
+        "mlp(depth = 2, expand = 2, gated = true)",
+        "mlp(depth = 2, expand = 2, gated = true, bias = true, norm = layernorm, act = relu)",
+        "mlp(depth = 3, expand = 2, bias = true, act = tanh)")
+
+
+def mlp_spec(memory, bias="l2", algorithm=ALGORITHMS[1], read="after", retention="decay(alpha)"):
+    text = MATRIX.format(bias=bias, algorithm=algorithm, read=read, retention=retention)
+    return text.replace("memory matrix", f"memory {memory}\n  init learned")
+
+
+@pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("memory", MLPS)
+def test_mlp_memory(memory, algorithm, read):
+    """Every MLP layout (bias, norm, gating, residual, depth) reads through the per-layer dual form."""
+    program = nlc.compile(mlp_spec(memory, algorithm=algorithm, read=read))
+    assert program.plans["memory"].family == "frozen"
+    compare(program, lengths=(1, 7, 33), seed=len(memory), lr=0.1)
+
+
+@pytest.mark.parametrize("bias", BIASES[2:] + ("huber(delta = 0.5, form = mixture)",))
+def test_mlp_memory_biases(bias):
+    """Biases whose gradient depends on the error: the δ of every layer comes from one vjp."""
+    compare(nlc.compile(mlp_spec(MLPS[4], bias=bias, retention="l2(global = 2)")), lengths=(7, 33),
+            seed=11, lr=0.02)
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("memory", ["matrix", "mlp(depth = 2, expand = 1)"])
 def test_extreme_decays(algorithm, memory):
@@ -166,5 +199,6 @@ def test_generated_source_is_readable():
     assert program.plans["memory"].family == "frozen"
     text = program.sources["level_memory_chunk.py"]
     assert "CHUNK = 16" in text and "# specs/titans.nl:" in text
+    assert "vmap" not in text and "LAYERS = ((0, None), (1, None))" in text  # dual form, per layer
     assert "def level_memory(q, k, v, *, g_alpha, g_theta, g_eta, initial_state=None, " \
            "output_final_state=False):" in text

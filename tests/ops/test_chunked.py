@@ -30,7 +30,8 @@ def _chunked_levels(program):
 
 
 DESIGN = list(chunked_points(memories=("matrix", "vector", "mlp2"),
-                             schedules=("token", "chunk", "retained", "before"))
+                             schedules=("token", "chunk", "retained", "before", "period",
+                                        "period_chunk"))
               ) if CHUNKED_FAMILIES else []
 SHIPPED = [(p.stem, name) for p in sorted(SPECS.glob("*.nl"))
            for name in _chunked_levels(nlc.compile(p, **({"chunk": 5} if "chunk" in
@@ -58,43 +59,68 @@ def _inputs(op, T, seed, step=1.0):
     return q, k, v, gates, state
 
 
-def _stable_inputs(op, T, seed):
-    """Inputs on which the reference stays finite. lp(3) feeds its error back cubically and
-    diverges over ~60 tokens at the default steps (MATH.md §5.7.2): shrink the step size until
-    the reference is finite, then compare there."""
-    for step in (1.0, 0.1, 0.01):
+STEPS = (1.0, 0.1, 0.01)
+TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+def _stable_inputs(op, T, seed, steps=STEPS):
+    """Inputs on which the reference stays finite, and their step scale. lp(3) feeds its error back
+    cubically and diverges over ~60 tokens at the default steps (MATH.md §5.7.2): shrink the step
+    size until the reference is finite, then compare there."""
+    for step in steps:
         q, k, v, gates, state = _inputs(op, T, seed, step)
         o, _ = op(q, k, v, **gates, initial_state=state, mode="reference")
         if torch.isfinite(o).all():
-            return q, k, v, gates, state
+            return (q, k, v, gates, state), step
     raise AssertionError("the reference diverges even at 1% of the step size")
 
 
-def _compare(op, T, seed=0):
-    q, k, v, gates, state = _stable_inputs(op, T, seed)
+def _run(op, inputs, mode):
+    """Outputs, final state and the gradients of every input of one mode."""
+    q, k, v, gates, state = inputs
     names = list(gates)
-    leaves = [x.requires_grad_() for x in (q, k, v, *gates.values(), *state)]
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, *gates.values(), *state)]
     n_state = len(state)
+    o, final = op(*leaves[:3], **dict(zip(names, leaves[3:3 + len(names)])),
+                  initial_state=tuple(leaves[len(leaves) - n_state:]),
+                  output_final_state=True, mode=mode)
+    final = (final,) if torch.is_tensor(final) else final
+    loss = o.pow(2).sum() + sum(f.pow(2).sum() for f in final)
+    return [o, *final, *torch.autograd.grad(loss, leaves, allow_unused=True)]
 
-    def run(mode):
-        o, final = op(*leaves[:3], **dict(zip(names, leaves[3:3 + len(names)])),
-                      initial_state=tuple(leaves[len(leaves) - n_state:]),
-                      output_final_state=True, mode=mode)
-        final = (final,) if torch.is_tensor(final) else final
-        loss = o.pow(2).sum() + sum(f.pow(2).sum() for f in final)
-        return o, final, torch.autograd.grad(loss, leaves, allow_unused=True)
 
-    o_ref, s_ref, g_ref = run("reference")
-    o_chk, s_chk, g_chk = run("chunk")
-    tol = dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(o_chk, o_ref, **tol)
-    for a, b in zip(s_chk, s_ref):
-        torch.testing.assert_close(a, b, **tol)
-    for a, b in zip(g_chk, g_ref):
+def _assert_same(got, want):
+    """Equal to round-off, NaN where the reference is NaN: an lq map's |A|^(1/3) has no derivative
+    at a zero accumulator, so the gradient of a zero initial state is NaN in both forms."""
+    for a, b in zip(got, want, strict=True):
         if b is None:
             assert a is None or a.abs().max() == 0
         else:
-            torch.testing.assert_close(a, b, **tol)
+            torch.testing.assert_close(a, b, **TOL, equal_nan=True)
+
+
+def _ill_conditioned(op, inputs, want) -> bool:
+    """Whether the reference's own results move by more than a hundredth of the tolerance when
+    the keys move by one unit in the last place: then no form can match it to round-off."""
+    q, k, v, gates, state = inputs
+    nudged = _run(op, (q, k * (1 + torch.finfo(k.dtype).eps), v, gates, state), "reference")
+    return any(b is not None and ((a - b).abs() / (b.abs() + 1)).max() > TOL["rtol"] / 100
+               for a, b in zip(nudged, want))
+
+
+def _compare(op, T, seed=0):
+    """Chunked == reference to round-off. Where the reference is itself ill-conditioned at a step
+    size (l1's smoothed sign under momentum over hundreds of tokens), compare at a smaller step."""
+    inputs, step = _stable_inputs(op, T, seed)
+    while True:
+        want = _run(op, inputs, "reference")
+        try:
+            return _assert_same(_run(op, inputs, "chunk"), want)
+        except AssertionError:
+            smaller = [s for s in STEPS if s < step]
+            if not smaller or not _ill_conditioned(op, inputs, want):
+                raise
+        inputs, step = _stable_inputs(op, T, seed, smaller)
 
 
 @pytest.mark.parametrize("T", LENGTHS)
@@ -115,13 +141,16 @@ def test_shipped_chunked_equals_reference(spec, level, T):
 def test_shipped_chunked_streams_in_pieces(spec, level):
     """A sequence cut into two pieces, the second starting from the first's final state, gives the
     whole sequence's outputs and final state. The cut falls on a boundary of the level's gradient
-    chunks and update periods (the rule itself restarts them at each call)."""
+    chunks and update periods (the rule itself restarts them at each call). An omega window is not
+    part of the state, so the reference restarts it at each call too: test_chunk_mapped covers it."""
     program = nlc.compile(SPECS / f"{spec}.nl", **({"chunk": 5} if "chunk" in
                                                    nlc.compile(SPECS / f"{spec}.nl").params else {}))
     op = program.op(level)
+    if op.level.bias.kind == "omega":
+        pytest.skip("an omega window restarts at each call, in the reference as in the chunked form")
     align = math.lcm(op.level.grad_chunk or 1, op.level.period or 1)
     cut = align * -(-37 // align)
-    q, k, v, gates, state = _stable_inputs(op, cut + 30, seed=5)
+    (q, k, v, gates, state), _ = _stable_inputs(op, cut + 30, seed=5)
 
     def part(lo, hi, start):
         return op(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], **{n: g[:, lo:hi] for n, g in gates.items()},
@@ -130,11 +159,10 @@ def test_shipped_chunked_streams_in_pieces(spec, level):
     o_all, s_all = part(0, None, state)
     o1, s1 = part(0, cut, state)
     o2, s2 = part(cut, None, s1)
-    tol = dict(rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(torch.cat([o1, o2], dim=1), o_all, **tol)
+    torch.testing.assert_close(torch.cat([o1, o2], dim=1), o_all, **TOL)
     s2, s_all = ((s,) if torch.is_tensor(s) else s for s in (s2, s_all))
     for a, b in zip(s2, s_all, strict=True):
-        torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_auto_mode_picks_by_length_and_chunk_mode_needs_a_chunked_form():

@@ -1,0 +1,61 @@
+"""Generated helpers shared by chunk-parallel renderers whose gradients are frozen at the chunk start
+(MATH.md §3.4, §3.6): closed-form coefficients of scalar linear scans within every chunk, in log space,
+and every token's gradient at the chunk-start weights factored per layer (input a_j, output delta δ_j)."""
+from __future__ import annotations
+
+from .emitter import Emitter
+
+
+def render_scan_helpers(em: Emitter) -> None:
+    """`_decay_products(a)` and `_by_chunk(x)`: products of per-token factors within each chunk."""
+    em.block('''
+def _decay_products(a):
+    """Products of a per-token factor a [..., L] within each chunk (MATH.md §3.4, in log space):
+    run [..., L]: run[t] = prod_{r<=t} a_r;  seg [..., L, L]: seg[t, i] = prod_{i<r<=t} a_r for i <= t,
+    0 above the diagonal. Each entry of seg sums the logs of its own segment only (no ratio of running
+    products, so nothing cancels); log 0 is clamped to log(tiny) and signs are carried apart, so a
+    factor may be 1, tiny or negative and everything stays finite."""
+    L = a.shape[-1]
+    log_a = torch.log(a.abs().clamp_min(torch.finfo(a.dtype).tiny))
+    sign = (1 - 2 * (a < 0).to(a.dtype)).cumprod(-1)  # prod_{r<=t} sign(a_r), exactly ±1
+    run = torch.exp(log_a.cumsum(-1)) * sign
+    lower = torch.ones(L, L, dtype=torch.bool, device=a.device).tril()
+    steps = log_a[..., :, None].masked_fill(~lower.tril(-1), 0.0)  # [t, i] = log a_t where t > i
+    seg = torch.exp(steps.cumsum(-2)).masked_fill(~lower, 0.0)
+    return run, seg * sign[..., :, None] * sign[..., None, :]
+
+
+def _by_chunk(x):
+    """[B, H, T] -> [B, H, NC, CHUNK], NC = ceil(T / CHUNK). A short last chunk is padded with ones:
+    the coefficients are causal, so rows and columns past its end never reach its L tokens."""
+    return torch.nn.functional.pad(x, (0, (-x.shape[-1]) % CHUNK), value=1.0).unflatten(-1, (-1, CHUNK))
+''')
+
+
+
+def render_layer_grads(em: Emitter) -> None:
+    """`_product` and `_layer_grads(params, x, v, *bias_gates)`: every token's gradient at fixed
+    weights, factored per layer (the generated module defines LAYERS and imports memory_forward and
+    output_grad)."""
+    em.block('''
+def _product(x, W, bias):
+    """One layer's product at fixed weights: x [B, H, L, I] @ W [B, H, I, O] (+ bias [B, H, O])."""
+    return x @ W if bias is None else x @ W + bias[:, :, None, :]
+
+
+def _layer_grads(params, x, v, *bias_gates):
+    """The pieces of every token's gradient at the chunk-start weights, per layer i of LAYERS:
+    inputs[i] a [B, H, L, I] (the layer's input) and deltas[i] δ [B, H, L, O] = ∂<dy_j, M(x_j)>/∂(the
+    layer's output at token j), dy = output_grad(M(params; x), v); the weight's gradient is a_j ⊗ δ_j,
+    the bias's δ_j. One forward and one vjp, through zero probes added to every layer's output."""
+    def probed(*probes):
+        inputs = [None] * len(LAYERS)
+
+        def layer(i, h, W, b):
+            inputs[i] = h
+            return _product(h, W, b) + probes[i]
+        return memory_forward(params, x, layer=layer), inputs
+    probes = [x.new_zeros(x.shape[:3] + params[w].shape[-1:]) for w, _ in LAYERS]
+    y, pullback, inputs = torch.func.vjp(probed, *probes, has_aux=True)
+    return inputs, pullback(output_grad(y, v, *bias_gates))
+''')

@@ -1,0 +1,117 @@
+"""The mapped family (codegen/torch_chunk_mapped.py, MATH.md §3.6-3.8) against the reference loop, in
+float64, on what the shared equivalence tests do not reach: reads before the write, two heads,
+softmax columns and mass, omega windows wider than a chunk and sequences shorter than a window,
+streaming, and the planner's choices."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import nlc
+
+from .test_chunked import _compare, _stable_inputs
+
+SPECS = Path(__file__).resolve().parents[2] / "specs"
+
+TEMPLATE = """
+model mapped_point
+param d_model = 8
+param heads = 2
+let q[heads, 3] = l2norm(linear(x))
+let k[heads, 3] = l2norm(linear(x))
+let v[heads, 3] = linear(x)
+gate alpha[heads] = sigmoid(linear(x))
+gate eta[heads] = 0.5 * sigmoid(linear(x))
+gate theta[heads] = 0.5 * sigmoid(linear(x))
+gate gamma[heads] = sigmoid(linear(x))
+level memory {{
+  memory {memory}
+  bias {bias}
+  retention {retention}
+  algorithm {algorithm}
+  gradient chunk_start({chunk})
+  read {read}
+  init learned
+}}
+output = linear(memory)
+"""
+
+# (memory, bias, retention, algorithm): one point per map, read before the write
+READ_BEFORE = [
+    ("matrix", "lp(p = 3)", "lq(q = 3, decay = alpha, map = miras)", "gd(lr = eta)"),
+    ("mlp(depth = 2, expand = 1)", "huber(delta = 0.5)", "elastic(l1 = 20, l2 = 2)", "ftrl(lr = eta)"),
+    ("mlp(depth = 2, expand = 1)", "l2", "kl(decay = alpha, axis = column, mass = 2)",
+     "momentum(lr = eta, beta = theta)"),
+    ("matrix", "l2", "kl(global = 2)", "gd(lr = eta)"),
+    ("mlp(depth = 2, expand = 1, bias = true)", "l2", "elastic(l1 = 20, l2 = 2)",
+     "momentum(lr = eta, beta = theta)"),
+    ("mlp(depth = 2, expand = 1, bias = true)", "l2", "dgd(decay = alpha)", "gd(lr = eta)"),
+    ("matrix", "l2", "dgd(decay = alpha)", "gd(lr = eta)"),
+    ("mlp(depth = 2, expand = 1)", "omega(window = 3, gamma = gamma) of l2", "decay(alpha)",
+     "muon(lr = eta, beta = theta, steps = 3)"),
+]
+
+
+def _op(memory, bias, retention, algorithm, chunk=3, read="before"):
+    program = nlc.compile(TEMPLATE.format(memory=memory, bias=bias, retention=retention,
+                                          algorithm=algorithm, chunk=chunk, read=read))
+    assert program.plans["memory"].family == "mapped", program.plans["memory"].reason
+    return program.op("memory")
+
+
+@pytest.mark.parametrize("T", (1, 7, 20))
+@pytest.mark.parametrize("point", READ_BEFORE, ids=[f"{r}-{a}" for _, _, r, a in READ_BEFORE])
+def test_read_before_equals_reference(point, T):
+    _compare(_op(*point), T)
+
+
+@pytest.mark.parametrize("window,chunk,T", [(5, 2, 13), (4, 2, 3), (4, 3, 2), (3, 4, 1), (2, 4, 9)])
+def test_omega_windows_across_chunks_and_short_sequences(window, chunk, T):
+    """Windows wider than a chunk reach back over several chunks; a sequence shorter than the window
+    never reaches before its first token."""
+    _compare(_op("mlp(depth = 2, expand = 1)", f"omega(window = {window}, gamma = gamma) of l2",
+                 "decay(alpha)", "muon(lr = eta, beta = theta, steps = 3)", chunk=chunk, read="after"), T)
+
+
+def _shipped(spec):
+    return nlc.compile(SPECS / f"{spec}.nl", chunk=5)
+
+
+@pytest.mark.parametrize("spec", ["memora", "atlas", "hope"])
+def test_planner_picks_mapped_for_shipped_levels(spec):
+    plan = _shipped(spec).plans["memory"]
+    assert plan.family == "mapped" and plan.chunk == 5, plan.reason
+
+
+def test_planner_keeps_lq_accumulators_on_mlp_memories_on_the_loop():
+    plan = _shipped("moneta").plans["memory"]
+    assert plan.family == "reference" and "disagrees with the reference" in plan.reason
+
+
+def test_per_channel_gates_stay_on_the_reference():
+    text = TEMPLATE.format(memory="matrix", bias="l2", retention="lq(q = 4, decay = alpha)",
+                           algorithm="gd(lr = eta)", chunk=3, read="after")
+    text = text.replace("gate alpha[heads] = sigmoid(linear(x))", "gate alpha[heads, 3] = sigmoid(linear(x))")
+    plan = nlc.compile(text).plans["memory"]
+    assert plan.family == "reference" and "per-channel gates (alpha)" in plan.reason
+
+
+def _pieces(op, T, cut, mode):
+    (q, k, v, gates, state), _ = _stable_inputs(op, T, seed=3)
+
+    def part(lo, hi, start):
+        return op(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], **{n: g[:, lo:hi] for n, g in gates.items()},
+                  initial_state=start, output_final_state=True, mode=mode)
+    o1, s1 = part(0, cut, state)
+    o2, s2 = part(cut, None, s1)
+    return torch.cat([o1, o2], dim=1), s2
+
+
+def test_omega_window_restarts_at_each_call_as_in_the_reference():
+    """The reference keeps an omega window only within one call (it is not part of the state), so two
+    pieces equal the reference on the same two pieces, not on the whole sequence."""
+    op = _shipped("atlas").op("memory")
+    (o_chunk, s_chunk), (o_ref, s_ref) = (_pieces(op, 23, 10, mode) for mode in ("chunk", "reference"))
+    torch.testing.assert_close(o_chunk, o_ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(s_chunk, s_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

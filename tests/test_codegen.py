@@ -18,16 +18,23 @@ import pytest
 import torch
 
 import nlc
+from nlc.codegen.triton_recurrent import unsupported
 
 SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
 SPECS = sorted(SPECS_DIR.glob("*.nl"))
-ROLE_PREFIXES = ("level", "g", "gs", "go", "s", "init", "gate", "let")
+ROLE_PREFIXES = ("level", "g", "gs", "go", "gc", "s", "init", "gate", "let", "b_g", "dg", "b_dg")
 
 # Every top-level name a level module may define besides `level_<name>`.
 LEVEL_TOP = {"math", "torch", "HEADS", "K", "V", "HIDDEN", "GATES", "STATE", "N_PARAMS",
              "memory_forward", "memory_grads", "initial_state", "output_grad", "retain",
              "implicit_lr", "accumulate", "psi", "newton_schulz", "_per_tensor", "_record", "_pack"}
 LAYER_TOP = {"torch", "nn", "blocks", "dispatch", "Layer"}
+TRITON_TOP = {"torch", "triton", "tl", "_pack", "initial_state", "BV_MAX", "WARP_TILE", "MAX_WARPS",
+              "CHUNK", "fused_recurrent_fwd_kernel", "fused_recurrent_bwd_kernel", "_config",
+              "fused_recurrent_fwd", "fused_recurrent_bwd", "FusedRecurrentFunction"}
+# ... and a chunk-parallel module (the hostile table's base level is a delta-family level)
+CHUNK_TOP = {"torch", "CHUNK", "_chunks", "_cumulative", "_pack", "_remaining", "_segments",
+             "_unit_lower_inverse", "initial_state"}
 INIT_TOP = {"Layer"}
 
 
@@ -104,6 +111,8 @@ def test_there_are_shipped_specs():
 def test_sources_parse_and_have_docstrings(shipped, stem):
     path, program = shipped[stem]
     expected = {"layer.py", "__init__.py"} | set(level_files(program).values())
+    expected |= {f"level_{name}_triton.py" for name, r in program.rules.items()
+                 if unsupported(r) is None}
     expected |= {f"level_{name}_chunk.py" for name, p in program.plans.items()
                  if p.family != "reference"}
     assert set(program.sources) == expected
@@ -158,7 +167,8 @@ def test_generated_imports_are_torch_and_the_runtime_only(shipped, stem):
     for file, text in program.sources.items():
         for module in imports(ast.parse(text)):
             runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch")
-            ok = module in (".", "torch", "math", *runtime) or module.startswith("torch.")
+            kernels = ("triton", "triton.language") if file.endswith("_triton.py") else ()
+            ok = module in (".", "torch", "math", *runtime, *kernels) or module.startswith("torch.")
             assert ok, f"{stem}/{file} imports {module}"  # math: the stdlib, no dependency
         assert "importlib" not in text and "__import__" not in text, (stem, file)
 
@@ -358,6 +368,11 @@ class _Rename(ast.NodeTransformer):
         self.generic_visit(node)
         return node
 
+    def visit_ImportFrom(self, node):
+        node.module = self.ident(node.module)  # from .level_<name> import ...
+        self.generic_visit(node)
+        return node
+
     def visit_alias(self, node):
         node.name = self.ident(node.name)
         node.asname = self.ident(node.asname)
@@ -390,9 +405,14 @@ def test_hostile_names(base_program, case, names):
     spec_names = {v for k, v in names.items() if v != BASE_NAMES[k]}
     level = names.get("L", BASE_NAMES["L"])
     level_file = f"level_{level}.py"
-    assert set(program.sources) == {level_file, "layer.py", "__init__.py"}
+    triton_file = f"level_{level}_triton.py"
+    chunk_file = f"level_{level}_chunk.py"
+    assert set(program.sources) == {level_file, chunk_file, triton_file, "layer.py", "__init__.py"}
     expected_top = {level_file: LEVEL_TOP | {f"level_{level}"},
-                    "layer.py": LAYER_TOP | {f"level_{level}"}, "__init__.py": INIT_TOP}
+                    chunk_file: CHUNK_TOP | {f"level_{level}"},
+                    triton_file: TRITON_TOP | {f"level_{level}"},
+                    "layer.py": LAYER_TOP | {f"level_{level}", f"level_{level}_chunk"},
+                    "__init__.py": INIT_TOP}
     for file, source in program.sources.items():
         tree = ast.parse(source, filename=file)
         extra = top_level_names(tree) - expected_top[file]
@@ -410,7 +430,8 @@ def test_hostile_names(base_program, case, names):
     # Up to the role-prefixed renaming, the code is exactly the base spec's code.
     mapping = {names.get(k, v): v for k, v in BASE_NAMES.items()}
     for file, source in program.sources.items():
-        base_file = "level_memory.py" if file == level_file else file
+        base_file = {level_file: "level_memory.py", chunk_file: "level_memory_chunk.py",
+                     triton_file: "level_memory_triton.py"}.get(file, file)
         assert normalised(source, mapping) == normalised(base_program.sources[base_file], {}), \
             f"{case}: {file} differs from the base spec's {base_file} beyond renaming"
     run_layer(program)

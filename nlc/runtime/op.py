@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import ir
+from . import triton_support
 from .dispatch import pick
 
 
@@ -13,12 +14,15 @@ class LevelOp:
     mode='reference') -> (o [B, T, H, V], final_state or None).
     q, k: [B, T, H, K]; v: [B, T, H, V]; scalar gates [B, T, H]; vector gates [B, T, H, K or V].
     mode: reference (the per-token loop), chunk (the chunk-parallel form), auto (chunk-parallel
-    for sequences of at least one chunk where the level has one)."""
+    for sequences of at least one chunk where the level has one), triton (the fused recurrent
+    Triton kernels of a matrix memory with a per-token rule: `triton` loads their module, or is
+    None and `why_not_triton` says why the level has none)."""
 
-    def __init__(self, level: ir.Level, module, chunked=None):
+    def __init__(self, level: ir.Level, module, chunked=None, triton=None, why_not_triton=None):
         self.level = level
         self.module = module
         self.chunked = chunked
+        self.triton, self.why_not_triton = triton, why_not_triton
         self.function = getattr(module, f"level_{level.name}")
         self.gates = level.gates
         self.initial_state = module.initial_state
@@ -52,9 +56,22 @@ class LevelOp:
             kwargs[f"g_{name}"] = value.to(q.dtype)
         if initial_state is not None:
             self._check_state(initial_state, B, q.dtype)
-        function = pick(self.function, self.chunked, mode, T)
+        if mode == "triton":
+            function = self._triton(q.device)
+        else:
+            function = pick(self.function, self.chunked, mode, T)
         return function(q, k, v, **kwargs, initial_state=initial_state,
                         output_final_state=output_final_state)
+
+    def _triton(self, device):
+        if self.triton is None:
+            why = f"it has no Triton form: {self.why_not_triton}" if self.why_not_triton else \
+                "it has no Triton form"
+        else:
+            why = triton_support.unavailable(device)
+        if why:
+            raise ValueError(f"mode='triton' for level {self.level.name!r}: {why}")
+        return getattr(self.triton(), self.function.__name__)
 
     def _gate_tail(self, name: str) -> tuple[int, ...]:
         lv, axis = self.level, self.level.gate_axes[name]

@@ -1,0 +1,200 @@
+"""Fused recurrent Triton kernels against the reference loop: outputs, final states and the gradients
+of every input (q, k, v, gates, initial state), over the shipped specs and every design-space point
+the renderer takes, for T = 1, 63, 100 and head dims 16, 32, 64.
+
+Precision: the kernels run in float32 (Triton has no float64 on every path), the reference in
+float64 on the same inputs. Each result must match to a relative error ||x - ref|| / ||ref|| of at
+most RTOL = 1e-4: float32 round-off (1e-7) grown over 100 recurrent steps and sums over 64 channels
+lands near 1e-6, so 1e-4 leaves room for sharp biases (l1's smoothed sign, lp's cube) without
+letting a wrong term (an error of order 1) through. bf16 inputs: 2e-2 (the inputs' and outputs'
+own rounding is 4e-3 per element).
+
+On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) the shipped levels run
+every length at head dim 16 and one length at 32 and 64; the design space is a fixed sample, each
+point at one (head dim, length)."""
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import nlc
+from nlc.codegen.triton_recurrent import unsupported
+from nlc.derive.rules import derive
+from nlc.lower import check
+
+from ..ops.design_space import gate_range, points
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+BATCH, HEADS = (2, 2) if GPU else (1, 1)
+LENGTHS, DIMS = (1, 63, 100), (16, 32, 64)
+RTOL, RTOL_BF16 = 1e-4, 2e-2
+SPECS = Path(__file__).resolve().parents[2] / "specs"
+DIM_PARAMS = ("d_key", "d_value", "d_state", "d_head")
+
+
+def _sizes(gpu_all, cpu_subset):
+    return gpu_all if GPU else cpu_subset
+
+
+def _shipped():
+    """(spec stem, level) of every shipped level with a Triton form."""
+    out = []
+    for path in sorted(SPECS.glob("*.nl")):
+        program = nlc.compile(path)
+        out += [(path.stem, lv.name) for lv in program.levels
+                if f"level_{lv.name}_triton.py" in program.sources]
+    return out
+
+
+def _design():
+    """(id, spec text) of every sampled matrix-memory point the renderer takes."""
+    out = []
+    for name, text in points(("matrix",), ("token", "retained", "before")):
+        if unsupported(derive(check(text)[0])["memory"]) is None:
+            out.append((name, text))
+    return out
+
+
+SHIPPED = _shipped()
+DESIGN = _design()
+CPU_DESIGN = DESIGN[::9]  # a fixed sample: every bias, retention, algorithm and schedule appears
+
+CPU_SIZES = ((16, 100), (32, 63), (64, 1))  # (head dim, T) on the CPU, besides D = 16 at every T
+SHIPPED_CASES = [(s, lv, d, t) for s, lv in SHIPPED for d in DIMS for t in LENGTHS
+                 if GPU or d == 16 or (d, t) in CPU_SIZES]
+DESIGN_CASES = [(n, text, d, t) for i, (n, text) in enumerate(DESIGN if GPU else CPU_DESIGN)
+                for d in DIMS for t in LENGTHS if GPU or (d, t) == CPU_SIZES[i % 3]]
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(spec, **params):
+    return nlc.compile(spec, **params)
+
+
+def _shipped_op(stem, level, dim):
+    path = SPECS / f"{stem}.nl"
+    dims = {p: dim for p in DIM_PARAMS if p in nlc.compile(path).params}
+    return _compile(path, heads=HEADS, **dims).op(level)
+
+
+def _design_op(text, dim):
+    return _compile(re.sub(r"\[heads, 3\]", f"[heads, {dim}]", text).replace(
+        "param heads = 1", f"param heads = {HEADS}")).op("memory")
+
+
+def _inputs(op, T, seed, step):
+    """float64 CPU inputs: unit keys and queries, gates in their test ranges (step-size gates eta
+    scaled by `step`), a random initial state."""
+    g = torch.Generator().manual_seed(seed)
+    lv = op.level
+    unit = lambda d: torch.nn.functional.normalize(
+        torch.randn(BATCH, T, lv.heads, d, generator=g, dtype=torch.float64), dim=-1)
+    q, k = unit(lv.d_key), unit(lv.d_key)
+    v = torch.randn(BATCH, T, lv.heads, lv.d_value, generator=g, dtype=torch.float64)
+    gates = {}
+    for name in op.gates:
+        axis = lv.gate_axes[name]
+        tail = () if axis == "scalar" else ((lv.d_key,) if axis == "key" else (lv.d_value,))
+        a, b = gate_range(name)
+        x = a + (b - a) * torch.rand(BATCH, T, lv.heads, *tail, generator=g, dtype=torch.float64)
+        gates[name] = x * step if name == "eta" else x
+    state = tuple(0.3 * torch.randn(s.shape, generator=g, dtype=torch.float64)
+                  for s in op.initial_state(BATCH))
+    return q, k, v, gates, state
+
+
+def _stable_inputs(op, T, seed):
+    """Inputs on which the reference stays finite (lp(3) feeds its error back cubically: shrink
+    the step size until it does, as tests/ops/test_chunked.py does)."""
+    for step in (1.0, 0.1, 0.01):
+        q, k, v, gates, state = _inputs(op, T, seed, step)
+        o, _ = op(q, k, v, **gates, initial_state=_state(state), mode="reference")
+        if torch.isfinite(o).all():
+            return q, k, v, gates, state
+    raise AssertionError("the reference diverges even at 1% of the step size")
+
+
+def _state(state):
+    return state[0] if len(state) == 1 else state
+
+
+def _run(op, mode, inputs, dtype, device):
+    """[o, *final states, *gradients of (q, k, v, gates, initial state)] under a fixed random
+    cotangent on o and on the final states."""
+    q, k, v, gates, state = inputs
+    leaves = [x.detach().to(device=device, dtype=dtype).requires_grad_()
+              for x in (q, k, v, *gates.values(), *state)]
+    qq, kk, vv = leaves[:3]
+    gg = dict(zip(gates, leaves[3:3 + len(gates)]))
+    o, final = op(qq, kk, vv, **gg, initial_state=_state(leaves[3 + len(gates):]),
+                  output_final_state=True, mode=mode)
+    final = (final,) if torch.is_tensor(final) else tuple(final)
+    g = torch.Generator().manual_seed(7)
+    loss = sum((x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x)).sum()
+               for x in (o, *final))
+    loss.backward()
+    return [o, *final, *(x.grad for x in leaves)]
+
+
+def _names(op):
+    return ["o", *(f"final {s}" for s in op.state_names), "dq", "dk", "dv",
+            *(f"d gate {g}" for g in op.gates), *(f"d initial {s}" for s in op.state_names)]
+
+
+def _compare(op, T, seed=0, dtype=torch.float32, rtol=RTOL):
+    inputs = _stable_inputs(op, T, seed)
+    rounded = tuple(x.to(dtype).double() if torch.is_tensor(x) else
+                    ({n: g.to(dtype).double() for n, g in x.items()} if isinstance(x, dict) else
+                     tuple(s.to(dtype).double() for s in x)) for x in inputs)
+    want = _run(op, "reference", rounded, torch.float64, "cpu")
+    got = _run(op, "triton", rounded, dtype, DEVICE)
+    for name, a, b in zip(_names(op), got, want):
+        assert (a is None) == (b is None), name
+        if b is None:
+            continue
+        a = a.detach().double().cpu()
+        assert torch.isfinite(a).all(), f"{name}: not finite (a missed write reads NaN)"
+        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:g}"
+
+
+@pytest.mark.parametrize("stem,level,dim,T", SHIPPED_CASES,
+                         ids=[f"{s}-{lv}-D{d}-T{t}" for s, lv, d, t in SHIPPED_CASES])
+def test_shipped_levels_match_the_reference(stem, level, dim, T):
+    _compare(_shipped_op(stem, level, dim), T)
+
+
+@pytest.mark.parametrize("name,text,dim,T", DESIGN_CASES,
+                         ids=[f"{n}-D{d}-T{t}" for n, _, d, t in DESIGN_CASES])
+def test_design_space_matches_the_reference(name, text, dim, T):
+    _compare(_design_op(text, dim), T)
+
+
+@pytest.mark.parametrize("stem,level", [("gated_deltanet", "memory"), ("gla", "memory")])
+def test_bf16_inputs_with_an_fp32_state(stem, level):
+    _compare(_shipped_op(stem, level, 32), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
+
+
+def test_every_supported_point_is_covered_here():
+    """The renderer takes the shipped delta and decay-family levels and the per-token matrix points."""
+    assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
+                                       "longhorn", "mamba2", "retnet"}
+    assert len(DESIGN) >= 128
+    assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
+
+
+def test_unsupported_levels_say_why():
+    program = nlc.compile(SPECS / "titans.nl")
+    assert "level_memory_triton.py" not in program.sources
+    op = program.op("memory")
+    lv = op.level
+    q, v = torch.zeros(1, 1, lv.heads, lv.d_key), torch.zeros(1, 1, lv.heads, lv.d_value)
+    with pytest.raises(ValueError, match="mlp memory: the fused recurrent kernels hold a matrix"):
+        op(q, q, v, **{g: 0.5 for g in op.gates}, mode="triton")

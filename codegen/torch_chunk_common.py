@@ -33,16 +33,19 @@ def _by_chunk(x):
 
 
 
-def render_layer_grads(em: Emitter) -> None:
-    """`_product` and `_layer_grads(params, x, v, *bias_gates)`: every token's gradient at fixed
-    weights, factored per layer (the generated module defines LAYERS and imports memory_forward and
-    output_grad)."""
+def render_product(em: Emitter) -> None:
+    """`_product(x, W, bias)`: one layer's product at fixed weights."""
     em.block('''
 def _product(x, W, bias):
     """One layer's product at fixed weights: x [B, H, L, I] @ W [B, H, I, O] (+ bias [B, H, O])."""
     return x @ W if bias is None else x @ W + bias[:, :, None, :]
+''')
 
 
+def render_layer_grads(em: Emitter) -> None:
+    """`_layer_grads(params, x, v, *bias_gates)`: every token's gradient at fixed weights, factored
+    per layer (the module defines LAYERS and `_product`, and imports memory_forward and output_grad)."""
+    em.block('''
 def _layer_grads(params, x, v, *bias_gates):
     """The pieces of every token's gradient at the chunk-start weights, per layer i of LAYERS:
     inputs[i] a [B, H, L, I] (the layer's input) and deltas[i] δ [B, H, L, O] = ∂<dy_j, M(x_j)>/∂(the

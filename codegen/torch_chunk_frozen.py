@@ -25,7 +25,7 @@ from nlc.plan import KernelPlan
 
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
-from .torch_chunk_common import render_scan_helpers
+from .torch_chunk_common import render_layer_grads, render_product, render_scan_helpers
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -68,10 +68,10 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         em.gap()
         _render_shift(em)
     em.gap()
-    _render_product(em)
+    render_product(em)
     if not _linear(lv.memory):
         em.gap()
-        _render_layer_grads(em)
+        render_layer_grads(em)
     em.gap()
     _render_dual_layer(em, momentum)
     em.gap()
@@ -182,34 +182,6 @@ def _previous(x, first, dim):
     chunk-start state's coefficient) at t = 0."""
     head = torch.full_like(x.narrow(dim, 0, 1), first)
     return torch.cat([head, x.narrow(dim, 0, x.shape[dim] - 1)], dim=dim)
-''')
-
-
-def _render_product(em: Emitter) -> None:
-    em.block('''
-def _product(x, W, bias):
-    """One layer's product at fixed weights: x [B, H, L, I] @ W [B, H, I, O] (+ bias [B, H, O])."""
-    return x @ W if bias is None else x @ W + bias[:, :, None, :]
-''')
-
-
-def _render_layer_grads(em: Emitter) -> None:
-    em.block('''
-def _layer_grads(params, x, v, *bias_gates):
-    """The pieces of every token's gradient at the chunk-start weights, per layer i of LAYERS:
-    inputs[i] a [B, H, L, I] (the layer's input) and deltas[i] δ [B, H, L, O] = ∂<dy_j, M(x_j)>/∂(the
-    layer's output at token j), dy = output_grad(M(params; x), v); the weight's gradient is a_j ⊗ δ_j,
-    the bias's δ_j. One forward and one vjp, through zero probes added to every layer's output."""
-    def probed(*probes):
-        inputs = [None] * len(LAYERS)
-
-        def layer(i, h, W, b):
-            inputs[i] = h
-            return _product(h, W, b) + probes[i]
-        return memory_forward(params, x, layer=layer), inputs
-    probes = [x.new_zeros(x.shape[:3] + params[w].shape[-1:]) for w, _ in LAYERS]
-    y, pullback, inputs = torch.func.vjp(probed, *probes, has_aux=True)
-    return inputs, pullback(output_grad(y, v, *bias_gates))
 ''')
 
 

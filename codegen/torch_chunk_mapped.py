@@ -31,7 +31,7 @@ from nlc.plan import KernelPlan
 
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
-from .torch_chunk_common import render_layer_grads
+from .torch_chunk_common import render_layer_grads, render_product
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -60,6 +60,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         em.line(f"WINDOW = {int(lv.bias.args['window'])}")
     em.gap()
     _render_helpers(em)
+    em.gap()
+    render_product(em)
     em.gap()
     render_layer_grads(em)
     em.gap()

@@ -111,6 +111,12 @@ class Program:
             raise ValueError(f"mode={mode!r} is not a mode; modes: {', '.join(MODES)}")
         return self.module("layer").Layer(mode)
 
+    def model(self, vocab_size: int, layers: int = 2, mode: str = "auto") -> torch.nn.Module:
+        """A causal language model, token ids [B, T] -> logits [B, T, vocab_size], stacking `layers`
+        fresh layers (see `nlc.model.LanguageModel`)."""
+        from .model import LanguageModel
+        return LanguageModel(self, vocab_size, layers, mode)
+
     def op(self, level: str):
         """The functional form of one level (fla layout), see `LevelOp`."""
         names = [lv.name for lv in self.checked.levels]

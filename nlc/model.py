@@ -1,0 +1,35 @@
+"""`Program.model`: a causal language model around a compiled layer.
+
+token ids [B, T] -> embedding -> `layers` copies of the spec's layer (each [B, T, d_model] ->
+[B, T, d_model], residual as the spec's `output` writes it) -> RMSNorm -> tied head -> logits
+[B, T, vocab_size].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LanguageModel(nn.Module):
+    """Embedding, a stack of generated layers and a tied output head."""
+
+    def __init__(self, program, vocab_size: int, layers: int = 2, mode: str = "auto"):
+        super().__init__()
+        if vocab_size < 1 or layers < 1:
+            raise ValueError(f"need vocab_size >= 1 and layers >= 1, got {vocab_size}, {layers}")
+        d_model = int(program.d_model)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(program.layer(mode) for _ in range(layers))
+        self.norm = nn.RMSNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        nn.init.normal_(self.embed.weight, std=d_model ** -0.5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] (long) -> logits [B, T, vocab_size]."""
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(f"ids: expected a [B, T] long tensor, got {tuple(ids.shape)} {ids.dtype}")
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))

@@ -7,7 +7,7 @@ import nlc
 
 @pytest.fixture(scope="module")
 def program():
-    return nlc.compile("specs/deltanet.nl", d_model=32, heads=2, d_head=16, chunk=8)
+    return nlc.compile("specs/deltanet.nl", d_model=32, heads=2, d_key=16, d_value=16, chunk=8)
 
 
 def test_logits_shape_and_causality(program):

@@ -97,7 +97,9 @@ def _op_case(run: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor],
 # ---- nlc ---------------------------------------------------------------------------------------
 
 def _program(spec: str, shape: Shape, **extra):
+    """The spec at the benchmark's shape; an `extra` value "chunk" stands for the shape's chunk."""
     base = nlc.compile(SPECS / f"{spec}.nl")
+    extra = {k: shape.chunk if v == "chunk" else v for k, v in extra.items()}
     return nlc.compile(SPECS / f"{spec}.nl", **overrides(base.params, shape), **extra)
 
 
@@ -295,6 +297,9 @@ _HOPE_MATH = (
 ROWS = (
     Row("nlc-titans-d2", "titans-d2", None, _nlc_layer("titans", "auto", depth=2),
         "nlc titans layer, MLP memory depth 2 expand 4, momentum + decay, mode auto"),
+    Row("nlc-titans-d2-chunk-reads", "titans-d2", None,
+        _nlc_layer("titans", "auto", depth=2, reads_every="chunk"),
+        "nlc titans layer, depth 2, reads see the last completed chunk (reads_every = chunk), mode auto"),
     Row("nlc-titans-d2-ref", "titans-d2", None, _nlc_layer("titans", "reference", depth=2),
         "nlc titans layer, depth 2, reference per-token loop", slow=True),
     Row("titans-pytorch-d2", "titans-d2", "titans-pytorch", _titans_pytorch(2),
@@ -302,6 +307,9 @@ ROWS = (
         _TITANS_MATH),
     Row("nlc-titans-d1", "titans-d1", None, _nlc_layer("titans", "auto", depth=1),
         "nlc titans layer, matrix memory (depth 1), momentum + decay, mode auto"),
+    Row("nlc-titans-d1-chunk-reads", "titans-d1", None,
+        _nlc_layer("titans", "auto", depth=1, reads_every="chunk"),
+        "nlc titans layer, matrix memory, reads see the last completed chunk, mode auto"),
     Row("titans-pytorch-d1", "titans-d1", "titans-pytorch", _titans_pytorch(1),
         "titans-pytorch NeuralMemory, MemoryMLP depth 1 (plain matrix), momentum, "
         "batch_size = chunk", _TITANS_MATH),

@@ -3,7 +3,7 @@ as one readable nn.Module mapping [B, T, d_model] -> [B, T, d_model]."""
 from __future__ import annotations
 
 import nlc
-from nlc import ast, ir
+from nlc import ast, ir, segments
 from nlc.lower import expression_names
 
 from .emitter import Emitter, comment, ident, where
@@ -19,9 +19,12 @@ _ELEMENTWISE = {"silu": "torch.nn.functional.silu({})", "gelu": "torch.nn.functi
 class _Expressions:
     """Compile stream expressions to torch source; submodules are declared on the fly."""
 
-    def __init__(self, checked: ir.CheckedSpec):
-        self.checked = checked
+    def __init__(self, checked: ir.CheckedSpec, level_modules: dict[str, str]):
+        self.checked, self.level_modules = checked, level_modules
         self.modules: list[tuple[str, str, str]] = []  # (attribute, constructor, spec location)
+        self.runtime: set[str] = set()  # nlc.runtime modules the layer uses besides blocks, dispatch
+        self.sliced: set[str] = set()  # whole-sequence names read inside the segment loop
+        self.offset = "0"  # position of the first token of what is being computed
 
     def module(self, role: str, ctor: str, span) -> str:
         name = f"{role}_{len(self.modules)}"
@@ -37,14 +40,10 @@ class _Expressions:
                 return repr(float(v))
             case ast.Name(id="head"):
                 return f"torch.arange({self.checked.params['heads']:.0f}, dtype=x.dtype, device=x.device)"
-            case ast.Name(id="x"):
-                return "x"
             case ast.Name(id=n):
-                if n in self.checked.gates:  # a gate shadows the parameter it refines
-                    return ident(n, "g")
-                if n in self.checked.params:
-                    return repr(float(self.checked.params[n]))
-                return ident(n, "s")
+                if n not in self.checked.gates and n in self.checked.params:
+                    return repr(float(self.checked.params[n]))  # a gate shadows the parameter it refines
+                return self.name(n)
             case ast.Neg(operand=o):
                 return f"(-{self.compile(o, role)})"
             case ast.BinOp(op=op, left=l, right=r):
@@ -54,6 +53,11 @@ class _Expressions:
             case ast.Call():
                 return self._call(e, role)
         raise AssertionError(f"unchecked expression {e!r}")
+
+    def name(self, n: str) -> str:
+        """A stream or gate (n is no parameter), sliced to the segment inside the segment loop."""
+        text = "x" if n == "x" else ident(n, "g") if n in self.checked.gates else ident(n, "s")
+        return f"{text}[:, t0:t1]" if n in self.sliced else text
 
     def _lift(self, e, role, rank) -> str:
         """Align a lower-rank operand on leading (head) dims: [B, T, H] -> [B, T, H, 1]."""
@@ -67,8 +71,23 @@ class _Expressions:
             attr = self.module(role + "_learned",
                                f"nn.Parameter(torch.full({shape!r}, {init!r}))", e.span)
             return attr
+        if f in ("attention", "recall"):
+            return getattr(self, f"_{f}")(e, role)
         inner = self.compile(e.args[0], role)
         in_shape = self.shape(e.args[0])
+        if f == "rope":
+            base = e.kwarg("base")
+            self.runtime.add("attention")
+            extra = f", base={_const(base, self.checked.params)!r}" if base is not None else ""
+            return f"attention.rope({inner}, {self.offset}{extra})"
+        if f == "swiglu":
+            h = e.kwarg("hidden")
+            hidden = int(_const(h, self.checked.params)) if h is not None else -(-8 * shape[0] // 3)
+            self.runtime.add("mlp")
+            return f"{self.module(role + '_swiglu', f'mlp.SwiGLU({shape[0]}, {hidden})', e.span)}({inner})"
+        if f == "stopgrad":
+            on = len(e.args) < 2 or _const(e.args[1], self.checked.params) != 0
+            return f"{inner}.detach()" if on else inner
         if f == "linear":
             size_in, size_out = _numel(in_shape), _numel(shape)
             bias = e.kwarg("bias")
@@ -95,6 +114,28 @@ class _Expressions:
             return f"{self.module(role + '_poly', f'blocks.PolyFeatures({degree})', e.span)}({inner})"
         return _ELEMENTWISE[f].format(inner)
 
+    def _attention(self, e: ast.Call, role: str) -> str:
+        q, k, v = (self.compile(a, role) for a in e.args)
+        (heads, d_key), d_value = self.shape(e.args[1]), self.shape(e.args[2])[-1]
+        sizes = [int(_const(e.kwarg(n), self.checked.params)) if e.kwarg(n) is not None else 0
+                 for n in ("window", "block", "persistent")]
+        ctor = (f"attention.Attention({heads}, {d_key}, {d_value}, window={sizes[0]}, "
+                f"block={sizes[1]}, persistent={sizes[2]})")
+        self.runtime.add("attention")
+        extra = "".join(f", {n}={self.compile(e.kwarg(n), role)}" for n in ("extra_k", "extra_v")
+                        if e.kwarg(n) is not None)
+        return f"{self.module(role + '_attention', ctor, e.span)}({q}, {k}, {v}{extra}, offset={self.offset})"
+
+    def _recall(self, e: ast.Call, role: str) -> str:
+        """M(q) at the state the level had when the segment began (its parameters, no write)."""
+        level, mod = e.args[0].id, self.level_modules[e.args[0].id]
+        q = self.compile(e.args[1], role)
+        if len(self.shape(e.args[1])) == 1:
+            return (f"{mod}.memory_forward({ident(level, 'st')}[:{mod}.N_PARAMS], "
+                    f"{q}[:, None]).squeeze(1)")
+        return (f"{mod}.memory_forward({ident(level, 'st')}[:{mod}.N_PARAMS], "
+                f"{q}.transpose(1, 2)).transpose(1, 2)")
+
 
 def _const(e, params) -> float:
     """A constant the checker already evaluated once (numbers, parameters, arithmetic)."""
@@ -107,7 +148,7 @@ def _const(e, params) -> float:
             return -_const(o, params)
         case ast.BinOp(op=op, left=l, right=r):
             a, b = _const(l, params), _const(r, params)
-            return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0, "**": a ** b}[op]
+            return ir.ARITHMETIC[op](a, b)
     raise AssertionError("constant expected")
 
 
@@ -122,28 +163,31 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
                  chunk_modules: dict[str, str]) -> str:
     """The layer module source. `level_modules` / `chunk_modules`: level name -> generated module
     name of its reference / chunk-parallel form (levels without one are absent)."""
-    exprs, body = _Expressions(checked), Emitter()
+    exprs, body = _Expressions(checked, level_modules), Emitter()
     body.depth = 2
+    body.line("blocks.check_input(self, x)")
     body.line("B, T, _ = x.shape")
+    seg = segments.plan(checked)
     order = _evaluation_order(checked)
     for kind, name in order:
-        if kind == "gate":
-            g = checked.gates[name]
-            code = exprs.compile(g.expr, ident(name, "gate"))
-            if g.granularity == "constant":
-                code = f"torch.as_tensor({code}, dtype=x.dtype, device=x.device).expand(B, T, *{g.shape!r})"
-            elif checked.shapes[g.expr.span] != g.shape:
-                code = f"({code}).expand(B, T, *{g.shape!r})"
-            body.line(f"{ident(name, 'g')} = {code}  {where(g.span)}")
-            if g.granularity == "chunk":
-                body.line(f"{ident(name, 'g')} = blocks.hold_per_chunk({ident(name, 'g')}, {g.chunk})")
-        elif kind == "let":
-            s = checked.streams[name]
-            body.line(f"{ident(name, 's')} = {exprs.compile(s.expr, ident(name, 'let'))}  {where(s.span)}")
-        else:
-            _render_level_call(body, checked, checked.level(name), level_modules[name],
-                               chunk_modules.get(name))
-    body.line(f"return {exprs.compile(checked.output, 'out')}")
+        if name not in seg.inside:
+            _render_node(body, exprs, checked, kind, name, level_modules, chunk_modules, "T")
+    if seg.size is None:
+        body.line(f"return {exprs.compile(checked.output, 'out')}")
+    else:  # recall(...): retrieve -> ... -> write, one segment at a time (nlc.segments)
+        for name in seg.recalled:
+            body.line(f"{ident(name, 'st')} = {_initial_state(checked.level(name), level_modules[name])}")
+        exprs.sliced = {"x"} | {n for n in [*checked.gates, *checked.streams] if n not in seg.inside}
+        exprs.offset = "t0"
+        body.line("outputs = []")
+        with body.indent(f"for t0 in range(0, T, {seg.size}):  # segments of {seg.size} tokens"):
+            body.line(f"t1 = min(t0 + {seg.size}, T)")
+            for kind, name in order:
+                if name in seg.inside:
+                    _render_node(body, exprs, checked, kind, name, level_modules, chunk_modules,
+                                 "t1 - t0", ident(name, "st") if name in seg.recalled else None)
+            body.line(f"outputs.append({exprs.compile(checked.output, 'out')})")
+        body.line("return torch.cat(outputs, dim=1)")
     em = Emitter()
     em.line(f'"""Model {comment(checked.name)!r}: the layer [B, T, d_model] -> [B, T, d_model].')
     em.line()
@@ -152,7 +196,7 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
     em.line("import torch")
     em.line("from torch import nn")
     em.line()
-    em.line("from nlc.runtime import blocks, dispatch")
+    em.line(f"from nlc.runtime import {', '.join(sorted({'blocks', 'dispatch'} | exprs.runtime))}")
     em.line()
     for lv in checked.levels:
         em.line(f"from . import {level_modules[lv.name]}")
@@ -164,7 +208,7 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
         em.line()
         with em.indent('def __init__(self, mode="auto"):'):
             em.line("super().__init__()")
-            em.line("self.mode = mode  # auto | reference | chunk (see dispatch.pick)")
+            em.line("self.mode = mode  # auto | reference | chunk | triton (see dispatch.pick)")
             for attr, ctor, span in exprs.modules:
                 em.line(f"self.{attr} = {ctor}  # {comment(span)}")
             for lv in checked.levels:
@@ -179,22 +223,58 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
     return em.text()
 
 
-def _render_level_call(body: Emitter, checked: ir.CheckedSpec, lv: ir.Level, module: str,
-                       chunk_module: str | None) -> None:
+def _render_node(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, kind: str, name: str,
+                 level_modules: dict[str, str], chunk_modules: dict[str, str], length: str,
+                 state: str | None = None) -> None:
+    """One gate, let or level call over `length` tokens."""
+    if kind == "gate":
+        g = checked.gates[name]
+        code = exprs.compile(g.expr, ident(name, "gate"))
+        if g.granularity == "constant":
+            code = f"torch.as_tensor({code}, dtype=x.dtype, device=x.device).expand(B, {length}, *{g.shape!r})"
+        elif checked.shapes[g.expr.span] != g.shape:
+            code = f"({code}).expand(B, {length}, *{g.shape!r})"
+        body.line(f"{ident(name, 'g')} = {code}  {where(g.span)}")
+        if g.granularity == "chunk":
+            body.line(f"{ident(name, 'g')} = blocks.hold_per_chunk({ident(name, 'g')}, {g.chunk})")
+    elif kind == "let":
+        s = checked.streams[name]
+        body.line(f"{ident(name, 's')} = {exprs.compile(s.expr, ident(name, 'let'))}  {where(s.span)}")
+    else:
+        _render_level_call(body, exprs, checked, checked.level(name), level_modules[name],
+                           chunk_modules.get(name), length, state)
+
+
+def _initial_state(lv: ir.Level, mod: str) -> str:
+    """The level's initial state: its learned parameters (init learned) or its module's default."""
+    default = f"{mod}.initial_state(B, x.dtype, x.device)"
+    if lv.init != "learned":
+        return default
+    return (f"tuple(p.to(x.dtype).expand(B, *p.shape) for p in self.{ident(lv.name, 'init')})"
+            f" + {default}[{mod}.N_PARAMS:]")
+
+
+def _render_level_call(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, lv: ir.Level,
+                       module: str, chunk_module: str | None, length: str, state: str | None) -> None:
+    """The level's op over `length` tokens; `state` names a variable carrying its state from one
+    segment to the next (read as the initial state, rebound to the final one)."""
     def stream(name):
-        s = ident(name, "s") if name != "x" else "x"
+        s = exprs.name(name)
         return f"{s}.unsqueeze(2)" if len(checked.streams[name].shape) == 1 else s
 
-    gates = "".join(f", {ident(g, 'g')}={ident(g, 'g')}" for g in lv.gates)
+    gates = "".join(f", {ident(g, 'g')}={exprs.name(g)}" for g in lv.gates)
     init = ""
-    if lv.init == "learned":
-        mod = module
-        init = (f", initial_state=tuple(p.to(x.dtype).expand(B, *p.shape) for p in self.{ident(lv.name, 'init')})"
-                f" + {mod}.initial_state(B, x.dtype, x.device)[{mod}.N_PARAMS:]")
+    if state is not None:
+        init = f", initial_state={state}, output_final_state=True"
+    elif lv.init == "learned":
+        init = f", initial_state={_initial_state(lv, module)}"
     out = ident(lv.name, "s")
-    op = f"dispatch.pick({module}.{ident(lv.name, 'level')}, {chunk_module}, self.mode, T)"
-    body.line(f"{out}, _ = {op}(  {where(lv.span)}")
+    op = (f"dispatch.pick({module}.{ident(lv.name, 'level')}, {chunk_module}, self.mode, {length}, "
+          f"dispatch.triton_forms({module}), x.device)")
+    body.line(f"{out}, {state or '_'} = {op}(  {where(lv.span)}")
     body.line(f"    {stream(lv.query)}, {stream(lv.key)}, {stream(lv.value)}{gates}{init})")
+    if state is not None:
+        body.line(f"{state} = ({state},) if torch.is_tensor({state}) else {state}")
     if len(checked.streams[lv.name].shape) == 1:
         body.line(f"{out} = {out}.squeeze(2)")
 

@@ -11,11 +11,15 @@ __version__ = "0.1.0"
 
 from .diagnostics import Diagnostic, SpecError  # noqa: E402
 
-__all__ = ["compile", "Program", "SpecError", "Diagnostic", "__version__"]
+__all__ = ["compile", "Program", "SpecError", "Diagnostic", "check_finite", "NonFiniteError",
+           "__version__"]
 
 
 def __getattr__(name):
     if name in ("compile", "Program"):
         from . import program
         return getattr(program, name)
+    if name in ("check_finite", "NonFiniteError"):  # nlc.runtime.finite
+        from .runtime import finite
+        return getattr(finite, name)
     raise AttributeError(f"module 'nlc' has no attribute {name!r}")

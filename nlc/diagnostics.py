@@ -21,9 +21,9 @@ class Diagnostic:
         lines = [f"{self.severity}: {self.message}"]
         if self.span is not None:
             lines.append(f"  --> {self.span}")
-            text = source.splitlines() if source else []
+            text = source.split("\n") if source else []  # lines as the parser counts them
             if 0 < self.span.line <= len(text):
-                src = text[self.span.line - 1].expandtabs(1)
+                src = _visible(text[self.span.line - 1].rstrip("\r")).expandtabs(1)
                 width = (self.span.end_column - self.span.column
                          if self.span.end_line == self.span.line and self.span.end_column > self.span.column
                          else 1)
@@ -36,6 +36,12 @@ class Diagnostic:
         if self.hint:
             lines.append(f"  = hint: {self.hint}")
         return "\n".join(lines)
+
+
+def _visible(line: str) -> str:
+    """A source line safe to print: other control characters (a form feed, a lone carriage return,
+    an escape sequence) become spaces, so the caret below stays in its column."""
+    return "".join(c if c.isprintable() or c == "\t" else " " for c in line)
 
 
 class Abort(Exception):

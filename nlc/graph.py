@@ -9,7 +9,7 @@ import networkx as nx
 
 from . import ast, ir
 from .diagnostics import Collector, nearest
-from .lower import expression_names
+from .lower import expression_names, recalls
 
 # Node ids of the fixed nodes. '@' cannot start a spec name, so these never clash with one.
 INPUT, OUTPUT, OUTER = "x", "@output", "@outer"
@@ -26,7 +26,8 @@ def build(checked: ir.CheckedSpec) -> nx.DiGraph:
     g.add_node(INPUT, kind="input", name="x", shape=checked.streams["x"].shape, span=None)
     for s in checked.streams.values():
         if s.source == "let":
-            g.add_node(s.name, kind="stream", name=s.name, shape=s.shape, span=s.span)
+            g.add_node(s.name, kind="stream", name=s.name, shape=s.shape, span=s.span,
+                       attention=_attends(s.expr))
     for gate in checked.gates.values():
         g.add_node(gate.name, kind="gate", name=gate.name, shape=gate.shape,
                    granularity=gate.granularity, chunk=gate.chunk, span=gate.span)
@@ -55,10 +56,24 @@ def build(checked: ir.CheckedSpec) -> nx.DiGraph:
     return g
 
 
+def _attends(e) -> bool:
+    """Whether a stream's expression calls softmax attention (drawn as a non-parametric block)."""
+    match e:
+        case ast.Call(func=f, args=args, kwargs=kwargs):
+            return f == "attention" or any(_attends(a) for a in [*args, *(v for _, v in kwargs)])
+        case ast.BinOp(left=l, right=r):
+            return _attends(l) or _attends(r)
+        case ast.Neg(operand=o):
+            return _attends(o)
+    return False
+
+
 def _expr_flows(g: nx.DiGraph, e: ast.Expr, dst: str, skip: set[str]) -> None:
     for name in expression_names(e):
         if name in g or name not in skip:  # a name that is no node and no parameter: unresolved
             _flow(g, name, dst, "expr")
+    for call in recalls(e):  # the level's state at the segment start: takes effect a segment later
+        _flow(g, call.args[0].id, dst, "recall")
 
 
 def _flow(g: nx.DiGraph, src: str, dst: str, role: str) -> None:
@@ -98,6 +113,8 @@ def _instant(graph) -> nx.DiGraph:
             continue
         lv = graph.nodes[v].get("level")
         if lv is not None and lv.read == "before" and set(d.get("roles", ())) <= WRITE_ROLES:
+            continue
+        if d.get("roles") == ("recall",):
             continue
         out.add_edge(u, v)
     return out
@@ -216,6 +233,8 @@ def to_dot(graph: nx.DiGraph) -> str:
         elif kind == "gate":
             gran = dot_escape(_granularity(d))
             attrs = f'shape=ellipse, fontsize=10, height=0.3, label="{name}\\n{gran}"'
+        elif kind == "stream" and d.get("attention"):
+            attrs = f'shape=box, style=rounded, label="{name}\\nsoftmax attention\\n(non-parametric, every token)"'
         elif kind in ("stream", "input", "output"):
             extra = ", peripheries=2" if kind != "stream" else ""
             attrs = f'shape=ellipse{extra}, label="{name}"'

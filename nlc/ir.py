@@ -2,6 +2,7 @@
 level graph; streams and gates are what flows into them."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -9,6 +10,11 @@ import sympy
 from sympy.printing.str import StrPrinter
 
 from . import ast
+
+# The spec's binary operators, looked up and then applied: a table of results
+# ({"*": a * b, "**": a ** b, ...}) would compute every one, 1e308 ** 1e308 included, to use one.
+ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
+              "**": operator.pow}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ period, gradient and read points, init, streams, and which gates the rule uses o
 A mixin of the checker (`nlc.lower`): it uses the checker's names, numbers and diagnostics."""
 from __future__ import annotations
 
+import math
+
 import sympy
 
 from . import ast, ir, options
@@ -72,6 +74,11 @@ class LevelFields:
                 self._unknown(v.id, v.span if role in fields else d.span,
                               [n for n in self.streams], f"a stream for the level's {role}")
             names[role] = v.id
+            rank = len(self.streams[v.id].shape)
+            if rank not in (1, 2):
+                self._fail(f"the {role} of level '{d.name}' is '{v.id}', of shape "
+                           f"{list(self.streams[v.id].shape)}", v.span if role in fields else d.span,
+                           "a stream of shape [d] or [heads, d]")
         k_shape, v_shape, q_shape = (self._head_shape(self.streams[names[r]].shape)
                                      for r in ("key", "value", "query"))
         if k_shape != q_shape:
@@ -183,7 +190,14 @@ class LevelFields:
                    nearest(name, a.choices))
 
     def _sym(self, e: ast.Expr) -> sympy.Expr:
-        """A scalar argument: sympy over numbers, parameters and gates."""
+        """A scalar argument: sympy over numbers, parameters and gates. A constant part must have a
+        finite real value (sympy's own floats would carry 1e308 ** 2 on, and slow the planner)."""
+        value = self._sym_node(e)
+        if value.is_number and not _finite(value):
+            self._fail("this expression has no finite real value", e.span, "a finite value")
+        return value
+
+    def _sym_node(self, e: ast.Expr) -> sympy.Expr:
         match e:
             case ast.Number(value=v):
                 return sympy.Integer(int(v)) if v.is_integer() else sympy.Float(v)
@@ -198,7 +212,9 @@ class LevelFields:
                 return -self._sym(o)
             case ast.BinOp(op=op, left=l, right=r):
                 a, b = self._sym(l), self._sym(r)
-                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b, "**": a ** b}[op]
+                if op == "**" and a.is_number and b.is_number and not _finite(sympy.Float(a) ** b):
+                    self._fail(f"cannot evaluate '**' on {a} and {b}", e.span, "a finite value")
+                return ir.ARITHMETIC[op](a, b)
             case ast.Call(func=f, args=(arg,), kwargs=()) if f in ("exp", "log", "sigmoid"):
                 inner = self._sym(arg)
                 return {"exp": sympy.exp, "log": sympy.log,
@@ -239,3 +255,11 @@ class LevelFields:
             else:
                 axes[name] = "key"
         return axes
+
+
+def _finite(value: sympy.Expr) -> bool:
+    """Whether a constant sympy expression has a finite real value."""
+    try:
+        return bool(value.is_extended_real) and math.isfinite(float(value))
+    except (OverflowError, TypeError):
+        return False

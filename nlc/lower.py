@@ -7,17 +7,20 @@ import math
 from dataclasses import replace as dc_replace
 
 from . import ast, ir
+from .block_shapes import BLOCK_FUNCS, BlockShapes
 from .diagnostics import Abort, Collector, nearest
 from .level_fields import LevelFields
 
 ELEMENTWISE = {"silu", "gelu", "relu", "sigmoid", "tanh", "softplus", "exp", "log", "elu1",
                "logsigmoid", "abs"}
 NORMS = {"l2norm", "rmsnorm", "layernorm"}
-STREAM_FUNCS = ELEMENTWISE | NORMS | {"linear", "conv", "poly", "learned"}
+STREAM_FUNCS = ELEMENTWISE | NORMS | BLOCK_FUNCS | {"linear", "conv", "poly", "learned"}
 BUILTINS = {"x", "head"}
+MAX_SIZE = 2 ** 31 - 1  # the largest feature count poly() may produce
+MAX_NAME = 64  # characters in a declared name: names become file names (level_<name>_chunk.py)
 
 
-class _Lowering(LevelFields):
+class _Lowering(LevelFields, BlockShapes):
     def __init__(self, spec: ast.Spec, overrides: dict, with_spaces: bool):
         self.spec, self.overrides, self.with_spaces = spec, overrides, with_spaces
         self.diag = Collector(spec.source)
@@ -27,6 +30,7 @@ class _Lowering(LevelFields):
         self.spans: dict[str, ast.Span] = {}
         self.shapes: dict[ast.Span, tuple[int, ...]] = {}  # every expression's per-token shape
         self.failed: set[str] = set()  # declarations already reported: no follow-on errors
+        self.recalls: list = []  # (call, query shape, declared shape) of each recall(level, q)
 
     # ---- driver ----------------------------------------------------------------------------
     def run(self) -> ir.CheckedSpec:
@@ -41,8 +45,8 @@ class _Lowering(LevelFields):
         name = models[0].name if models else "model"
         self._declare_names(decls)
         self._params([d for d in decls if isinstance(d, ast.ParamDecl)])
-        for required in ("d_model", "heads"):
-            if required not in self.params and models:
+        for required in ("d_model", "heads", "chunk"):  # chunk: optional, the plans' chunk size
+            if required not in self.params and models and required != "chunk":
                 self.diag.error(f"the spec has no parameter '{required}'", models[0].span,
                                 f"`param {required} = ...`", "every spec declares d_model and heads")
             value = self.params.get(required, 1.0)
@@ -55,6 +59,7 @@ class _Lowering(LevelFields):
         level_decls = [d for d in decls if isinstance(d, ast.LevelDecl)]
         self._gates([d for d in decls if isinstance(d, ast.GateDecl)])
         self._streams_and_levels([d for d in decls if isinstance(d, ast.LetDecl)], level_decls)
+        self._check_recalls()
         outputs = [d for d in decls if isinstance(d, ast.OutputDecl)]
         if not outputs and models:
             self.diag.error("the spec has no output", models[0].span,
@@ -79,6 +84,9 @@ class _Lowering(LevelFields):
         checked = ir.CheckedSpec(name, self.spec.file, self.spec.source, dict(self.params),
                                  dict(self.streams), dict(self.gates), tuple(self.levels),
                                  outputs[0].value, spaces, dict(self.spans), dict(self.shapes))
+        from . import segments
+        segments.check(checked, self.diag)
+        self.diag.raise_if_errors()
         self.checked_diagnostics = tuple(self.diag.items)
         return checked
 
@@ -87,6 +95,10 @@ class _Lowering(LevelFields):
         seen: dict[str, ast.Span] = {}
         kinds: dict[str, type] = {}
         for d in decls:
+            if isinstance(d, (ast.ModelDecl, ast.ParamDecl, ast.LetDecl, ast.GateDecl, ast.LevelDecl,
+                              ast.SpaceDecl)) and len(d.name) > MAX_NAME:
+                self.diag.error(f"a name of {len(d.name)} characters", d.span,
+                                f"at most {MAX_NAME} characters")
             if isinstance(d, (ast.ParamDecl, ast.LetDecl, ast.GateDecl, ast.LevelDecl)):
                 if d.name in BUILTINS or d.name in STREAM_FUNCS:
                     self.diag.error(f"'{d.name}' is a built-in name and cannot be redeclared",
@@ -292,7 +304,9 @@ class _Lowering(LevelFields):
 
     def _infer(self, e: ast.Expr, want, in_gate) -> tuple[int, ...]:
         match e:
-            case ast.Number():
+            case ast.Number(value=v):
+                if not math.isfinite(v):
+                    self._fail(f"the number {e.text[:20]} is too large", e.span, "a finite number")
                 return ()
             case ast.Name(id="head"):
                 return (int(self.params["heads"]),)
@@ -325,6 +339,8 @@ class _Lowering(LevelFields):
         f = e.func
         if f not in STREAM_FUNCS:
             self._unknown(f, e.span, STREAM_FUNCS, "a stream function")
+        if f in BLOCK_FUNCS:
+            return self._block_shape(e, want, in_gate)
         allowed_kw = {"linear": {"bias"}, "conv": {"kernel"}, "poly": {"degree"}}.get(f, set())
         for k, v in e.kwargs:
             if k not in allowed_kw:
@@ -363,8 +379,11 @@ class _Lowering(LevelFields):
             p = self._int(degree, "a polynomial degree") if degree is not None else 2
             if not inner:
                 self._fail("poly() needs a vector input", e.span, "a stream with a channel axis")
-            d = inner[-1]
-            return (*inner[:-1], sum(d ** i for i in range(p + 1)))
+            size = _poly_size(inner[-1], p)
+            if size is None:
+                self._fail(f"poly() of degree {p} on {inner[-1]} channels has more than "
+                           f"{MAX_SIZE} features", e.span, "a smaller degree")
+            return (*inner[:-1], size)
         if f in NORMS and not inner:
             self._fail(f"{f}() needs a vector input", e.span, "a stream with a channel axis")
         return inner
@@ -386,6 +405,18 @@ class _Lowering(LevelFields):
     def _fail(self, message, span, expected=None, hint=None):
         self.diag.error(message, span, expected, hint)
         raise Abort
+
+
+def _poly_size(d: int, degree: int) -> int | None:
+    """1 + d + d^2 + ... + d^degree, or None past MAX_SIZE (stops early: degree may be huge)."""
+    if d == 1:
+        return degree + 1 if degree < MAX_SIZE else None
+    total, term = 0, 1
+    for _ in range(degree + 1):
+        total, term = total + term, term * d
+        if total > MAX_SIZE:
+            return None
+    return total
 
 
 class _NeedsShape(Abort):
@@ -413,10 +444,13 @@ def _broadcast(a, b, span, lowering) -> tuple[int, ...]:
 
 
 def expression_names(e) -> list[str]:
-    """The names an expression reads, in order of first use."""
+    """The names an expression reads, in order of first use. `recall(level, q)` reads the level's
+    state at the segment start, not its output: the level is not among the names (see `recalls`)."""
     match e:
         case ast.Name(id=n):
             return [n]
+        case ast.Call(func="recall", args=(_, *rest), kwargs=kwargs):
+            parts = [*rest, *(v for _, v in kwargs)]
         case ast.Call(args=args, kwargs=kwargs):
             parts = [*args, *(v for _, v in kwargs)]
         case ast.BinOp(left=l, right=r):
@@ -428,6 +462,19 @@ def expression_names(e) -> list[str]:
         case _:
             return []
     return list(dict.fromkeys(n for p in parts for n in expression_names(p)))
+
+
+def recalls(e) -> list[ast.Call]:
+    """The `recall(level, q, segment = S)` calls inside an expression."""
+    match e:
+        case ast.Call(func=f, args=args, kwargs=kwargs):
+            inner = [c for a in [*args, *(v for _, v in kwargs)] for c in recalls(a)]
+            return [e, *inner] if f == "recall" else inner
+        case ast.BinOp(left=l, right=r):
+            return recalls(l) + recalls(r)
+        case ast.Neg(operand=o):
+            return recalls(o)
+    return []
 
 
 def _names(e) -> set[str]:

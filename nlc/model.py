@@ -2,8 +2,8 @@
 
 token ids [B, T] -> embedding -> `layers` copies of the spec's layer (each [B, T, d_model] ->
 [B, T, d_model], residual as the spec's `output` writes it) -> RMSNorm -> tied head -> logits
-[B, T, vocab_size].
-"""
+[B, T, vocab_size]. A spec states a whole block (mixer and MLP sub-layers, pre-norm residuals) in its
+`output` expression, and its depth as `param layers` (`Program.model`'s default)."""
 from __future__ import annotations
 
 import torch

@@ -17,6 +17,10 @@ _TOKEN_WORDS = {
     "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "__ANON_0": "'**'", "$END": "end of file",
 }
 _DECL_WORDS = ("model", "param", "let", "gate", "level", "output", "space")
+# Limits that keep every spec diagnosed within a second: lark parses about 100 KB of declarations a
+# second, and every pass after it recurses over the syntax tree.
+MAX_CODE = 32 * 1024  # characters of declarations; comments and blank space do not count
+MAX_DEPTH = 100       # nesting of calls, operators and blocks
 
 
 @lru_cache(maxsize=1)
@@ -28,11 +32,38 @@ def parser() -> Lark:
 
 def parse(source: str, file: str = "<spec>") -> ast.Spec:
     """Parse spec text. Raises SpecError (never a lark exception) on bad syntax."""
+    _check_size(source, file)
     try:
         tree = parser().parse(source)
     except UnexpectedInput as exc:
         raise SpecError([_syntax_diagnostic(exc, source, file)], source) from None
+    _check_depth(tree, source, file)
     return ast.Spec(file, source, tuple(_Builder(file).transform(tree).children))
+
+
+def _check_size(source: str, file: str) -> None:
+    used = 0
+    for number, line in enumerate(source.split("\n"), 1):
+        used += len("".join(line.split("#", 1)[0].split()))
+        if used > MAX_CODE:
+            span = ast.Span(file, number, 1, number, 2)
+            raise SpecError([error(f"the spec has more than {MAX_CODE} characters of declarations",
+                                   span, f"at most {MAX_CODE // 1024} KiB of declarations (comments "
+                                   "and blank space do not count)", "split the model into specs")],
+                            source)
+
+
+def _check_depth(tree: Tree, source: str, file: str) -> None:
+    """Without recursion: a tree too deep for Python's stack is exactly what this looks for."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            span = ast.Span(file, node.meta.line, node.meta.column, node.meta.line, node.meta.column + 1)
+            raise SpecError([error(f"this nests more than {MAX_DEPTH} calls, operators or blocks deep",
+                                   span, f"at most {MAX_DEPTH} levels of nesting",
+                                   "name a part with `let` (or `param`) and use the name")], source)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
 
 
 def _describe(names) -> str:
@@ -50,15 +81,13 @@ def _syntax_diagnostic(exc: UnexpectedInput, source: str, file: str):
         expected = _describe(exc.allowed) if exc.allowed else None
         width = 1
     elif isinstance(exc, UnexpectedEOF):
-        lines = source.splitlines() or [""]
-        line, column = len(lines), len(lines[-1]) + 1
+        line, column = _end(source)
         message, expected, width = "unexpected end of file", _describe(exc.expected), 1
     else:
         assert isinstance(exc, UnexpectedToken)
         token = exc.token
         if token.type == "$END":
-            lines = source.splitlines() or [""]
-            line, column = len(lines), len(lines[-1]) + 1
+            line, column = _end(source)
             message, width = "unexpected end of file", 1
         else:
             message, width = f"unexpected {token.value!r}", max(len(token.value), 1)
@@ -68,6 +97,14 @@ def _syntax_diagnostic(exc: UnexpectedInput, source: str, file: str):
         hint = "a spec is a list of declarations: " + ", ".join(_DECL_WORDS)
     span = ast.Span(file, line, column, line, column + width)
     return error(message, span, expected, hint)
+
+
+def _end(source: str) -> tuple[int, int]:
+    """Line and column just past the last line with text, counting lines as lark does (by \\n)."""
+    lines = source.split("\n")
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()
+    return len(lines), len(lines[-1].rstrip("\r")) + 1
 
 
 def _span(file: str, meta) -> ast.Span:
@@ -160,6 +197,10 @@ class _Builder(Transformer):
 
     def param_alternative(self, meta, c):
         return ast.Alternative(str(c[0]), True, tuple(c[1:]), self._s(meta))
+
+    def range_alternative(self, meta, c):  # `lr in logrange(1e-4, 1e-2)`: one continuous axis
+        span = self._s(meta)
+        return ast.Alternative(str(c[0]), True, (ast.Call(str(c[1]), (c[2], c[3]), (), span),), span)
 
     def space_decl(self, meta, c):
         return ast.SpaceDecl(str(c[0]), str(c[1]), tuple(c[2:]), self._s(meta))

@@ -155,9 +155,6 @@ def _mapped(rules: LevelRules, affine) -> KernelPlan:
         return reference(f"a {lv.memory.kind} memory has no layers to factor its gradients")
     if ret.form == "implicit":
         return reference("the implicit step is not in the mapped family")
-    if lv.retention.kind == "lq" and lv.memory.kind == "mlp":
-        return reference("its mapped form on an MLP memory disagrees with the reference beyond "
-                         "round-off over ~100 tokens (not yet understood), so it stays on the loop")
     used = [rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0)), rules.retention_new(),
             ret.decay if ret.decay is not None else lv.retention.args.get("rate", sympy.Integer(1))]
     if ret.form == "threshold":

@@ -15,6 +15,8 @@ from .runtime import cache, loader
 
 # chunk-parallel renderers by plan family (codegen/torch_chunk_<family>.py)
 CHUNKED_FAMILIES = ("decay", "delta", "frozen", "mapped", "period")
+# chunked Triton renderers by plan family (codegen/triton_chunk_<family>.py)
+TRITON_CHUNKED_FAMILIES = ("decay", "delta")
 
 
 def compile(spec, **params) -> "Program":
@@ -59,6 +61,11 @@ def render(checked: CheckedSpec, rules: dict[str, LevelRules],
             chunked[name] = f"{modules[name]}_chunk"
             sources[f"{chunked[name]}.py"] = renderer.render(rules[name], p, checked.name,
                                                               checked.file)
+        if p.family in TRITON_CHUNKED_FAMILIES:  # chunked Triton kernels (imported only when they run)
+            kernels = importlib.import_module(f"nlc.codegen.triton_chunk_{p.family}")
+            if kernels.unsupported(rules[name], p) is None:
+                sources[f"{modules[name]}_triton_chunk.py"] = kernels.render(rules[name], p, checked.name,
+                                                                            checked.file)
     for name, r in rules.items():  # fused recurrent Triton kernels (imported only in mode='triton')
         if triton_recurrent.unsupported(r) is None:
             sources[f"{modules[name]}_triton.py"] = triton_recurrent.render(r, checked.name,
@@ -100,21 +107,30 @@ class Program:
     d_model = property(lambda self: self.checked.d_model)
 
     def module(self, name: str):
-        """Import one generated module (e.g. 'layer', 'level_memory') from the cache."""
+        """Import one generated module (e.g. 'layer', 'level_memory') from the cache, after
+        rewriting any file that no longer matches the cache's manifest."""
+        self.cache_dir = cache.restore(self.cache_dir, self.sources)
         return loader.load_module(self.cache_dir, name)
 
-    def layer(self, mode: str = "auto") -> torch.nn.Module:
+    def layer(self, mode: str = "auto", check_finite: bool = False) -> torch.nn.Module:
         """A fresh layer, [B, T, d_model] -> [B, T, d_model], running its levels in `mode`
-        (auto | reference | chunk, see `nlc.runtime.dispatch.pick`)."""
+        (auto | reference | chunk | triton, see `nlc.runtime.dispatch.pick`). check_finite: raise
+        nlc.NonFiniteError at the first NaN/Inf (level, tensor, time step; `nlc.runtime.finite`)."""
         from .runtime.dispatch import MODES
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a mode; modes: {', '.join(MODES)}")
-        return self.module("layer").Layer(mode)
+        layer = self.module("layer").Layer(mode)
+        if check_finite:
+            from .runtime.finite import watch
+            watch(layer)
+        return layer
 
-    def model(self, vocab_size: int, layers: int = 2, mode: str = "auto") -> torch.nn.Module:
+    def model(self, vocab_size: int, layers: int | None = None, mode: str = "auto") -> torch.nn.Module:
         """A causal language model, token ids [B, T] -> logits [B, T, vocab_size], stacking `layers`
-        fresh layers (see `nlc.model.LanguageModel`)."""
+        fresh layers (default: the spec's `layers` parameter, else 2; see `nlc.model.LanguageModel`)."""
         from .model import LanguageModel
+        if layers is None:
+            layers = int(self.checked.params.get("layers", 2))
         return LanguageModel(self, vocab_size, layers, mode)
 
     def op(self, level: str):
@@ -124,15 +140,20 @@ class Program:
             raise KeyError(f"no level {level!r}; levels: {', '.join(names)}")
         from .runtime.op import LevelOp
         chunked = f"level_{level}_chunk"
-        triton = f"level_{level}_triton"
-        if f"{triton}.py" in self.sources:  # imported (with triton) only when mode='triton' runs
-            kernels, why_not = (lambda: self.module(triton)), None
-        else:
-            from .codegen.triton_recurrent import unsupported
-            kernels, why_not = None, unsupported(self.rules[level])
         return LevelOp(self.checked.level(level), self.module(f"level_{level}"),
                        self.module(chunked) if f"{chunked}.py" in self.sources else None,
-                       triton=kernels, why_not_triton=why_not)
+                       triton=self.triton_forms(level))
+
+    def triton_forms(self, level: str):
+        """A level's generated Triton kernels (`nlc.runtime.dispatch.TritonForms`), imported (with
+        triton) only when they first run."""
+        from .codegen.triton_recurrent import unsupported
+        from .runtime.dispatch import TritonForms
+        forms = {}
+        for role, name in (("recurrent", f"level_{level}_triton"), ("chunked", f"level_{level}_triton_chunk")):
+            if f"{name}.py" in self.sources:
+                forms[role] = lambda name=name: self.module(name)
+        return TritonForms(**forms, why_not=None if forms else unsupported(self.rules[level]))
 
     def dump(self, stage: str) -> str:
         if stage == "ast":

@@ -7,6 +7,11 @@ import sympy
 from . import ast, ir
 from .diagnostics import Collector
 
+# Retention arguments that appear as 1/arg in the derived objective (options.RETENTION docs).
+STRENGTHS = {"l2": ("global",), "elastic": ("l1", "l2"), "kl": ("global",)}
+# The generated code lists an MLP memory's layers one by one.
+MAX_MLP_DEPTH = 64
+
 
 def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector) -> None:
     mem, bias, ret, alg = level.memory, level.bias, level.retention, level.algorithm
@@ -22,6 +27,9 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
     if mem.kind == "mlp" and mem.depth > 1 and level.d_key != level.d_value and mem.residual:
         err("a residual MLP memory maps keys to values of the same size", mem,
             f"d_key == d_value (got {level.d_key} and {level.d_value})", "set residual = false")
+    if mem.kind == "mlp" and mem.depth > MAX_MLP_DEPTH:
+        err(f"an MLP memory of depth {mem.depth} is deeper than nlc unrolls", mem,
+            f"depth <= {MAX_MLP_DEPTH}")
     if mem.kind == "mlp" and mem.gated and mem.depth != 2:
         err("a gated MLP memory has depth 2", mem, "mlp(depth = 2, gated = true)")
     if ret.kind == "implicit" and not (base_bias.kind == "l2" and bias.kind != "omega"
@@ -46,6 +54,11 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
                       "limits what the memory can represent (MATH.md §5.7.3)", ret.span)
     if ret.kind == "lq" and _const(ret.args["q"]) is not None and _const(ret.args["q"]) <= 1:
         err("lq retention needs q > 1", ret, "q > 1 (Moneta uses q = 4)")
+    for arg in STRENGTHS.get(ret.kind, ()):
+        value = _const(ret.args[arg])
+        if value is not None and value <= 0:
+            err(f"{ret.kind}({arg}) is a strength that divides the objective; it must be > 0, "
+                f"got {value:g}", ret, f"{arg} > 0")
     if alg.kind == "ftrl" and ret.kind in ("implicit", "dgd", "l2"):
         err(f"FTRL has no accumulator form for {ret.kind} retention", alg,
             "retention none, decay, lq or elastic")

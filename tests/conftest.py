@@ -6,6 +6,11 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="run 10x the fuzz cases of tests/reliability/test_fuzz_frontend.py")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nlc_cache(tmp_path_factory):
     """Point NLC_CACHE_DIR at a session temp dir so tests never write to the user's cache."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import nlc
+from nlc.codegen.triton_chunk_common import unsupported as triton_chunk_unsupported
 from nlc.codegen.triton_recurrent import unsupported
 
 SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
@@ -35,6 +36,12 @@ TRITON_TOP = {"torch", "triton", "tl", "_pack", "initial_state", "BV_MAX", "WARP
 # ... and a chunk-parallel module (the hostile table's base level is a delta-family level)
 CHUNK_TOP = {"torch", "CHUNK", "_chunks", "_cumulative", "_pack", "_remaining", "_segments",
              "_unit_lower_inverse", "initial_state"}
+# ... and chunked Triton kernels (decay and delta families)
+TRITON_CHUNK_TOP = {"os", "torch", "triton", "tl", "_pack", "initial_state", "CHUNK", "BV_MAX", "INTERPRET", "TUNE",
+                    "CONFIGS", "MATMUL_TYPES", "chunk_gate_fwd_kernel", "chunk_wy_fwd_kernel",
+                    "chunk_state_fwd_kernel", "chunk_output_fwd_kernel", "chunk_state_bwd_kernel",
+                    "chunk_grads_bwd_kernel", "chunk_gate_bwd_kernel", "_sizes", "chunk_gate_fwd",
+                    "chunk_states", "chunk_output", "chunk_bwd", "chunk_gate_bwd", "ChunkFunction"}
 INIT_TOP = {"Layer"}
 
 
@@ -115,6 +122,9 @@ def test_sources_parse_and_have_docstrings(shipped, stem):
                  if unsupported(r) is None}
     expected |= {f"level_{name}_chunk.py" for name, p in program.plans.items()
                  if p.family != "reference"}
+    expected |= {f"level_{name}_triton_chunk.py" for name, p in program.plans.items()
+                 if p.family in ("decay", "delta")
+                 and triton_chunk_unsupported(program.rules[name], p, p.family) is None}
     assert set(program.sources) == expected
     for file, text in program.sources.items():
         tree = ast.parse(text, filename=file)
@@ -166,8 +176,10 @@ def test_generated_imports_are_torch_and_the_runtime_only(shipped, stem):
     _, program = shipped[stem]
     for file, text in program.sources.items():
         for module in imports(ast.parse(text)):
-            runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch")
-            kernels = ("triton", "triton.language") if file.endswith("_triton.py") else ()
+            runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch", "nlc.runtime.attention",
+                       "nlc.runtime.mlp")
+            kernels = ("triton", "triton.language", "os") if file.endswith(("_triton.py", "_triton_chunk.py")) \
+                else ()  # os: whether Triton's interpreter runs them
             ok = module in (".", "torch", "math", *runtime, *kernels) or module.startswith("torch.")
             assert ok, f"{stem}/{file} imports {module}"  # math: the stdlib, no dependency
         assert "importlib" not in text and "__import__" not in text, (stem, file)
@@ -407,10 +419,13 @@ def test_hostile_names(base_program, case, names):
     level_file = f"level_{level}.py"
     triton_file = f"level_{level}_triton.py"
     chunk_file = f"level_{level}_chunk.py"
-    assert set(program.sources) == {level_file, chunk_file, triton_file, "layer.py", "__init__.py"}
+    triton_chunk_file = f"level_{level}_triton_chunk.py"
+    assert set(program.sources) == {level_file, chunk_file, triton_file, triton_chunk_file, "layer.py",
+                                    "__init__.py"}
     expected_top = {level_file: LEVEL_TOP | {f"level_{level}"},
                     chunk_file: CHUNK_TOP | {f"level_{level}"},
                     triton_file: TRITON_TOP | {f"level_{level}"},
+                    triton_chunk_file: TRITON_CHUNK_TOP | {f"level_{level}"},
                     "layer.py": LAYER_TOP | {f"level_{level}", f"level_{level}_chunk"},
                     "__init__.py": INIT_TOP}
     for file, source in program.sources.items():
@@ -431,7 +446,8 @@ def test_hostile_names(base_program, case, names):
     mapping = {names.get(k, v): v for k, v in BASE_NAMES.items()}
     for file, source in program.sources.items():
         base_file = {level_file: "level_memory.py", chunk_file: "level_memory_chunk.py",
-                     triton_file: "level_memory_triton.py"}.get(file, file)
+                     triton_file: "level_memory_triton.py",
+                     triton_chunk_file: "level_memory_triton_chunk.py"}.get(file, file)
         assert normalised(source, mapping) == normalised(base_program.sources[base_file], {}), \
             f"{case}: {file} differs from the base spec's {base_file} beyond renaming"
     run_layer(program)
@@ -512,5 +528,6 @@ def test_golden_layer_calls_the_level_with_prefixed_names():
     assert "from . import level_memory" in lines
     call = next(i for i, l in enumerate(lines) if l.startswith("s_memory, _ = dispatch.pick("))
     assert lines[call].startswith("s_memory, _ = dispatch.pick(level_memory.level_memory, ")
-    assert lines[call].split("# ")[0].rstrip().endswith(", self.mode, T)(")
+    assert lines[call].split("# ")[0].rstrip().endswith(
+        ", self.mode, T, dispatch.triton_forms(level_memory), x.device)(")
     assert lines[call + 1] == "s_q, s_k, s_v, g_alpha=g_alpha, g_beta=g_beta)"

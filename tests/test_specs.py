@@ -36,7 +36,7 @@ def test_spec_conventions(name):
     assert "MATH.md" in header, "the header names the equation it encodes"
     program = nlc.compile(SPECS / f"{name}.nl")
     assert not [d for d in program.diagnostics if d.severity == "error"]
-    assert {"d_model", "heads", "chunk"} <= set(program.params)
+    assert {"d_model", "heads"} | ({"chunk"} if program.levels else set()) <= set(program.params)
     assert PARAMS.get(name, set()) <= set(program.params)
     levels = [lv.name for lv in program.levels]
     if len(levels) == 1:

@@ -1,11 +1,29 @@
-"""Building blocks the generated layers use: causal depthwise convolution, RMSNorm, polynomial
-feature maps. Tensors are [B, T, ...channels]."""
+"""Building blocks the generated layers use: the input check at their boundary, causal depthwise
+convolution, RMSNorm, polynomial feature maps. Tensors are [B, T, ...channels]."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+
+def check_input(layer: nn.Module, x) -> None:
+    """A generated layer's boundary: x is a floating point tensor [B, T, d_model] on the layer's
+    device. Names the argument and the expected shape instead of failing deep inside a level."""
+    expected = f"[B, T, {layer.d_model}]"
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a tensor {expected}, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != layer.d_model:
+        raise ValueError(f"x has shape {list(x.shape)}; expected {expected}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x has shape {list(x.shape)}; expected {expected} with B, T >= 1")
+    if not x.is_floating_point():
+        raise TypeError(f"x has dtype {x.dtype}; expected a floating point dtype")
+    weight = next(layer.parameters(), None)
+    if weight is not None and weight.device != x.device:
+        raise ValueError(f"x is on {x.device} but the layer's parameters are on {weight.device}; "
+                         "move one with .to(...)")
 
 
 class CausalConv(nn.Module):

@@ -5,24 +5,23 @@ from __future__ import annotations
 import torch
 
 from .. import ir
-from . import triton_support
-from .dispatch import pick
+from .dispatch import TritonForms, pick
 
 
 class LevelOp:
     """op(q, k, v, *, <gates by spec name>, initial_state=None, output_final_state=False,
     mode='reference') -> (o [B, T, H, V], final_state or None).
     q, k: [B, T, H, K]; v: [B, T, H, V]; scalar gates [B, T, H]; vector gates [B, T, H, K or V].
-    mode: reference (the per-token loop), chunk (the chunk-parallel form), auto (chunk-parallel
-    for sequences of at least one chunk where the level has one), triton (the fused recurrent
-    Triton kernels of a matrix memory with a per-token rule: `triton` loads their module, or is
-    None and `why_not_triton` says why the level has none)."""
+    mode: reference (the per-token loop), chunk (the chunk-parallel form), auto (the Triton
+    kernels on CUDA tensors where the level has them, else chunk-parallel for sequences of at least
+    one chunk where the level has one), triton (the level's generated Triton kernels, `triton`:
+    chunked for long sequences, fused recurrent for short ones; see `nlc.runtime.dispatch.pick`)."""
 
-    def __init__(self, level: ir.Level, module, chunked=None, triton=None, why_not_triton=None):
+    def __init__(self, level: ir.Level, module, chunked=None, triton: TritonForms | None = None):
         self.level = level
         self.module = module
         self.chunked = chunked
-        self.triton, self.why_not_triton = triton, why_not_triton
+        self.triton = triton if triton is not None else TritonForms()
         self.function = getattr(module, f"level_{level.name}")
         self.gates = level.gates
         self.initial_state = module.initial_state
@@ -36,6 +35,11 @@ class LevelOp:
         _check("v", v, 4, B, T, (lv.heads, lv.d_value))
         if q.dtype != k.dtype or k.dtype != v.dtype:
             raise TypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        if B == 0 or T == 0:
+            raise ValueError(f"q has shape {list(q.shape)}; expected B, T >= 1")
+        if not q.is_floating_point():
+            raise TypeError(f"q, k, v have dtype {q.dtype}; expected a floating point dtype")
+        _same_device(q.device, k=k, v=v)
         unknown = set(gates) - set(self.gates)
         if unknown:
             raise TypeError(f"level {lv.name!r} has no gate(s) {sorted(unknown)}; "
@@ -54,24 +58,18 @@ class LevelOp:
                     value = value.expand(B, T, *tail)
             _check(f"gate {name!r}", value, len(tail) + 2, B, T, tail)
             kwargs[f"g_{name}"] = value.to(q.dtype)
+        _same_device(q.device, **{f"gate {name!r}": kwargs[f"g_{name}"] for name in self.gates})
         if initial_state is not None:
             self._check_state(initial_state, B, q.dtype)
-        if mode == "triton":
-            function = self._triton(q.device)
-        else:
-            function = pick(self.function, self.chunked, mode, T)
+            state = (initial_state,) if torch.is_tensor(initial_state) else tuple(initial_state)
+            _same_device(q.device, **{f"initial_state {n}": x for n, x in zip(self.state_names, state)})
+        function = self.pick(mode, T, q.device)
         return function(q, k, v, **kwargs, initial_state=initial_state,
                         output_final_state=output_final_state)
 
-    def _triton(self, device):
-        if self.triton is None:
-            why = f"it has no Triton form: {self.why_not_triton}" if self.why_not_triton else \
-                "it has no Triton form"
-        else:
-            why = triton_support.unavailable(device)
-        if why:
-            raise ValueError(f"mode='triton' for level {self.level.name!r}: {why}")
-        return getattr(self.triton(), self.function.__name__)
+    def pick(self, mode: str, T: int, device):
+        """The function `mode` runs for T tokens on `device` (see `nlc.runtime.dispatch.pick`)."""
+        return pick(self.function, self.chunked, mode, T, self.triton, device)
 
     def _gate_tail(self, name: str) -> tuple[int, ...]:
         lv, axis = self.level, self.level.gate_axes[name]
@@ -88,6 +86,12 @@ class LevelOp:
             if not torch.is_tensor(x) or tuple(x.shape) != tuple(want.shape):
                 shape = list(x.shape) if torch.is_tensor(x) else type(x).__name__
                 raise ValueError(f"initial_state {name} has shape {shape}; expected {list(want.shape)}")
+
+
+def _same_device(device, **tensors) -> None:
+    for name, x in tensors.items():
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but q is on {device}; move them to one device")
 
 
 def _expected(B, T, tail) -> str:

@@ -198,3 +198,13 @@ def test_outer_levels_need_no_chunked_form():
                        period=1, gradient="", read="after").replace("update every 1", "update outer")
     p = nlc.compile(text).plans["memory"]
     assert p.family == "reference" and p.reason.startswith("update outer: the memory never changes")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_titans_with_chunk_level_reads_equals_reference(depth):
+    """titans.nl's read granularity: `reads_every = chunk` lets reads see the memory only at the end
+    of each chunk (the period form), and still equals the loop."""
+    p = nlc.compile(SPECS / "titans.nl", d_model=8, heads=2, d_head=4, chunk=4, reads_every=4,
+                    depth=depth)
+    assert p.plans["memory"].family == "period"
+    compare(p.op("memory"), 19)

@@ -1,0 +1,230 @@
+"""nlc's generated Triton kernels beside fla's hand-written ones on one GPU: forward and forward+backward
+milliseconds of the chunked gated delta and delta rules, with nlc's fused recurrent kernels and its
+chunked PyTorch forms for reference. Prints a table and writes JSON.
+
+    python benchmarks/gpu_kernels.py --json benchmarks/results/gpu_kernels.json   # B=8 T=4096 H=16 D=128 bf16
+    python benchmarks/gpu_kernels.py --small                                       # a quick smoke run
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --small                    # on a CPU (no timing)
+
+fla rows need fla-core (`pip install fla-core`); without it they are skipped with a message. Every
+row is guarded: an error (a missing kernel, out of memory) is printed on its row and the run goes on.
+
+Method: inputs q, k (unit rows), v [B, T, H, D] and the gates [B, T, H] in bf16, decays in
+(0.9, 1), step sizes in (0, 1), a zero initial state, no final state asked. forward runs under
+no_grad; forward+backward runs the forward and o.backward(do) with every input requiring grad.
+Each figure is the median of `--repeats` calls after `--warmup` calls, timed with CUDA events.
+
+Estimates (per call; stated in the JSON as `formulas`), with N = B T H tokens x heads, K = V = D and
+C = 64 the chunk length:
+  bytes  forward: the inputs read once and the output written once, N (2K + 2V) s + N G s (s the
+         element size, G the gates); forward+backward: 3x that (a forward's reads, then do, the
+         inputs again and every gradient). A lower bound on the traffic, so bandwidth = bytes / time
+         is a lower bound on what the kernels move.
+  FLOPs  delta forward: N (6CK + 4CV + 6KV + 2C^2/3) (K K^T, A K, Q K^T; A V, P D; W S, K^T D, Q S;
+         the triangular inverse); decay forward: N (2CK + 2CV + 4KV); forward+backward: 3x forward.
+Peaks compared against: H100 SXM, 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton's interpreter on a CPU, set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import nlc  # noqa: E402
+
+PEAK_BYTES, PEAK_FLOPS = 3.35e12, 989e12
+CHUNK = 64
+FORMULAS = {
+    "bytes_forward": "N (2K + 2V) s + N G s",
+    "bytes_forward_backward": "3 x bytes_forward",
+    "flops_delta_forward": "N (6CK + 4CV + 6KV + 2C^2/3)",
+    "flops_decay_forward": "N (2CK + 2CV + 4KV)",
+    "flops_forward_backward": "3 x flops_forward",
+    "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
+}
+
+
+def _inputs(B, T, H, D, gates, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    q, k, v = unit(), unit(), torch.randn(B, T, H, D, generator=g)
+    ranges = {"alpha": (0.9, 1.0), "beta": (0.0, 1.0)}
+    gs = {name: lo + (hi - lo) * torch.rand(B, T, H, generator=g) for name, (lo, hi) in ranges.items()
+          if name in gates}
+    move = lambda x: x.to(device=device, dtype=dtype).contiguous()
+    return move(q), move(k), move(v), {n: move(x) for n, x in gs.items()}
+
+
+def _nlc_rows(B, T, H, D):
+    """(row name, rule, build(device, dtype) -> (forward callable over the inputs, inputs))."""
+    rows = []
+    for rule, spec in (("gated_delta", "gated_deltanet"), ("delta", "deltanet")):
+        program = nlc.compile(ROOT / "specs" / f"{spec}.nl", heads=H, d_key=D, d_value=D)
+        for label, module in (("nlc triton chunk", "level_memory_triton_chunk"),
+                              ("nlc triton recurrent", "level_memory_triton"),
+                              ("nlc torch chunk", "level_memory_chunk")):
+            def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
+                function = program.module(module).level_memory
+                q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype)
+                return (lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0],
+                        (q, k, v, gs))
+            rows.append((f"{label} {rule}", rule, build))
+    return rows
+
+
+def _fla_rows(B, T, H, D):
+    rows = []
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as err:  # noqa: BLE001 - any import failure skips the fla rows
+        print(f"fla rows skipped: fla-core is not importable ({type(err).__name__}: {err})")
+        return rows
+
+    def gated(device, dtype):
+        q, k, v, gs = _inputs(B, T, H, D, ("alpha", "beta"), device, dtype)
+        log_alpha = gs["alpha"].float().log().contiguous()  # fla takes the decay's log, fp32
+        return (lambda q, k, v, alpha, beta: chunk_gated_delta_rule(q, k, v, alpha, beta, scale=1.0)[0],
+                (q, k, v, {"alpha": log_alpha, "beta": gs["beta"]}))
+
+    def delta(device, dtype):
+        q, k, v, gs = _inputs(B, T, H, D, ("beta",), device, dtype)
+        return (lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta, scale=1.0)[0], (q, k, v, gs))
+
+    return [("fla chunk gated_delta", "gated_delta", gated), ("fla chunk delta", "delta", delta)]
+
+
+def _time(fn, warmup, repeats, cuda):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _measure(build, device, dtype, warmup, repeats):
+    cuda = device == "cuda"
+    function, (q, k, v, gs) = build(device, dtype)
+
+    def forward():
+        with torch.no_grad():
+            function(q, k, v, **gs)
+
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, *gs.values())]
+    do = torch.randn_like(v)
+
+    def train():
+        for x in leaves:
+            x.grad = None
+        o = function(*leaves[:3], **dict(zip(gs, leaves[3:])))
+        o.backward(do)
+
+    return {"forward_ms": _time(forward, warmup, repeats, cuda),
+            "forward_backward_ms": _time(train, warmup, repeats, cuda)}
+
+
+def _estimates(rule, B, T, H, D, gates, element):
+    N, K, V, C = B * T * H, D, D, CHUNK
+    forward_bytes = N * (2 * K + 2 * V) * element + N * gates * element
+    if rule in ("gated_delta", "delta"):
+        forward_flops = N * (6 * C * K + 4 * C * V + 6 * K * V + 2 * C * C / 3)
+    else:
+        forward_flops = N * (2 * C * K + 2 * C * V + 4 * K * V)
+    return {"forward": (forward_bytes, forward_flops), "forward_backward": (3 * forward_bytes, 3 * forward_flops)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--small", action="store_true", help="B=1 T=128 H=2 D=32: a quick smoke run")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    args = parser.parse_args(argv)
+    B, T, H, D = (1, 128, 2, 32) if args.small else (8, 4096, 16, 128)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16
+    warmup = args.warmup if args.warmup is not None else (1 if args.small or device == "cpu" else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if args.small or device == "cpu" else 10)
+    print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
+    rows = _nlc_rows(B, T, H, D) + _fla_rows(B, T, H, D)
+    if args.only:
+        rows = [r for r in rows if any(s in r[0] for s in args.only)]
+    results = []
+    header = f"{'row':<30} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd GB/s':>9} {'fwd TFLOP/s':>12} " \
+             f"{'f+b TFLOP/s':>12} {'% peak BW':>9} {'% peak FLOP':>11}"
+    print(header)
+    print("-" * len(header))
+    for name, rule, build in rows:
+        entry = {"row": name, "rule": rule}
+        try:
+            entry.update(_measure(build, device, dtype, warmup, repeats))
+            gates = 2 if rule == "gated_delta" else 1
+            est = _estimates(rule, B, T, H, D, gates, torch.finfo(dtype).bits // 8)
+            for mode in ("forward", "forward_backward"):
+                seconds = entry[f"{mode}_ms"] / 1e3
+                nbytes, flops = est[mode]
+                entry[f"{mode}_bytes"], entry[f"{mode}_flops"] = nbytes, flops
+                entry[f"{mode}_GBps"] = nbytes / seconds / 1e9
+                entry[f"{mode}_TFLOPs"] = flops / seconds / 1e12
+            print(f"{name:<30} {entry['forward_ms']:>9.3f} {entry['forward_backward_ms']:>11.3f} "
+                  f"{entry['forward_GBps']:>9.1f} {entry['forward_TFLOPs']:>12.2f} "
+                  f"{entry['forward_backward_TFLOPs']:>12.2f} "
+                  f"{100 * entry['forward_GBps'] * 1e9 / PEAK_BYTES:>8.1f}% "
+                  f"{100 * entry['forward_TFLOPs'] * 1e12 / PEAK_FLOPS:>10.2f}%")
+        except Exception as err:  # noqa: BLE001 - one row's failure is reported, the run goes on
+            entry["error"] = f"{type(err).__name__}: {err}"
+            print(f"{name:<30} error: {entry['error'].splitlines()[0][:200]}")
+            traceback.print_exc(limit=2, file=sys.stdout)
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        results.append(entry)
+    ratios = {}
+    for rule in ("gated_delta", "delta"):
+        ours = next((r for r in results if r["row"] == f"nlc triton chunk {rule}" and "error" not in r), None)
+        fla = next((r for r in results if r["row"] == f"fla chunk {rule}" and "error" not in r), None)
+        if ours and fla:
+            ratios[rule] = {m: ours[f"{m}_ms"] / fla[f"{m}_ms"] for m in ("forward", "forward_backward")}
+            print(f"nlc / fla {rule}: forward {ratios[rule]['forward']:.2f}x, "
+                  f"forward+backward {ratios[rule]['forward_backward']:.2f}x (target <= 1.25x)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "shape": {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16"},
+            "warmup": warmup, "repeats": repeats, "formulas": FORMULAS, "rows": results,
+            "nlc_over_fla": ratios}, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Softmax attention for generated layers (Transformer++, Titans MAG/MAL/MAC): causal, rotary
+positions, sliding windows, attention confined to blocks (segments), persistent learned key/value
+tokens, and one extra key/value pair per position (Titans MAC's retrieved memory tokens).
+Streams are [B, T, H, D]."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope(x: torch.Tensor, offset: int = 0, base: float = 10000.0) -> torch.Tensor:
+    """Rotary positions: x [B, T, ..., D] (D even), channel pairs (i, i + D/2) rotated by the angle
+    (offset + t) * base^(-2i/D) at time t; `offset` is the position of the first token."""
+    T, half = x.shape[1], x.shape[-1] // 2
+    freq = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    angle = torch.arange(offset, offset + T, dtype=torch.float64, device=x.device)[:, None] * freq
+    angle = angle.reshape(T, *(1,) * (x.dim() - 3), half)  # [T, (1 per head axis), D/2]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(d_key) + mask) v per head. Query t sees key s when s <= t, and
+    s > t - window (window > 0: sliding window), and s // block == t // block (block > 0: attention
+    inside aligned blocks of `block` tokens), counting positions from `offset`. `persistent` learned
+    key/value tokens are seen by every query; an extra pair (extra_k_s, extra_v_s) per position s is
+    seen exactly when key s is."""
+
+    def __init__(self, heads: int, d_key: int, d_value: int, window: int = 0, block: int = 0,
+                 persistent: int = 0):
+        super().__init__()
+        self.window, self.block, self.persistent = window, block, persistent
+        if persistent:
+            self.persistent_k = nn.Parameter(torch.randn(heads, persistent, d_key) * d_key ** -0.5)
+            self.persistent_v = nn.Parameter(torch.randn(heads, persistent, d_value) * d_value ** -0.5)
+
+    def forward(self, q, k, v, extra_k=None, extra_v=None, offset: int = 0) -> torch.Tensor:
+        """q, k [B, T, H, K]; v [B, T, H, V]; extra_k, extra_v like k, v -> [B, T, H, V]."""
+        B, T = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if not (self.window or self.block or self.persistent or extra_k is not None):
+            return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        pos = torch.arange(offset, offset + T, device=q.device)
+        mask = pos[None, :] <= pos[:, None]  # [T query, T key]
+        if self.window:
+            mask = mask & (pos[None, :] > pos[:, None] - self.window)
+        if self.block:
+            mask = mask & (pos[None, :] // self.block == pos[:, None] // self.block)
+        if extra_k is not None:  # keys (extra_0, k_0, extra_1, k_1, ...): pair s shares key s's mask
+            k = torch.stack([extra_k.transpose(1, 2), k], dim=3).flatten(2, 3)
+            v = torch.stack([extra_v.transpose(1, 2), v], dim=3).flatten(2, 3)
+            mask = mask.repeat_interleave(2, dim=1)
+        if self.persistent:
+            k = torch.cat([self.persistent_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([self.persistent_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+            mask = torch.cat([mask.new_ones(T, self.persistent), mask], dim=1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)

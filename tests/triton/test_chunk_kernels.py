@@ -1,0 +1,151 @@
+"""Chunked Triton kernels (decay and delta families) against the reference loop: outputs, final states
+and the gradients of every input (q, k, v, gates, initial state), over every shipped level and every
+design-space point whose plan family is decay or delta, for T = 1, 63, 100 and head dims 16, 32, 64,
+with chunks of 16 or 64 tokens (neither divides 63 or 100).
+
+Precision as in test_fused_recurrent: fp32 kernels against the float64 reference on the same inputs,
+relative error ||x - ref|| / ||ref|| <= 1e-4; bf16 inputs (fp32 states) 2e-2.
+
+On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) the shipped levels run
+(D 16, T 100, chunk 16) and (D 32, T 63); the design-space points one (head dim, length, chunk) each."""
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+
+import nlc
+from nlc.derive.rules import derive
+from nlc.lower import check
+from nlc.plan import plan
+
+from ..ops.design_space import points
+from .test_fused_recurrent import (BATCH, DEVICE, DIM_PARAMS, GPU, HEADS, RTOL, RTOL_BF16, SPECS,
+                                   _names, _stable_inputs, _state)
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
+
+FAMILIES = ("decay", "delta")
+LENGTHS, DIMS, CHUNKS = (1, 63, 100), (16, 32), (16, 64)
+
+
+def _shipped():
+    """(spec stem, level, has chunked Triton kernels) of every shipped decay- or delta-family level."""
+    out = []
+    for path in sorted(SPECS.glob("*.nl")):
+        program = nlc.compile(path)
+        out += [(path.stem, name, f"level_{name}_triton_chunk.py" in program.sources)
+                for name, p in program.plans.items() if p.family in FAMILIES]
+    return out
+
+
+def _design():
+    """(id, spec text) of every matrix-memory design point of the two families (any schedule)."""
+    return [(name, text) for name, text in points(("matrix",), ("token", "retained", "before", "chunk"))
+            if plan(derive(check(text)[0])["memory"], 5).family in FAMILIES]
+
+
+SHIPPED = _shipped()
+DESIGN = _design()
+KERNELS = [(s, lv) for s, lv, has in SHIPPED if has]
+CPU_SIZES = ((16, 100, 16), (32, 63, 64), (16, 1, 64))  # (head dim, T, chunk)
+SHIPPED_CASES = [(s, lv, d, t, c) for s, lv in KERNELS for d in DIMS for t in LENGTHS for c in CHUNKS
+                 if GPU or (d, t, c) in CPU_SIZES[:2]] + [("gated_deltanet", "memory", 64, 100, 16)]
+DESIGN_CASES = [(n, text, d, t, c) for n, text in DESIGN for d in DIMS for t in LENGTHS for c in CHUNKS] \
+    if GPU else [(n, text, *CPU_SIZES[i % 3]) for i, (n, text) in enumerate(DESIGN)]
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(spec, **params):
+    return nlc.compile(spec, **params)
+
+
+def _shipped_program(stem, dim):
+    path = SPECS / f"{stem}.nl"
+    dims = {p: dim for p in DIM_PARAMS if p in nlc.compile(path).params}
+    return _compile(path, heads=HEADS, **dims)
+
+
+def _design_program(text, dim):
+    return _compile(re.sub(r"\[heads, 3\]", f"[heads, {dim}]", text).replace(
+        "param heads = 1", f"param heads = {HEADS}"))
+
+
+def _run(function, gates_of, inputs, dtype, device):
+    """[o, final state, *gradients of (q, k, v, gates, initial state)] under a fixed cotangent."""
+    q, k, v, gates, state = inputs
+    leaves = [x.detach().to(device=device, dtype=dtype).requires_grad_()
+              for x in (q, k, v, *gates.values(), *state)]
+    gg = {f"g_{name}": x for name, x in zip(gates, leaves[3:3 + len(gates)])}
+    o, final = function(*leaves[:3], **gg, initial_state=_state(leaves[3 + len(gates):]),
+                        output_final_state=True)
+    g = torch.Generator().manual_seed(7)
+    loss = sum((x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x)).sum() for x in (o, final))
+    loss.backward()
+    return [o, final, *(x.grad for x in leaves)]
+
+
+def _compare(program, level, T, chunk, monkeypatch, dtype=torch.float32, rtol=RTOL):
+    op = program.op(level)
+    kernels = program.module(f"level_{level}_triton_chunk")
+    monkeypatch.setattr(kernels, "CHUNK", chunk)
+    inputs = _stable_inputs(op, T, seed=0)
+    rounded = tuple(x.to(dtype).double() if torch.is_tensor(x) else
+                    ({n: g.to(dtype).double() for n, g in x.items()} if isinstance(x, dict) else
+                     tuple(s.to(dtype).double() for s in x)) for x in inputs)
+    want = _run(op.function, op.gates, rounded, torch.float64, "cpu")
+    got = _run(getattr(kernels, op.function.__name__), op.gates, rounded, dtype, DEVICE)
+    for name, a, b in zip(_names(op), got, want):
+        a = a.detach().double().cpu()
+        assert torch.isfinite(a).all(), f"{name}: not finite (a missed write reads NaN)"
+        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:g}"
+
+
+@pytest.mark.parametrize("stem,level,dim,T,chunk", SHIPPED_CASES,
+                         ids=[f"{s}-{lv}-D{d}-T{t}-C{c}" for s, lv, d, t, c in SHIPPED_CASES])
+def test_shipped_levels_match_the_reference(stem, level, dim, T, chunk, monkeypatch):
+    _compare(_shipped_program(stem, dim), level, T, chunk, monkeypatch)
+
+
+@pytest.mark.parametrize("name,text,dim,T,chunk", DESIGN_CASES,
+                         ids=[f"{n}-D{d}-T{t}-C{c}" for n, _, d, t, c in DESIGN_CASES])
+def test_design_space_matches_the_reference(name, text, dim, T, chunk, monkeypatch):
+    program = _design_program(text, dim)
+    if "level_memory_triton_chunk.py" not in program.sources:
+        from nlc.codegen.triton_chunk_common import unsupported
+        reason = unsupported(program.rules["memory"], program.plans["memory"], program.plans["memory"].family)
+        assert reason, "a level without chunked Triton kernels must say why"
+        pytest.skip(reason)
+    _compare(program, "memory", T, chunk, monkeypatch)
+
+
+def test_bf16_inputs_with_an_fp32_state(monkeypatch):
+    _compare(_shipped_program("gated_deltanet", 32), "memory", 100, 16, monkeypatch,
+             dtype=torch.bfloat16, rtol=RTOL_BF16)
+
+
+def test_every_family_level_is_covered_or_says_why():
+    """Gated DeltaNet, DeltaNet, RetNet, Mamba2 and linear attention have chunked kernels; GLA's
+    per-channel decay and Longhorn's per-value-channel step say why not, and keep fused recurrent ones."""
+    assert {s for s, _ in KERNELS} >= {"deltanet", "gated_deltanet", "linear_attention", "mamba2", "retnet"}
+    from nlc.codegen.triton_chunk_common import unsupported
+    for stem, level, has in SHIPPED:
+        if not has:
+            program = nlc.compile(SPECS / f"{stem}.nl")
+            p = program.plans[level]
+            assert unsupported(program.rules[level], p, p.family)
+            assert f"level_{level}_triton.py" in program.sources
+    assert len(DESIGN) >= 19
+
+
+def test_triton_mode_picks_chunked_kernels_for_long_sequences():
+    """op(mode='triton'): the chunked kernels from CHUNK tokens on, the fused recurrent ones below."""
+    program = _shipped_program("gated_deltanet", 16)
+    op = program.op("memory")
+    chunk = program.module("level_memory_triton_chunk").CHUNK
+    short, long = op.pick("triton", 1, torch.device(DEVICE)), op.pick("triton", chunk, torch.device(DEVICE))
+    assert short.__module__.endswith("level_memory_triton")
+    assert long.__module__.endswith("level_memory_triton_chunk")

@@ -27,5 +27,5 @@ fi
 # torch is pinned so pip takes the local CPU wheel instead of downloading a CUDA build. triton is
 # pinned to the version checked with it: on a CPU machine it runs the generated kernels' tests in
 # its interpreter (TRITON_INTERPRET=1); it does not depend on torch, so torch stays as it is.
-.venv/bin/pip install -q torch==2.13.0 triton==3.9.0 -e '.[test,triton]'
+.venv/bin/pip install -q torch==2.13.0 triton==3.9.0 -e '.[test,triton,explore]'
 echo "$want" > "$stamp"

@@ -132,6 +132,137 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_arg(text: str) -> tuple[str, object]:
+    """Parse `--task-arg k=v`: v a number, or a comma list of numbers (`kv_pairs=16,32,64`)."""
+    key, sep, value = text.partition("=")
+    try:
+        items = [_number(x.strip()) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key.strip()}: {value!r} is not a number or a list") from None
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER[,NUMBER...], got {text!r}")
+    return key.strip(), items[0] if len(items) == 1 else tuple(items)
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from .explore import search
+    from .explore.trainer import TrainConfig
+    from .explore.trial import Settings
+
+    if not Path(args.spec).is_file():
+        raise UsageError(f"no such spec file: {args.spec}")
+    try:
+        budget = search.parse_budget(args.budget) if args.budget else None
+        lrs = tuple(float(x) for x in args.lrs.split(","))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.workers < 1 or (args.trials is not None and args.trials < 1):
+        raise UsageError("--workers and --trials must be >= 1")
+    train = TrainConfig(steps=args.steps, batch=args.batch, layers=args.layers, seed=args.seed)
+    settings = Settings(task=args.task, task_args=dict(args.task_arg), lrs=lrs, train=train,
+                        train_examples=args.train_examples, test_examples=args.test_examples,
+                        overrides=dict(args.set))
+    run = search.Run(args.spec, Path(args.out), settings, sampler=args.sampler, space=args.space,
+                     storage=args.storage, workers=args.workers, trials=args.trials,
+                     budget_s=budget, seed=args.seed, threads=args.threads)
+    try:
+        search.explore(run, progress=not args.quiet)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"nlc: trials stored in {args.storage or Path(args.out) / 'study.db'}; "
+          f"`nlc report {args.out}` ranks them")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .explore.report import report
+
+    out = Path(args.out)
+    if args.storage is None and not (out / "study.db").is_file():
+        raise UsageError(f"no study.db in {out} (pass --storage URL for a server)")
+    try:
+        for folder in report(out, args.storage):
+            print(f"wrote {folder}/: results.csv, results.json, pareto.png, effects.png, best/")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
+def _training():
+    """`nlc.train`, or a usage error naming the missing `train` extra."""
+    try:
+        from . import train
+    except ImportError as err:
+        raise UsageError(f"nlc train and nlc eval need the `train` extra ({err.name} is missing): "
+                         "pip install 'nlc[train]'") from None
+    return train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    training = _training()
+    config = training.TrainConfig(
+        spec=args.spec, data=args.data, out=args.out, steps=args.steps, overrides=dict(args.set),
+        layers=args.layers, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, mode=args.mode)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per rank
+        dist.init_process_group()
+    try:
+        _, summary = training.train(config, resume=args.resume, progress=not args.quiet)
+    except training.RunError as err:
+        raise UsageError(str(err)) from None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        bpb = f", {summary['val_bpb']:.4f} bits/byte" if "val_bpb" in summary else ""
+        print(f"{summary['step']} steps, {summary['tokens']:,} tokens, {summary['elapsed_s']:.1f} s: "
+              f"train loss {summary['train_loss']:.4f}, validation loss {summary['val_loss']:.4f}{bpb}")
+        print(f"wrote {args.out}/: checkpoint.pt, log.jsonl, log.csv, loss.png, summary.json")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    import nlc
+    training = _training()
+    target = Path(args.target)
+    if target.is_dir():
+        if args.set or args.layers is not None:
+            raise UsageError("--set and --layers apply to a SPEC; a run folder keeps its own")
+    elif not target.is_file():
+        raise UsageError(f"no run folder or spec file at {target}")
+    elif not args.data:
+        raise UsageError("evaluating an untrained SPEC needs --data")
+    try:
+        if target.is_dir():
+            model, config, data = training.load_run(target)
+            seq_len, split = config.seq_len, {"val_fraction": config.val_fraction, "seed": config.seed}
+        else:
+            seq_len, split = args.seq_len, {}
+        if args.data:
+            data = training.data.open_data(args.data, seq_len, **split)
+    except (training.RunError, FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if target.is_file():
+        torch.manual_seed(args.seed)
+        model = nlc.compile(target, **dict(args.set)).model(data.vocab_size, args.layers).eval()
+    result = training.validation(model, data, args.batch, seq_len, args.val_tokens)
+    print(f"validation: loss {result['val_loss']:.4f}, accuracy {result['val_accuracy']:.3f}"
+          + (f", {result['val_bpb']:.4f} bits/byte" if "val_bpb" in result else "")
+          + f" ({result['val_tokens']:,} tokens)")
+    if isinstance(data, training.data.ByteText):
+        lengths = args.needle_lengths or [seq_len, 2 * seq_len, 4 * seq_len]
+        result["needle"] = training.needle_recall(model, lengths, trials=args.trials, batch=args.batch)
+        print(training.needle_table(result["needle"]))
+    if target.is_dir():
+        (target / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nlc", description="Compile nested-optimization sequence models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -160,6 +291,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("explore", parents=[spec], help="search a spec's design space on a task")
+    p.add_argument("--task", default="mqar", help="mqar, forgetting_mqar, in_context_recall, "
+                   "noisy_recall, fuzzy_recall, selective_copying, compression, memorization")
+    p.add_argument("--task-arg", action="append", default=[], type=_task_arg, metavar="K=V",
+                   help="task difficulty, e.g. seq_len=256 or kv_pairs=16,32,64 (repeatable)")
+    p.add_argument("--out", required=True, help="run folder (SQLite storage, report)")
+    p.add_argument("--storage", help="SQLAlchemy URL of a shared storage (postgresql://...)")
+    p.add_argument("--sampler", choices=("grid", "tpe", "nsga2"), default="grid")
+    p.add_argument("--space", help="which space of the spec (default: the first)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--trials", type=int, help="stop after this many finished trials")
+    p.add_argument("--budget", help="start no trial after this long, e.g. 2h, 45m")
+    p.add_argument("--steps", type=int, default=400, help="training steps per learning rate")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--layers", type=int, help="layers of the model (default: the spec's `layers`, else 2)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="learning-rate sweep, comma-separated")
+    p.add_argument("--train-examples", type=int, default=2000)
+    p.add_argument("--test-examples", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers; "
+                   "1 is faster on a busy machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser("report", help="rank an exploration's trials: table, CSV/JSON, plots, best specs")
+    p.add_argument("out", metavar="DIR", help="the run folder given to `nlc explore --out`")
+    p.add_argument("--storage", help="SQLAlchemy URL, when the run used one")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("train", parents=[spec], help="train the spec's language model on text or a task")
+    p.add_argument("--data", required=True, metavar="PATH|task:NAME",
+                   help="a text file or folder (byte level), or a synthetic task such as task:mqar")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoint, logs, plot)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--layers", type=int, help="layers (default: the spec's `layers`, else 2)")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N")
+    p.add_argument("--mode", choices=("auto", "reference", "chunk"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss, bits/byte and passkey recall of a run or a spec")
+    p.add_argument("target", metavar="DIR|SPEC", help="a run folder of `nlc train`, or a spec (untrained)")
+    p.add_argument("--data", metavar="PATH|task:NAME", help="default for DIR: the data it trained on")
+    p.add_argument("--needle-lengths", type=int, nargs="+", metavar="N",
+                   help="prompt lengths in bytes (default: 1, 2 and 4 times the training length)")
+    p.add_argument("--trials", type=int, default=4, help="pass keys per length and depth")
+    p.add_argument("--val-tokens", type=int, default=65536)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--set", action="append", default=[], type=_override, metavar="K=V",
+                   help="spec parameter (SPEC only, repeatable)")
+    p.add_argument("--layers", type=int, help="SPEC only")
+    p.add_argument("--seq-len", type=int, default=256, help="SPEC only: the nominal training length")
+    p.add_argument("--seed", type=int, default=0, help="SPEC only: initialisation seed")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,5 +1,8 @@
-"""Design spaces: `space name over level { field in {...}  param p in {...} }`. Each point is the
-spec with those choices substituted; the checker decides which points are valid, and why not."""
+"""Design spaces: `space name over level { field in {...}  param p in {...}  lr in logrange(a, b) }`.
+Each point is the spec with those choices substituted; the checker decides which points are valid,
+and why not. A bare name that is a parameter and not a level field (`chunk in {16, 64}`) is a
+parameter axis; `logrange(lo, hi)` is a continuous log-uniform parameter axis, checked at both ends
+and recorded in the points as its text (`parse_range` reads it back)."""
 from __future__ import annotations
 
 import itertools
@@ -17,9 +20,13 @@ def expand_space(lowering, d: ast.SpaceDecl) -> ir.Space:
         lowering._unknown(d.level, d.span, levels, "a level of this spec")
     axes = []
     for alt in d.alternatives:
-        if alt.is_param:
+        is_param = alt.is_param or (alt.key in lowering.params and alt.key not in options.LEVEL_FIELDS)
+        if is_param:
             if alt.key not in lowering.params:
                 lowering._unknown(alt.key, alt.span, lowering.params, "a parameter of this spec")
+            if len(alt.choices) == 1 and isinstance(alt.choices[0], ast.Call):
+                axes.append((alt, [_range(lowering, alt.key, alt.choices[0])]))
+                continue
             values = [lowering._number(c) for c in alt.choices]
             axes.append((alt, [("param", alt.key, v, _fmt(v)) for v in values]))
         else:
@@ -53,6 +60,15 @@ def _check_point(lowering, level: ast.LevelDecl, point) -> str | None:
     from .lower import _Lowering
     fields = {f.key: f for f in level.fields}
     overrides = dict(lowering.overrides)
+    ends = [(key, value) for kind, key, value, _ in point if kind == "range"]
+    if ends:  # a continuous axis: the point is valid when it is at both ends of every range
+        for which in (0, 1):
+            fixed = [("param", k, v[which], _fmt(v[which])) if kind == "range" else (kind, k, v, t)
+                     for kind, k, v, t in point]
+            reason = _check_point(lowering, level, fixed)
+            if reason is not None:
+                return reason
+        return None
     for kind, key, value, _ in point:
         if kind == "param":
             overrides[key] = value
@@ -68,6 +84,26 @@ def _check_point(lowering, level: ast.LevelDecl, point) -> str | None:
         first = next(d for d in exc.diagnostics if d.severity == "error")
         return first.message
     return None
+
+
+def _range(lowering, key: str, call: ast.Call):
+    """`logrange(lo, hi)` with 0 < lo < hi: a ("range", key, (lo, hi), text) axis choice."""
+    if call.func != "logrange" or len(call.args) != 2 or call.kwargs:
+        lowering._fail(f"'{key}' ranges over {call.func}(...)", call.span,
+                       "{a, b, ...} or logrange(lo, hi)")
+    lo, hi = (lowering._number(a) for a in call.args)
+    if not 0 < lo < hi:
+        lowering._fail(f"logrange({_fmt(lo)}, {_fmt(hi)}) is empty or not positive", call.span,
+                       "0 < lo < hi")
+    return ("range", key, (lo, hi), f"logrange({_fmt(lo)}, {_fmt(hi)})")
+
+
+def parse_range(text: str) -> tuple[float, float] | None:
+    """The (lo, hi) of a point's `logrange(lo, hi)` value, None for any other value."""
+    if not (text.startswith("logrange(") and text.endswith(")")):
+        return None
+    lo, hi = text[len("logrange("):-1].split(",")
+    return float(lo), float(hi)
 
 
 def _fmt(v: float) -> str:

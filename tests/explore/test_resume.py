@@ -1,0 +1,58 @@
+"""Resuming: `nlc explore` killed with SIGKILL in the middle of a trial, then the same command again,
+finishes the grid without losing or repeating a finished trial."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from nlc.explore import storage
+
+from .conftest import TINY_ARGS
+
+
+def _trials(out):
+    url = storage.url(out, None)
+    names = optuna.get_all_study_names(url) if (out / "study.db").exists() else []
+    if not names:
+        return []
+    return optuna.load_study(study_name=names[0], storage=url).get_trials()
+
+
+def test_sigkill_mid_trial_then_resume(tiny_spec, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, storage.HEARTBEAT_ENV: "1,2"}
+    command = [sys.executable, "-m", "nlc", "explore", str(tiny_spec), *TINY_ARGS, "--out", str(out),
+               "--steps", "25"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 150
+    while time.time() < deadline and first.poll() is None:
+        trials = _trials(out)
+        done = [t for t in trials if storage.recorded(t)]
+        running = [t for t in trials if t.state == TrialState.RUNNING and "status" not in t.user_attrs]
+        if done and running:
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, f"the run ended before it could be killed: {first.stderr.read()}"
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    before = {t.number: t for t in _trials(out) if storage.recorded(t)}
+    (killed,) = [t for t in _trials(out) if t.state == TrialState.RUNNING]
+    assert "status" not in killed.user_attrs, "killed in the middle of the trial"
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+
+    trials = _trials(out)
+    finished = [t for t in trials if storage.recorded(t)]
+    assert sorted(t.user_attrs["point"]["bias"] for t in finished) == ["dot", "l2", "lp(p = 3)"]
+    for number, t in before.items():  # finished trials are kept as they were
+        assert trials[number].datetime_complete == t.datetime_complete
+        assert trials[number].user_attrs == t.user_attrs
+    assert trials[killed.number].state == TrialState.FAIL
+    assert "status" not in trials[killed.number].user_attrs
+    retried = [t for t in finished if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params

@@ -67,7 +67,7 @@ class _Expressions:
     def _call(self, e: ast.Call, role: str) -> str:
         f, shape = e.func, self.shape(e)
         if f == "learned":
-            init = _const(e.args[0], self.checked.params)
+            init = ir.constant(e.args[0], self.checked.params)
             attr = self.module(role + "_learned",
                                f"nn.Parameter(torch.full({shape!r}, {init!r}))", e.span)
             return attr
@@ -78,15 +78,15 @@ class _Expressions:
         if f == "rope":
             base = e.kwarg("base")
             self.runtime.add("attention")
-            extra = f", base={_const(base, self.checked.params)!r}" if base is not None else ""
+            extra = f", base={ir.constant(base, self.checked.params)!r}" if base is not None else ""
             return f"attention.rope({inner}, {self.offset}{extra})"
         if f == "swiglu":
             h = e.kwarg("hidden")
-            hidden = int(_const(h, self.checked.params)) if h is not None else -(-8 * shape[0] // 3)
+            hidden = int(ir.constant(h, self.checked.params)) if h is not None else -(-8 * shape[0] // 3)
             self.runtime.add("mlp")
             return f"{self.module(role + '_swiglu', f'mlp.SwiGLU({shape[0]}, {hidden})', e.span)}({inner})"
         if f == "stopgrad":
-            on = len(e.args) < 2 or _const(e.args[1], self.checked.params) != 0
+            on = len(e.args) < 2 or ir.constant(e.args[1], self.checked.params) != 0
             return f"{inner}.detach()" if on else inner
         if f == "linear":
             size_in, size_out = _numel(in_shape), _numel(shape)
@@ -99,7 +99,7 @@ class _Expressions:
             return f"{attr}({flat}){view}"
         if f == "conv":
             k = e.kwarg("kernel") or (e.args[1] if len(e.args) > 1 else None)
-            kernel = int(_const(k, self.checked.params)) if k is not None else 4
+            kernel = int(ir.constant(k, self.checked.params)) if k is not None else 4
             attr = self.module(role + "_conv", f"blocks.CausalConv({_numel(shape)}, {kernel})", e.span)
             if len(shape) > 1:
                 return f"{attr}({inner}.flatten(2)).unflatten(-1, {shape!r})"
@@ -110,14 +110,14 @@ class _Expressions:
             return f"{self.module(role + '_layernorm', f'nn.LayerNorm({shape[-1]})', e.span)}({inner})"
         if f == "poly":
             deg = e.kwarg("degree") or (e.args[1] if len(e.args) > 1 else None)
-            degree = int(_const(deg, self.checked.params)) if deg is not None else 2
+            degree = int(ir.constant(deg, self.checked.params)) if deg is not None else 2
             return f"{self.module(role + '_poly', f'blocks.PolyFeatures({degree})', e.span)}({inner})"
         return _ELEMENTWISE[f].format(inner)
 
     def _attention(self, e: ast.Call, role: str) -> str:
         q, k, v = (self.compile(a, role) for a in e.args)
         (heads, d_key), d_value = self.shape(e.args[1]), self.shape(e.args[2])[-1]
-        sizes = [int(_const(e.kwarg(n), self.checked.params)) if e.kwarg(n) is not None else 0
+        sizes = [int(ir.constant(e.kwarg(n), self.checked.params)) if e.kwarg(n) is not None else 0
                  for n in ("window", "block", "persistent")]
         ctor = (f"attention.Attention({heads}, {d_key}, {d_value}, window={sizes[0]}, "
                 f"block={sizes[1]}, persistent={sizes[2]})")
@@ -135,21 +135,6 @@ class _Expressions:
                     f"{q}[:, None]).squeeze(1)")
         return (f"{mod}.memory_forward({ident(level, 'st')}[:{mod}.N_PARAMS], "
                 f"{q}.transpose(1, 2)).transpose(1, 2)")
-
-
-def _const(e, params) -> float:
-    """A constant the checker already evaluated once (numbers, parameters, arithmetic)."""
-    match e:
-        case ast.Number(value=v):
-            return float(v)
-        case ast.Name(id=n):
-            return float(params[n])
-        case ast.Neg(operand=o):
-            return -_const(o, params)
-        case ast.BinOp(op=op, left=l, right=r):
-            a, b = _const(l, params), _const(r, params)
-            return ir.ARITHMETIC[op](a, b)
-    raise AssertionError("constant expected")
 
 
 def _numel(shape) -> int:

@@ -169,6 +169,21 @@ class CheckedSpec:
         return next(l for l in self.levels if l.name == name)
 
 
+def constant(e: ast.Expr, params: Mapping[str, float]) -> float:
+    """The value of a constant expression the checker already evaluated once (numbers, parameters,
+    arithmetic)."""
+    match e:
+        case ast.Number(value=v):
+            return float(v)
+        case ast.Name(id=n):
+            return float(params[n])
+        case ast.Neg(operand=o):
+            return -constant(o, params)
+        case ast.BinOp(op=op, left=l, right=r):
+            return ARITHMETIC[op](constant(l, params), constant(r, params))
+    raise AssertionError("constant expected")
+
+
 def gate_symbol(name: str) -> sympy.Symbol:
     """The sympy symbol standing for a gate inside derived expressions."""
     return sympy.Symbol(f"gate_{name}", real=True)

@@ -35,7 +35,7 @@ def plan(checked: ir.CheckedSpec) -> SegmentPlan:
     found = [c for cs in calls.values() for c in cs]
     if not found:
         return SegmentPlan(None, frozenset(), ())
-    size = int(_value(found[0].kwarg("segment"), checked.params))
+    size = int(ir.constant(found[0].kwarg("segment"), checked.params))
     recalled = tuple(dict.fromkeys(c.args[0].id for c in found))
     readers: dict[str, set[str]] = {}
     for n, e in _exprs(checked):
@@ -61,7 +61,7 @@ def check(checked: ir.CheckedSpec, diag: Collector) -> None:
         return
     for n, e in [*_exprs(checked), ("@output", checked.output)]:
         for c in recalls(e):
-            if int(_value(c.kwarg("segment"), checked.params)) != p.size:
+            if int(ir.constant(c.kwarg("segment"), checked.params)) != p.size:
                 diag.error("recall() segments differ", c.span, f"segment = {p.size}, as the first recall")
         if n not in p.inside and n != "@output":
             continue
@@ -70,7 +70,7 @@ def check(checked: ir.CheckedSpec, diag: Collector) -> None:
                 diag.error("conv() computed segment by segment would restart at each segment",
                            c.span, "a stream that does not read recall(...), or no conv")
             block = c.kwarg("block") if c.func == "attention" else None
-            if c.func == "attention" and (block is None or _value(block, checked.params) != p.size):
+            if c.func == "attention" and (block is None or ir.constant(block, checked.params) != p.size):
                 diag.error("attention computed segment by segment must stay inside its segment",
                            c.span, f"attention(..., block = {p.size})")
     for n in p.inside:
@@ -97,17 +97,3 @@ def _calls(e):
             yield from _calls(r)
         case ast.Neg(operand=o):
             yield from _calls(o)
-
-
-def _value(e, params) -> float:
-    match e:
-        case ast.Number(value=v):
-            return float(v)
-        case ast.Name(id=n):
-            return float(params[n])
-        case ast.Neg(operand=o):
-            return -_value(o, params)
-        case ast.BinOp(op=op, left=l, right=r):
-            a, b = _value(l, params), _value(r, params)
-            return ir.ARITHMETIC[op](a, b)
-    raise AssertionError("constant expected")

@@ -1,6 +1,7 @@
 """torch.autograd.gradcheck (float64) through the generated op of every shipped spec's memory level,
 at tiny sizes: gradients with respect to q, k, v, every gate and the initial state, through the
-output and the final state."""
+output and the final state; for the reference loop and, where the level has one, the chunk-parallel
+form (whose own chunks are crossed: T > chunk)."""
 from __future__ import annotations
 
 import functools
@@ -58,6 +59,9 @@ MLP = {
 
 @functools.lru_cache(maxsize=None)
 def _op(spec, **overrides):
+    """The memory op with chunks of 2 tokens, so that T = 3-4 crosses a chunk boundary."""
+    if "chunk" in nlc.compile(SPECS / f"{spec}.nl").params:
+        overrides = dict(overrides, chunk=2)
     return nlc.compile(SPECS / f"{spec}.nl", **overrides).op("memory")
 
 
@@ -94,14 +98,19 @@ def _initial_state(op, g, spec):
     return tuple(s + 0.3 * torch.randn(s.shape, generator=g, dtype=DT) for s in default)
 
 
-def _gradcheck(op, q, k, v, gates, state, **kwargs):
+MODES = ("reference", "chunk")
+
+
+def _gradcheck(op, q, k, v, gates, state, mode, **kwargs):
+    if mode == "chunk" and op.chunked is None:
+        pytest.skip(f"level {op.level.name!r} has no chunk-parallel form")
     names = list(gates)
 
     def run(q, k, v, *rest):
         given = dict(zip(names, rest[:len(names)]))
         init = rest[len(names):]
         init = init[0] if len(init) == 1 else tuple(init)
-        o, final = op(q, k, v, **given, initial_state=init, output_final_state=True)
+        o, final = op(q, k, v, **given, initial_state=init, output_final_state=True, mode=mode)
         final = (final,) if torch.is_tensor(final) else tuple(final)
         return (o, *final)
 
@@ -111,21 +120,23 @@ def _gradcheck(op, q, k, v, gates, state, **kwargs):
     assert torch.autograd.gradcheck(run, inputs, **kwargs)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(MATRIX))
-def test_gradcheck_matrix_memory(name):
+def test_gradcheck_matrix_memory(name, mode):
     spec, overrides, T, ranges, unit = MATRIX[name]
     op = _op(spec, **overrides)
     lv = op.level
     assert lv.memory.kind == "matrix" or (spec == "titans" and lv.memory.kind == "mlp")
     q, k, v, gates, g = _inputs(op, T, ranges, unit, seed=len(name))
-    _gradcheck(op, q, k, v, gates, _initial_state(op, g, spec))
+    _gradcheck(op, q, k, v, gates, _initial_state(op, g, spec), mode)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(MLP))
-def test_gradcheck_mlp_memory(name):
+def test_gradcheck_mlp_memory(name, mode):
     spec, overrides, T, ranges, unit = MLP[name]
     op = _op(spec, **overrides)
     lv = op.level
     assert lv.memory.kind == "mlp" and lv.grad_chunk == 2
     q, k, v, gates, g = _inputs(op, T, ranges, unit, seed=len(name))
-    _gradcheck(op, q, k, v, gates, _initial_state(op, g, spec))
+    _gradcheck(op, q, k, v, gates, _initial_state(op, g, spec), mode)

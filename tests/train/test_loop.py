@@ -101,3 +101,25 @@ def test_trains_on_a_synthetic_task(config):
 def test_divergence_stops_the_run(config):
     with pytest.raises(RunError, match="diverged"):
         train(dataclasses.replace(config, lr=float("inf")))
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_last_one_whole(config, monkeypatch):
+    """torch.save dying half-way through the step-6 checkpoint (after writing part of the file)
+    leaves the step-3 checkpoint loadable, and the run resumes from it."""
+    train(config, stop_at=3)
+    folder = Path(config.out)
+    before = (folder / CHECKPOINT).read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, target, *args, **kwargs):
+        target.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config, resume=True)
+    assert (folder / CHECKPOINT).read_bytes() == before
+    assert torch.load(folder / CHECKPOINT, weights_only=True)["step"] == 3
+    monkeypatch.setattr(torch, "save", real_save)
+    _, summary = train(config, resume=True)
+    assert summary["step"] == 6

@@ -140,3 +140,14 @@ def test_gradcheck_mlp_memory(name, mode):
     assert lv.memory.kind == "mlp" and lv.grad_chunk == 2
     q, k, v, gates, g = _inputs(op, T, ranges, unit, seed=len(name))
     _gradcheck(op, q, k, v, gates, _initial_state(op, g, spec), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("level", ["cms_mid", "cms_slow"])
+def test_gradcheck_period_levels(level, mode):
+    """CMS levels that update every 2 and every 4 tokens (the period family), over 5 tokens."""
+    op = nlc.compile(SPECS / "cms.nl", d_model=2, chunk=2, chunk_slow=4, lr_mid=0.3,
+                     lr_slow=0.3).op(level)
+    assert op.level.period in (2, 4)
+    q, k, v, gates, g = _inputs(op, 5, {}, False, seed=len(level))
+    _gradcheck(op, q, k, v, gates, _initial_state(op, g, "cms"), mode)

@@ -197,6 +197,8 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
             for attr, ctor, span in exprs.modules:
                 em.line(f"self.{attr} = {ctor}  # {comment(span)}")
             for lv in checked.levels:
+                em.line(f"self.{ident(lv.name, 'kernels')} = dispatch.triton_forms({level_modules[lv.name]})"
+                        "  # Triton kernels, if generated")
                 if lv.init == "learned":
                     mod = level_modules[lv.name]
                     em.line(f"self.{ident(lv.name, 'init')} = nn.ParameterList(  {where(lv.span)}")
@@ -255,7 +257,7 @@ def _render_level_call(body: Emitter, exprs: _Expressions, checked: ir.CheckedSp
         init = f", initial_state={_initial_state(lv, module)}"
     out = ident(lv.name, "s")
     op = (f"dispatch.pick({module}.{ident(lv.name, 'level')}, {chunk_module}, self.mode, {length}, "
-          f"dispatch.triton_forms({module}), x.device)")
+          f"self.{ident(lv.name, 'kernels')}, x.device)")
     body.line(f"{out}, {state or '_'} = {op}(  {where(lv.span)}")
     body.line(f"    {stream(lv.query)}, {stream(lv.key)}, {stream(lv.value)}{gates}{init})")
     if state is not None:

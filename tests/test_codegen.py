@@ -23,7 +23,8 @@ from nlc.codegen.triton_recurrent import unsupported
 
 SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
 SPECS = sorted(SPECS_DIR.glob("*.nl"))
-ROLE_PREFIXES = ("level", "g", "gs", "go", "gc", "s", "init", "gate", "let", "b_g", "dg", "b_dg")
+ROLE_PREFIXES = ("level", "g", "gs", "go", "gc", "s", "init", "gate", "let", "b_g", "dg", "b_dg",
+                 "kernels")
 
 # Every top-level name a level module may define besides `level_<name>`.
 LEVEL_TOP = {"math", "torch", "HEADS", "K", "V", "HIDDEN", "GATES", "STATE", "N_PARAMS",
@@ -529,5 +530,5 @@ def test_golden_layer_calls_the_level_with_prefixed_names():
     call = next(i for i, l in enumerate(lines) if l.startswith("s_memory, _ = dispatch.pick("))
     assert lines[call].startswith("s_memory, _ = dispatch.pick(level_memory.level_memory, ")
     assert lines[call].split("# ")[0].rstrip().endswith(
-        ", self.mode, T, dispatch.triton_forms(level_memory), x.device)(")
+        ", self.mode, T, self.kernels_memory, x.device)(")
     assert lines[call + 1] == "s_q, s_k, s_v, g_alpha=g_alpha, g_beta=g_beta)"

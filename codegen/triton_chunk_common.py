@@ -765,7 +765,7 @@ class Kernels:
             em.line("@staticmethod")
             with em.indent("def backward(ctx, do, dht):"):
                 n = len(f.gates)
-                em.line(f"q, k, v, *rest, h0 = ctx.saved_tensors")
+                em.line("q, k, v, *rest, h0 = ctx.saved_tensors")
                 if f.gates:
                     em.line(f"gates, tokens = rest[:{n}], rest[{n}:]")
                 else:

@@ -22,7 +22,7 @@ from nlc.lower import check
 from nlc.plan import plan
 
 from ..ops.design_space import points
-from .test_fused_recurrent import (BATCH, DEVICE, DIM_PARAMS, GPU, HEADS, RTOL, RTOL_BF16, SPECS,
+from .test_fused_recurrent import (DEVICE, DIM_PARAMS, GPU, HEADS, RTOL, RTOL_BF16, SPECS,
                                    _names, _stable_inputs, _state)
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")

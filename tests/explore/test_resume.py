@@ -7,6 +7,7 @@ import sys
 import time
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from nlc.explore import storage
@@ -15,11 +16,16 @@ from .conftest import TINY_ARGS
 
 
 def _trials(out):
+    """The run's trials so far; none while the run is still creating its database (opening it here
+    at that moment races the run's own schema set-up: a unique-constraint error on alembic_version)."""
     url = storage.url(out, None)
-    names = optuna.get_all_study_names(url) if (out / "study.db").exists() else []
-    if not names:
+    try:
+        names = optuna.get_all_study_names(url) if (out / "study.db").exists() else []
+        if not names:
+            return []
+        return optuna.load_study(study_name=names[0], storage=url).get_trials()
+    except sqlalchemy.exc.SQLAlchemyError:
         return []
-    return optuna.load_study(study_name=names[0], storage=url).get_trials()
 
 
 def test_sigkill_mid_trial_then_resume(tiny_spec, tmp_path):

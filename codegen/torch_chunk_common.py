@@ -1,9 +1,51 @@
-"""Generated helpers shared by chunk-parallel renderers whose gradients are frozen at the chunk start
-(MATH.md §3.4, §3.6): closed-form coefficients of scalar linear scans within every chunk, in log space,
-and every token's gradient at the chunk-start weights factored per layer (input a_j, output delta δ_j)."""
+"""Pieces shared by chunk-parallel renderers whose gradients are frozen at the chunk start (MATH.md
+§3.4, §3.6): the op's signature and input preamble; generated helpers for closed-form coefficients of
+scalar linear scans within every chunk, in log space, and every token's gradient at the chunk-start
+weights factored per layer (input a_j, output delta δ_j)."""
 from __future__ import annotations
 
-from .emitter import Emitter
+import sympy
+
+from nlc import ir
+from nlc.derive.rules import LevelRules
+
+from .emitter import Emitter, comment, ident
+
+
+def show(expr) -> str:
+    """A sympy expression for a comment, gates by their spec names."""
+    return comment(str(sympy.sympify(expr))).replace("gate_", "")
+
+
+def op_signature(lv: ir.Level) -> str:
+    """`def level_<name>(q, k, v, *, <gates>, initial_state=None, output_final_state=False):`"""
+    kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
+    return f"def {ident(lv.name, 'level')}(q, k, v, *, {kw}initial_state=None, output_final_state=False):"
+
+
+def render_op_inputs(em: Emitter, rules: LevelRules, coeffs: dict, extra_gates=()) -> None:
+    """The op's docstring, its state split into params and buffers, q, k, v as [B, H, T, D], the gates
+    that `coeffs` (role -> sympy expression) or `extra_gates` read as [B, H, T], the bias gates shaped
+    for outputs, and `ones` where a coefficient is a constant."""
+    lv = rules.level
+    em.line(f'"""Level {comment(lv.name)!r}, chunk-parallel (CHUNK tokens at a time). q, k: [B, T, H, K]; '
+            "v: [B, T, H, V];")
+    em.line(f"gates {', '.join(lv.gates) or '(none)'}: [B, T, H] (bias gates may be [B, T, H, K|V]).")
+    em.line('Returns (o [B, T, H, V], final state or None), exactly as the reference op."""')
+    em.line("B, T = k.shape[:2]")
+    em.line("state = initial_state if initial_state is not None else globals()['initial_state'](B, k.dtype, k.device)")
+    em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
+    em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
+    em.line("qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]")
+    used = set(extra_gates) | set().union(*(ir.gate_names(e) for e in coeffs.values()))
+    for g in lv.gates:
+        if g in used:
+            em.line(f"{ident(g, 'gh')} = {ident(g, 'g')}.transpose(1, 2)  # gate {comment(g)} [B, H, T]")
+    for g in ir.gate_names(rules.bias.grad):
+        view = "[..., None]  # [B, H, T, 1]" if lv.gate_axes[g] == "scalar" else "  # [B, H, T, K|V]"
+        em.line(f"{ident(g, 'go')} = {ident(g, 'g')}.transpose(1, 2){view}, shaped for outputs")
+    if any(not sympy.sympify(e).free_symbols for e in coeffs.values()):
+        em.line("ones = torch.ones(kh.shape[:3], dtype=k.dtype, device=k.device)  # [B, H, T]")
 
 
 def render_scan_helpers(em: Emitter) -> None:

@@ -25,7 +25,7 @@ from nlc.plan import KernelPlan
 
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
-from .torch_chunk_common import render_layer_grads, render_product, render_scan_helpers
+from .torch_chunk_common import op_signature, render_layer_grads, render_op_inputs, render_product, render_scan_helpers, show
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -89,10 +89,6 @@ def _linear(memory: ir.Memory) -> bool:
                                                              or memory.bias) and memory.norm == "none")
 
 
-def _show(expr) -> str:
-    return comment(str(sympy.sympify(expr))).replace("gate_", "")
-
-
 def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str, file: str) -> None:
     lv = rules.level
     momentum = lv.algorithm.kind == "momentum"
@@ -105,11 +101,11 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
     for key, value in lv.describe().items():
         em.line(f"  {key:<10} {comment(value)}")
     em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
-    em.line(f"  a_t = {_show(coeffs['decay'])}   (retention: factor on the old state)")
-    em.line(f"  c_t = {_show(coeffs['scale'])}   (retention: factor on the step)")
-    em.line(f"  lr_t = {_show(coeffs['lr'])}")
+    em.line(f"  a_t = {show(coeffs['decay'])}   (retention: factor on the old state)")
+    em.line(f"  c_t = {show(coeffs['scale'])}   (retention: factor on the step)")
+    em.line(f"  lr_t = {show(coeffs['lr'])}")
     if momentum:
-        em.line(f"  beta_t = {_show(coeffs['beta'])}")
+        em.line(f"  beta_t = {show(coeffs['beta'])}")
     em.line()
     em.line("Within a chunk (positions t = 0..L-1, W_0 and M_0 the state entering it) every gradient is")
     em.line("taken at W_0, so all of them come at once. The memory is a chain of layers (LAYERS), each a")
@@ -237,32 +233,10 @@ def _carried(starts, scales, row, inputs, deltas):
 
 def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
     lv = rules.level
-    gates = [ident(g, "g") for g in lv.gates]
-    name = ident(lv.name, "level")
-    kw = "".join(f"{g}, " for g in gates)
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
     bias_gates = ir.gate_names(rules.bias.grad)
-    with em.indent(f"def {name}(q, k, v, *, {kw}initial_state=None, output_final_state=False):"):
-        em.line(f'"""Level {comment(lv.name)!r}, chunk-parallel (CHUNK tokens at a time). q, k: [B, T, H, K]; '
-                "v: [B, T, H, V];")
-        em.line(f"gates {', '.join(lv.gates) or '(none)'}: [B, T, H] (bias gates may be [B, T, H, K|V]).")
-        em.line('Returns (o [B, T, H, V], final state or None), exactly as the reference op."""')
-        em.line("B, T = k.shape[:2]")
-        em.line("state = initial_state if initial_state is not None else globals()['initial_state'](B, k.dtype, k.device)")
-        em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
-        em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
-        em.line("qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]")
-        used = set().union(*(ir.gate_names(e) for e in coeffs.values()))
-        for g in lv.gates:
-            if g in used:
-                em.line(f"{ident(g, 'gh')} = {ident(g, 'g')}.transpose(1, 2)  # gate {comment(g)} [B, H, T]")
-        for g in bias_gates:
-            view = "[..., None]  # [B, H, T, 1]" if lv.gate_axes[g] == "scalar" else "  # [B, H, T, K|V]"
-            em.line(f"{ident(g, 'go')} = {ident(g, 'g')}.transpose(1, 2){view}, shaped for outputs")
-        # per-token scalar coefficients of the whole sequence
-        ones = any(not sympy.sympify(e).free_symbols for e in coeffs.values())
-        if ones:
-            em.line("ones = torch.ones(kh.shape[:3], dtype=k.dtype, device=k.device)  # [B, H, T]")
+    with em.indent(op_signature(lv)):
+        render_op_inputs(em, rules, coeffs)
         em.line("# per-token coefficients of the whole sequence, [B, H, T]")
         spans = {"decay": lv.retention.span, "scale": lv.retention.span, "lr": lv.algorithm.span,
                  "beta": lv.algorithm.span}

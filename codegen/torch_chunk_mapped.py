@@ -31,7 +31,7 @@ from nlc.plan import KernelPlan
 
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
-from .torch_chunk_common import render_layer_grads, render_product
+from .torch_chunk_common import op_signature, render_layer_grads, render_op_inputs, render_product, show
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -67,10 +67,6 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.gap()
     _render_op(em, rules)
     return em.text()
-
-
-def _show(expr) -> str:
-    return comment(str(sympy.sympify(expr))).replace("gate_", "")
 
 
 def _map_gates(rules: LevelRules) -> list[str]:
@@ -113,11 +109,11 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file: 
     em.line("for a bias, with a_j the layer's input and δ_j ∂ℓ_j/∂(its output).")
     if lv.bias.kind == "omega":
         em.line(f"The omega window sums g_t = sum_{{t - WINDOW < i <= t}} gamma_i u_i, gamma_i = "
-                f"{_show(lv.bias.args['gamma'])}, reach into the")
+                f"{show(lv.bias.args['gamma'])}, reach into the")
         em.line("previous chunk (its tokens re-evaluated at W_0), never before the call's first token.")
     em.line("Then token by token, with the reference's own functions on per-token tensors:")
-    em.line({"gd": f"  s_t = -lr_t g_t,   lr_t = {_show(rules.lr)}",
-             "ftrl": f"  s_t = -lr_t g_t,   lr_t = {_show(rules.lr)}",
+    em.line({"gd": f"  s_t = -lr_t g_t,   lr_t = {show(rules.lr)}",
+             "ftrl": f"  s_t = -lr_t g_t,   lr_t = {show(rules.lr)}",
              "momentum": "  M_t = beta_t M_{t-1} - lr_t g_t,   s_t = M_t",
              "muon": "  M_t = beta_t M_{t-1} + g_t,   s_t = -lr_t NS(M_t)"}[alg])
     if rules.accumulator:
@@ -178,8 +174,6 @@ def _render_op(em: Emitter, rules: LevelRules) -> None:
     lv = rules.level
     alg = lv.algorithm.kind
     omega = lv.bias.kind == "omega"
-    name = ident(lv.name, "level")
-    kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
     bias_gates = ir.gate_names(rules.bias.grad)
     coeffs = {"lr": rules.lr}
@@ -188,25 +182,8 @@ def _render_op(em: Emitter, rules: LevelRules) -> None:
     if omega:
         coeffs["gamma"] = lv.bias.args["gamma"]
     map_gates, psi_gates = _map_gates(rules), _psi_gates(rules)
-    with em.indent(f"def {name}(q, k, v, *, {kw}initial_state=None, output_final_state=False):"):
-        em.line(f'"""Level {comment(lv.name)!r}, chunk-parallel (CHUNK tokens at a time). q, k: [B, T, H, K]; '
-                "v: [B, T, H, V];")
-        em.line(f"gates {', '.join(lv.gates) or '(none)'}: [B, T, H] (bias gates may be [B, T, H, K|V]).")
-        em.line('Returns (o [B, T, H, V], final state or None), exactly as the reference op."""')
-        em.line("B, T = k.shape[:2]")
-        em.line("state = initial_state if initial_state is not None else globals()['initial_state'](B, k.dtype, k.device)")
-        em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
-        em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
-        em.line("qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]")
-        used = set(map_gates) | set(psi_gates) | set().union(*(ir.gate_names(e) for e in coeffs.values()))
-        for g in lv.gates:
-            if g in used:
-                em.line(f"{ident(g, 'gh')} = {ident(g, 'g')}.transpose(1, 2)  # gate {comment(g)} [B, H, T]")
-        for g in bias_gates:
-            view = "[..., None]  # [B, H, T, 1]" if lv.gate_axes[g] == "scalar" else "  # [B, H, T, K|V]"
-            em.line(f"{ident(g, 'go')} = {ident(g, 'g')}.transpose(1, 2){view}, shaped for outputs")
-        if any(not sympy.sympify(e).free_symbols for e in coeffs.values()):
-            em.line("ones = torch.ones(kh.shape[:3], dtype=k.dtype, device=k.device)  # [B, H, T]")
+    with em.indent(op_signature(lv)):
+        render_op_inputs(em, rules, coeffs, (*map_gates, *psi_gates))
         em.line("# per-token coefficients of the whole sequence, [B, H, T]")
         spans = {"lr": lv.algorithm.span, "beta": lv.algorithm.span, "gamma": lv.bias.span}
         what = {"lr": "lr_t", "beta": "beta_t, on the momentum", "gamma": "gamma_i, the window's weight of token i"}

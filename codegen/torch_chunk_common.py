@@ -7,9 +7,10 @@ from __future__ import annotations
 import sympy
 
 from nlc import ir
+from nlc.derive.printer import to_torch
 from nlc.derive.rules import LevelRules
 
-from .emitter import Emitter, comment, ident
+from .emitter import Emitter, comment, ident, where
 
 
 def show(expr) -> str:
@@ -46,6 +47,22 @@ def render_op_inputs(em: Emitter, rules: LevelRules, coeffs: dict, extra_gates=(
         em.line(f"{ident(g, 'go')} = {ident(g, 'g')}.transpose(1, 2){view}, shaped for outputs")
     if any(not sympy.sympify(e).free_symbols for e in coeffs.values()):
         em.line("ones = torch.ones(kh.shape[:3], dtype=k.dtype, device=k.device)  # [B, H, T]")
+
+
+def render_scan_coefficients(em: Emitter, lv: ir.Level, coeffs: dict, heads: dict) -> None:
+    """The per-token factors of a linear scan (roles decay, scale, lr, beta -> sympy expressions,
+    gate symbols printed through `heads`) as [B, H, T] tensors; a constant one times `ones`."""
+    em.line("# per-token coefficients of the whole sequence, [B, H, T]")
+    spans = {"decay": lv.retention.span, "scale": lv.retention.span, "lr": lv.algorithm.span,
+             "beta": lv.algorithm.span}
+    what = {"decay": "a_t, on the old state", "scale": "c_t, on the step",
+            "lr": "lr_t", "beta": "beta_t, on the momentum"}
+    for role, expr in coeffs.items():
+        expr = sympy.sympify(expr)
+        text = to_torch(expr, heads)
+        if not expr.free_symbols:
+            text = "ones" if expr == 1 else f"{text} * ones"
+        em.line(f"{role} = {text}  {where(spans[role]) or '#'} {what[role]}")
 
 
 def render_scan_helpers(em: Emitter) -> None:

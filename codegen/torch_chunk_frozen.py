@@ -14,18 +14,16 @@ reference op's signature, state layout and return convention.
 """
 from __future__ import annotations
 
-import sympy
-
 import nlc
 from nlc import ir
 from nlc.derive import symbols as S
-from nlc.derive.printer import to_torch
 from nlc.derive.rules import ALGORITHM_TEXT, LevelRules
 from nlc.plan import KernelPlan
 
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
-from .torch_chunk_common import op_signature, render_layer_grads, render_op_inputs, render_product, render_scan_helpers, show
+from .torch_chunk_common import (op_signature, render_layer_grads, render_op_inputs, render_product,
+                                 render_scan_coefficients, render_scan_helpers, show)
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -237,17 +235,7 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
     bias_gates = ir.gate_names(rules.bias.grad)
     with em.indent(op_signature(lv)):
         render_op_inputs(em, rules, coeffs)
-        em.line("# per-token coefficients of the whole sequence, [B, H, T]")
-        spans = {"decay": lv.retention.span, "scale": lv.retention.span, "lr": lv.algorithm.span,
-                 "beta": lv.algorithm.span}
-        what = {"decay": "a_t, on the old state", "scale": "c_t, on the step",
-                "lr": "lr_t", "beta": "beta_t, on the momentum"}
-        for role, expr in coeffs.items():
-            expr = sympy.sympify(expr)
-            text = to_torch(expr, heads)
-            if not expr.free_symbols:
-                text = "ones" if expr == 1 else f"{text} * ones"
-            em.line(f"{role} = {text}  {where(spans[role]) or '#'} {what[role]}")
+        render_scan_coefficients(em, lv, coeffs, heads)
         names = "b, f, G, m, H" if momentum else "b, G"
         em.line("# the scan coefficients depend on the gates alone: those of every chunk at once, unbound into")
         em.line("# tuples over the NC chunks of [B, H, CHUNK] or [B, H, CHUNK, CHUNK] (a short last chunk uses its")

@@ -13,18 +13,15 @@ bias (`output_grad`) and state helpers, and defines `CHUNK` (the unit), `PERIOD`
 """
 from __future__ import annotations
 
-import sympy
-
 import nlc
 from nlc import ir
 from nlc.derive import symbols as S
-from nlc.derive.printer import to_torch
 from nlc.derive.rules import ALGORITHM_TEXT, LevelRules
 from nlc.plan import KernelPlan
 
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
-from .torch_chunk_common import op_signature, render_op_inputs, show
+from .torch_chunk_common import op_signature, render_op_inputs, render_scan_coefficients, show
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -196,17 +193,7 @@ def _render_op(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, momentu
     bias_gates = ir.gate_names(rules.bias.grad)
     with em.indent(op_signature(lv)):
         render_op_inputs(em, rules, coeffs)
-        em.line("# per-token coefficients of the whole sequence, [B, H, T]")
-        spans = {"decay": lv.retention.span, "scale": lv.retention.span, "lr": lv.algorithm.span,
-                 "beta": lv.algorithm.span}
-        what = {"decay": "a_t, on the old state", "scale": "c_t, on the step",
-                "lr": "lr_t", "beta": "beta_t, on the momentum"}
-        for role, expr in coeffs.items():
-            expr = sympy.sympify(expr)
-            text = to_torch(expr, heads)
-            if not expr.free_symbols:
-                text = "ones" if expr == 1 else f"{text} * ones"
-            em.line(f"{role} = {text}  {where(spans[role]) or '#'} {what[role]}")
+        render_scan_coefficients(em, lv, coeffs, heads)
         em.line("committed = params  # what reads see: the state at the last period boundary")
         em.line("outputs = []")
         with em.indent("for start in range(0, T, CHUNK):"):

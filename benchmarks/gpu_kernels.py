@@ -175,6 +175,7 @@ def main(argv=None):
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
     rows = _nlc_rows(B, T, H, D) + _fla_rows(B, T, H, D)
+    rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]
     results = []
@@ -207,6 +208,8 @@ def main(argv=None):
             if device == "cuda":
                 torch.cuda.empty_cache()
         results.append(entry)
+        if args.json:  # after every row, so a run cut off by a time limit keeps what it measured
+            _write(args.json, device, B, T, H, D, warmup, repeats, results, {})
     ratios = {}
     for rule in ("gated_delta", "delta"):
         ours = next((r for r in results if r["row"] == f"nlc triton chunk {rule}" and "error" not in r), None)
@@ -216,15 +219,20 @@ def main(argv=None):
             print(f"nlc / fla {rule}: forward {ratios[rule]['forward']:.2f}x, "
                   f"forward+backward {ratios[rule]['forward_backward']:.2f}x (target <= 1.25x)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "shape": {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16"},
-            "warmup": warmup, "repeats": repeats, "formulas": FORMULAS, "rows": results,
-            "nlc_over_fla": ratios}, indent=2))
+        _write(args.json, device, B, T, H, D, warmup, repeats, results, ratios)
         print(f"wrote {args.json}")
 
+
+def _write(path, device, B, T, H, D, warmup, repeats, results, ratios):
+    import triton  # noqa: PLC0415 - only its version, for the record
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": triton.__version__,
+        "shape": {"B": B, "T": T, "H": H, "D": D, "dtype": "bfloat16"},
+        "warmup": warmup, "repeats": repeats, "formulas": FORMULAS, "rows": results,
+        "nlc_over_fla": ratios}, indent=2))
 
 if __name__ == "__main__":
     main()

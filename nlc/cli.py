@@ -158,7 +158,12 @@ def cmd_explore(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if args.workers < 1 or (args.trials is not None and args.trials < 1):
         raise UsageError("--workers and --trials must be >= 1")
-    train = TrainConfig(steps=args.steps, batch=args.batch, layers=args.layers, seed=args.seed)
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: this machine has no CUDA device")
+    train = TrainConfig(steps=args.steps, batch=args.batch, layers=args.layers, seed=args.seed,
+                        device=args.device, mode=args.mode)
     settings = Settings(task=args.task, task_args=dict(args.task_arg), lrs=lrs, train=train,
                         train_examples=args.train_examples, test_examples=args.test_examples,
                         overrides=dict(args.set))
@@ -313,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers; "
                    "1 is faster on a busy machine)")
+    p.add_argument("--device", default="cpu", help="where trials train: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--mode", default="auto", choices=("auto", "chunk", "reference", "triton"),
+                   help="how the layers run (default auto: Triton on CUDA, else chunked on long inputs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_explore)
 

@@ -29,6 +29,7 @@ class TrainConfig:
     layers: int | None = None    # None: the spec's `layers` parameter, else 2 (Program.model)
     mode: str = "auto"
     seed: int = 0
+    device: str = "cpu"          # where the model trains: "cpu", "cuda", "cuda:1", ...
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -39,14 +40,14 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data: TaskData, batch: int = 64) -> dict[str, float]:
+def evaluate(model, data: TaskData, batch: int = 64, device: str = "cpu") -> dict[str, float]:
     """Accuracy of argmax predictions at the scored positions, per slice name."""
     model.eval()
     hits = torch.zeros(len(data.slice_names))
     counts = torch.zeros(len(data.slice_names))
     for i in range(0, len(data.inputs), batch):
         ids, targets, slices = (t[i:i + batch] for t in (data.inputs, data.targets, data.slices))
-        right = (model(ids).argmax(-1) == targets).float()
+        right = (model(ids.to(device)).argmax(-1).cpu() == targets).float()
         scored = slices >= 0
         hits.index_add_(0, slices[scored], right[scored])
         counts.index_add_(0, slices[scored], torch.ones_like(right[scored]))
@@ -63,7 +64,8 @@ def train(program, task: Task, cfg: TrainConfig,
     prune). Returns accuracy (mean over slices), per-slice accuracy, final loss, training tokens/s
     and the parameter count. Raises Diverged on a non-finite or exploding loss."""
     torch.manual_seed(cfg.seed)
-    model = program.model(task.vocab_size, cfg.layers, cfg.mode)
+    model = program.model(task.vocab_size, cfg.layers, cfg.mode).to(cfg.device)
+    cuda = torch.device(cfg.device).type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     data = task.train
@@ -79,8 +81,9 @@ def train(program, task: Task, cfg: TrainConfig,
         idx = perm[cursor:cursor + min(cfg.batch, len(perm))]
         cursor += len(idx)
         start = time.perf_counter()
-        logits = model(data.inputs[idx])
-        loss = F.cross_entropy(logits.flatten(0, 1), data.targets[idx].flatten(), ignore_index=IGNORE)
+        logits = model(data.inputs[idx].to(cfg.device))
+        loss = F.cross_entropy(logits.flatten(0, 1), data.targets[idx].to(cfg.device).flatten(),
+                               ignore_index=IGNORE)
         loss_value = loss.detach().item()
         first = loss_value if first is None else first
         if not math.isfinite(loss_value) or loss_value > 10 * first + 10:
@@ -90,10 +93,12 @@ def train(program, task: Task, cfg: TrainConfig,
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
+        if cuda:
+            torch.cuda.synchronize(cfg.device)
         busy += time.perf_counter() - start
         tokens += data.inputs[idx].numel()
         if step in eval_at:
-            per_slice = evaluate(model, task.test)
+            per_slice = evaluate(model, task.test, device=cfg.device)
             if checkpoint is not None:
                 checkpoint(eval_at[step], _mean(per_slice))
     return {"accuracy": _mean(per_slice), "slices": per_slice, "loss": loss_value,

@@ -106,3 +106,17 @@ def test_a_changed_command_does_not_mix_into_an_old_run(tiny_spec, tmp_path, cap
                                            ("12", 12)])
 def test_budget_parses(text, seconds):
     assert search.parse_budget(text) == seconds
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a CPU-only machine")
+def test_a_cuda_device_without_cuda_is_a_usage_error(tiny_spec, tmp_path, capsys):
+    assert explore(tiny_spec, tmp_path / "run", "--device", "cuda") == 2
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_trials_train_on_cuda(tiny_spec, tmp_path):
+    out = tmp_path / "run"
+    assert explore(tiny_spec, out, "--trials", "1", "--device", "cuda") == 0
+    (trial,) = [t for t in trials(out) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 0.0 <= trial.user_attrs["record"]["accuracy"] <= 1.0

@@ -18,6 +18,10 @@ softmax, Newton-Schulz, a threshold), so batching them over tokens only streams 
 copies through memory: on a CPU that measured slower than the reference loop, while per-token
 tensors stay in cache. Running them token by token also repeats the reference's rounding, which
 these rules amplify (muon's normalisation, the q-norm's inverse scale).
+
+dgd with plain gradient steps is the exception: each layer's weights follow a gated delta rule with
+keys and values known at W_0, solved in closed form per chunk (`torch_chunk_mapped_dgd`), which
+never forms a per-token weight copy.
 """
 from __future__ import annotations
 
@@ -30,8 +34,10 @@ from nlc.derive.rules import ALGORITHM_TEXT, LevelRules
 from nlc.plan import KernelPlan
 
 from . import torch_arch
+from . import torch_chunk_mapped_dgd as dgd
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import op_signature, render_layer_grads, render_op_inputs, render_product, show
+from .torch_reference import self_target
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -48,18 +54,23 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line("import torch")
     em.line()
     imports = ["N_PARAMS", "_pack", "initial_state", "memory_forward", "output_grad"]
-    imports += ["accumulate", "psi"] if rules.accumulator else ["retain"]
+    if not dgd.applies(rules):
+        imports += ["accumulate", "psi"] if rules.accumulator else ["retain"]
     if lv.algorithm.kind == "muon":
         imports.append("newton_schulz")
-    em.line(f"from .{ident(lv.name, 'level')} import ({', '.join(imports[:5])},")
-    em.line(f"    {', '.join(imports[5:])})")
+    em.line(f"from .{ident(lv.name, 'level')} import ({', '.join(imports[:5])}{',' if imports[5:] else ')'}")
+    if imports[5:]:
+        em.line(f"    {', '.join(imports[5:])})")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")
     em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
     if lv.bias.kind == "omega":
         em.line(f"WINDOW = {int(lv.bias.args['window'])}")
     em.gap()
-    _render_helpers(em)
+    if dgd.applies(rules):
+        dgd.render_helpers(em)
+    else:
+        _render_helpers(em)
     em.gap()
     render_product(em)
     em.gap()
@@ -107,10 +118,23 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file: 
     em.line("Per chunk (tokens t = 0..L-1, W_0 the weights entering it), one forward and one vjp at W_0")
     em.line("give every token's gradient, factored per layer (LAYERS): u_j = a_j ⊗ δ_j for a weight, δ_j")
     em.line("for a bias, with a_j the layer's input and δ_j ∂ℓ_j/∂(its output).")
+    if lv.target == "self":
+        em.line(f"The target is the memory's own read-out M(W_0; {comment(lv.value)}_j) (`value self(...)`)"
+                + (", without outer gradient." if lv.stop_target else "."))
     if lv.bias.kind == "omega":
         em.line(f"The omega window sums g_t = sum_{{t - WINDOW < i <= t}} gamma_i u_i, gamma_i = "
                 f"{show(lv.bias.args['gamma'])}, reach into the")
         em.line("previous chunk (its tokens re-evaluated at W_0), never before the call's first token.")
+    if dgd.applies(rules):
+        em.line("Then per layer, with decay_t = " + show(dgd.coefficients(rules)["decay"])
+                + f", lr_t = {show(rules.lr)}, w_t = -lr_t δ_t (MATH.md §3.3, §3.6):")
+        em.line("  W_t = (decay_t I - lr_t a_t a_tᵀ) W_{t-1} + a_t w_tᵀ = decay_t W_{t-1} + a_t r_tᵀ,")
+        em.line("  the pseudo-values r of the whole chunk from one unit lower-triangular solve, and the")
+        em.line(f"  read o_t = M(.; q_t) at W_{{t{'' if lv.read == 'after' else '-1'}}} as matmuls (no per-token weight copy).")
+        em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; the state is the")
+        em.line(f"reference's: {comment(', '.join(_state_names(rules)))}.")
+        em.line('"""')
+        return
     em.line("Then token by token, with the reference's own functions on per-token tensors:")
     em.line({"gd": f"  s_t = -lr_t g_t,   lr_t = {show(rules.lr)}",
              "ftrl": f"  s_t = -lr_t g_t,   lr_t = {show(rules.lr)}",
@@ -176,7 +200,7 @@ def _render_op(em: Emitter, rules: LevelRules) -> None:
     omega = lv.bias.kind == "omega"
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
     bias_gates = ir.gate_names(rules.bias.grad)
-    coeffs = {"lr": rules.lr}
+    coeffs = dgd.coefficients(rules) if dgd.applies(rules) else {"lr": rules.lr}
     if alg in ("momentum", "muon"):
         coeffs["beta"] = lv.algorithm.args["beta"]
     if omega:
@@ -185,8 +209,10 @@ def _render_op(em: Emitter, rules: LevelRules) -> None:
     with em.indent(op_signature(lv)):
         render_op_inputs(em, rules, coeffs, (*map_gates, *psi_gates))
         em.line("# per-token coefficients of the whole sequence, [B, H, T]")
-        spans = {"lr": lv.algorithm.span, "beta": lv.algorithm.span, "gamma": lv.bias.span}
-        what = {"lr": "lr_t", "beta": "beta_t, on the momentum", "gamma": "gamma_i, the window's weight of token i"}
+        spans = {"lr": lv.algorithm.span, "beta": lv.algorithm.span, "gamma": lv.bias.span,
+                 "decay": lv.retention.span}
+        what = {"lr": "lr_t", "beta": "beta_t, on the momentum", "gamma": "gamma_i, the window's weight of token i",
+                "decay": "decay_t, on the old weights"}
         for role, expr in coeffs.items():
             em.line(f"{role} = {_coefficient(expr, heads)}  {where(spans[role]) or '#'} {what[role]}")
         if rules.accumulator and not psi_gates:
@@ -199,19 +225,29 @@ def _render_op(em: Emitter, rules: LevelRules) -> None:
         with em.indent("for start in range(0, T, CHUNK):"):
             em.line(f"{where(lv.span)} level {comment(lv.name)}, one chunk of L <= CHUNK tokens")
             em.line("end = min(start + CHUNK, T)")
-            if omega:
-                em.line("lo = max(start - (WINDOW - 1), 0)  # windows reach back into the previous chunk")
+            if dgd.applies(rules):
+                dgd.render_chunk(em, rules, "".join(f", {ident(g, 'go')}[:, :, start:end]" for g in bias_gates))
             else:
-                em.line("lo = start")
-            args = "".join(f", {ident(g, 'go')}[:, :, lo:end]" for g in bias_gates)
-            em.line(f"inputs, deltas = _layer_grads(weights, kh[:, :, lo:end], vh[:, :, lo:end]{args})  "
-                    f"{where((lv.bias.inner or lv.bias).span) or '#'} at W_0")
-            if omega:
-                em.line("deltas = [gamma[:, :, lo:end, None] * d for d in deltas]  # gamma_i δ_i, as the reference scales dy")
-            em.line("inputs, deltas = [_by_token(a) for a in inputs], [_by_token(d) for d in deltas]  # per layer, per token")
-            _render_token_loop(em, rules, coeffs, map_gates, psi_gates)
+                _render_chunk(em, rules, coeffs, map_gates, psi_gates)
         em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
         em.line("return o, (_pack(params + buffers) if output_final_state else None)")
+
+
+def _render_chunk(em: Emitter, rules: LevelRules, coeffs, map_gates, psi_gates) -> None:
+    """One chunk: every token's gradient pieces at W_0 (and its window's), then the token loop."""
+    lv = rules.level
+    omega = lv.bias.kind == "omega"
+    if omega:
+        em.line("lo = max(start - (WINDOW - 1), 0)  # windows reach back into the previous chunk")
+    else:
+        em.line("lo = start")
+    args = "".join(f", {ident(g, 'go')}[:, :, lo:end]" for g in ir.gate_names(rules.bias.grad))
+    em.line(f"inputs, deltas = _layer_grads(weights, kh[:, :, lo:end], {self_target(lv, 'vh[:, :, lo:end]', 'weights')}{args})  "
+            f"{where((lv.bias.inner or lv.bias).span) or '#'} at W_0")
+    if omega:
+        em.line("deltas = [gamma[:, :, lo:end, None] * d for d in deltas]  # gamma_i δ_i, as the reference scales dy")
+    em.line("inputs, deltas = [_by_token(a) for a in inputs], [_by_token(d) for d in deltas]  # per layer, per token")
+    _render_token_loop(em, rules, coeffs, map_gates, psi_gates)
 
 
 def _render_token_loop(em: Emitter, rules: LevelRules, coeffs, map_gates, psi_gates) -> None:

@@ -22,6 +22,7 @@ from nlc.plan import KernelPlan
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import op_signature, render_op_inputs, render_scan_coefficients, show
+from .torch_reference import nesting_keywords, render_restart, render_return, self_target
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
@@ -62,6 +63,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line()
     em.line(f"CHUNK = {unit}  # tokens per unit: reads of a unit see one committed state")
     em.line(f"PERIOD = {period}  # update every PERIOD tokens: reads see the state at the last boundary")
+    if lv.init_from is not None:
+        em.line(f"RESTART = {lv.restart}  # restart from level {comment(lv.init_from)}'s state every RESTART tokens")
     if frozen_at is not None and frozen_at > unit:
         em.line(f"GRAD_CHUNK = {frozen_at}  # gradients at the state entering each GRAD_CHUNK tokens")
     em.gap()
@@ -80,8 +83,10 @@ def _times(s, x):
 
 
 def _state_free(rules: LevelRules) -> bool:
-    """u = k ⊗ dℓ/dy with dℓ/dy free of the state: the gradient is the same at every state."""
-    return rules.level.memory.kind == "matrix" and not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
+    """u = k ⊗ dℓ/dy with dℓ/dy free of the state: the gradient is the same at every state (not with
+    a self-generated target M(v), which reads the state)."""
+    return rules.level.memory.kind == "matrix" and rules.level.target != "self" \
+        and not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
 
 
 def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, frozen_at, model: str,
@@ -125,9 +130,18 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, frozen_at,
         em.line("  W_t = a_t W_{t-1} + c_t (-lr_t u_t)")
         em.line("has the end state W_{L-1} = b W_0 - sum_j g_j u_j with b = prod_r a_r and")
         em.line("g_j = (prod_{j<r<L} a_r) c_j lr_j (products from sums of each segment's logs).")
+    if lv.target == "self":
+        em.line(f"The target is the memory's own read-out M(W*; {comment(lv.value)}_j) at the same W* "
+                "(`value self(...)`)" + (", without outer gradient." if lv.stop_target else "."))
     em.line("As u_j = ∂<dy_j, M(W*; k_j)>/∂W* is linear in dy_j, sum_j g_j u_j is one vjp of M at W*")
     em.line("with the cotangents g_j dy_j. A short last unit has L < CHUNK tokens; the final state is the")
     em.line("latest one (a partial period's steps included), as in the reference.")
+    if lv.init_from is not None:
+        em.line(f"Nested: every RESTART = {lv.restart} tokens (a multiple of CHUNK) the state restarts from")
+        em.line(f"level {comment(lv.init_from)}'s (`restart_states`), optimizer buffers from zero.")
+    if lv.initialises:
+        em.line(f"Nested: `output_period_states` also returns the state entering every PERIOD boundary, which")
+        em.line(f"{comment(', '.join(lv.initialises))} restart(s) from.")
     em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; the state is the")
     em.line(f"reference's: {comment(', '.join(_state_names(lv)))}.")
     em.line('"""')
@@ -191,15 +205,20 @@ def _render_op(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, momentu
     lv = rules.level
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
     bias_gates = ir.gate_names(rules.bias.grad)
-    with em.indent(op_signature(lv)):
+    # the reference op's signature, with its nesting keywords (restart / period states) if any
+    signature = op_signature(lv).replace("initial_state=None", nesting_keywords(lv) + "initial_state=None", 1)
+    with em.indent(signature):
         render_op_inputs(em, rules, coeffs)
         render_scan_coefficients(em, lv, coeffs, heads)
         em.line("committed = params  # what reads see: the state at the last period boundary")
         em.line("outputs = []")
+        if lv.initialises:
+            em.line("exports = []  # the state entering each period boundary after the first token")
         with em.indent("for start in range(0, T, CHUNK):"):
+            render_restart(em, lv, "start", "params")
             _render_unit(em, rules, coeffs, momentum, frozen_at, int(plan.chunk), bias_gates)
         em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
-        em.line("return o, (_pack(params + buffers) if output_final_state else None)")
+        render_return(em, lv)
 
 
 def _render_unit(em: Emitter, rules: LevelRules, coeffs, momentum: bool, frozen_at, unit: int,
@@ -216,11 +235,18 @@ def _render_unit(em: Emitter, rules: LevelRules, coeffs, momentum: bool, frozen_
         with em.indent("if start % GRAD_CHUNK == 0:"):
             em.line("at = params  # the state entering this gradient chunk")
     bias_args = "".join(f", {ident(g, 'go')}[:, :, start:end]" for g in bias_gates)
-    em.line(f"dy = output_grad(memory_forward({at}, k_c), v_c{bias_args})  "
-            f"{where((lv.bias.inner or lv.bias).span) or '#'} dℓ/dy {note}, [B, H, L, V]")
-    if lv.read == "before":
+    own = lv.target == "self" and lv.value == lv.name
+    if own:
         em.line("outputs.append(memory_forward(committed, q_c))  # read before write: the committed state")
-    else:
+        em.line("v_c = outputs[-1]  # the stream its target reads: the level's own read-out")
+    target = self_target(lv, "v_c", at)
+    if target != "v_c":
+        em.line(f"target = {target}  # self-generated targets M(v_j) at the gradient state")
+    em.line(f"dy = output_grad(memory_forward({at}, k_c), {'target' if target != 'v_c' else 'v_c'}{bias_args})  "
+            f"{where((lv.bias.inner or lv.bias).span) or '#'} dℓ/dy {note}, [B, H, L, V]")
+    if lv.read == "before" and not own:
+        em.line("outputs.append(memory_forward(committed, q_c))  # read before write: the committed state")
+    elif lv.read == "after":
         em.line("seen = end - start - 1 if end % PERIOD == 0 else end - start  # tokens before the commit")
         em.line("outputs.append(memory_forward(committed, q_c[:, :, :seen]))  # read after write")
     chunked = ", ".join(f"{role}[:, :, start:end]" for role in coeffs)

@@ -253,13 +253,23 @@ def _render_level_call(body: Emitter, exprs: _Expressions, checked: ir.CheckedSp
     init = ""
     if state is not None:
         init = f", initial_state={state}, output_final_state=True"
+    elif lv.init_from is not None:  # nested: start, and restart, from the source level's state
+        source, source_module = checked.level(lv.init_from), exprs.level_modules[lv.init_from]
+        init = (f", initial_state=({_initial_state(source, source_module)})[:{source_module}.N_PARAMS]"
+                f" + {module}.initial_state(B, x.dtype, x.device)[{module}.N_PARAMS:],"
+                f" restart_states={ident(lv.init_from, 'periods')}")
     elif lv.init == "learned":
         init = f", initial_state={_initial_state(lv, module)}"
+    if lv.initialises:
+        init += ", output_period_states=True"
     out = ident(lv.name, "s")
     op = (f"dispatch.pick({module}.{ident(lv.name, 'level')}, {chunk_module}, self.mode, {length}, "
           f"self.{ident(lv.name, 'kernels')}, x.device)")
-    body.line(f"{out}, {state or '_'} = {op}(  {where(lv.span)}")
-    body.line(f"    {stream(lv.query)}, {stream(lv.key)}, {stream(lv.value)}{gates}{init})")
+    periods = f", {ident(lv.name, 'periods')}" if lv.initialises else ""
+    # a level whose target reads its own read-out computes that stream in its op: v is its query
+    value = stream(lv.query if lv.value == lv.name else lv.value)
+    body.line(f"{out}, {state or '_'}{periods} = {op}(  {where(lv.span)}")
+    body.line(f"    {stream(lv.query)}, {stream(lv.key)}, {value}{gates}{init})")
     if state is not None:
         body.line(f"{state} = ({state},) if torch.is_tensor({state}) else {state}")
     if len(checked.streams[lv.name].shape) == 1:
@@ -276,7 +286,7 @@ def _evaluation_order(checked: ir.CheckedSpec) -> list[tuple[str, str]]:
             deps[n], kinds[n] = set(expression_names(st.expr)), "let"
         elif st.source == "level":
             lv = checked.level(n)
-            deps[n], kinds[n] = {lv.key, lv.value, lv.query} | set(lv.gates), "level"
+            deps[n], kinds[n] = {lv.key, lv.value, lv.query, lv.init_from} | set(lv.gates), "level"
     order, done = [], set()
     while len(order) < len(deps):
         for n in deps:

@@ -32,6 +32,11 @@ def render_level(rules: LevelRules, model: str, file: str) -> str:
     em.line(f"GATES = {tuple(lv.gates)!r}")
     em.line(f"STATE = {tuple(state_names)!r}")
     em.line(f"N_PARAMS = {len(layout)}")
+    if lv.init_from is not None:
+        em.line(f"RESTART = {lv.restart}  # restart from level {comment(lv.init_from)}'s state every RESTART tokens")
+    if lv.initialises:
+        em.line(f"PERIOD = {lv.period}  # the state at every PERIOD boundary restarts "
+                f"{comment(', '.join(lv.initialises))}")
     record = lv.retention.kind == "dgd"
     if record:
         em.gap()
@@ -235,10 +240,11 @@ def _render_op(em: Emitter, rules: LevelRules, gates: list[str]) -> None:
     lv = rules.level
     mlp = lv.memory.kind == "mlp"
     name = ident(lv.name, "level")
-    kw = "".join(f"{g}, " for g in gates)
+    kw = "".join(f"{g}, " for g in gates) + nesting_keywords(lv)
     with em.indent(f"def {name}(q, k, v, *, {kw}initial_state=None, output_final_state=False):"):
         em.line(f'"""Level {comment(lv.name)!r}, token by token. q, k: [B, T, H, K]; v: [B, T, H, V];')
         em.line(f"gates {', '.join(lv.gates) or '(none)'}: [B, T, H] or [B, T, H, K|V].")
+        render_nesting_doc(em, lv)
         em.line('Returns (o [B, T, H, V], final state or None)."""')
         em.line("B, T = k.shape[:2]")
         em.line("state = initial_state if initial_state is not None else globals()['initial_state'](B, k.dtype, k.device)")
@@ -266,10 +272,59 @@ def _render_loop(em: Emitter, rules: LevelRules, weights: str, mlp: bool) -> Non
     if lv.bias.kind == "omega":
         em.line("window = []  # (k_i, v_i, gamma_i, bias gates_i) of the last WINDOW tokens")
     em.line("outputs = []")
+    if lv.initialises:
+        em.line("exports = []  # the state entering each period boundary after the first token")
     with em.indent("for t in range(T):"):
+        render_restart(em, lv, "t", "weights")
         _render_step(em, rules, mlp)
     em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
-    em.line("return o, (_pack(params + buffers) if output_final_state else None)")
+    render_return(em, lv)
+
+
+def nesting_keywords(lv: ir.Level) -> str:
+    """The op's keyword arguments for nested levels (`init from`): restart states in, period states out."""
+    return ("restart_states=None, " if lv.init_from is not None else "") + \
+        ("output_period_states=False, " if lv.initialises else "")
+
+
+def render_nesting_doc(em: Emitter, lv: ir.Level) -> None:
+    if lv.init_from is not None:
+        em.line(f"restart_states: level {comment(lv.init_from)}'s period states (its `output_period_states`),")
+        em.line("a tuple of [B, J, H, ...] per parameter tensor: at token j * RESTART (j >= 1) the state")
+        em.line("restarts from entry j - 1, optimizer buffers from zero (None: no restarts).")
+    if lv.initialises:
+        em.line("output_period_states: also return, third, the state entering every token j * PERIOD,")
+        em.line("0 < j * PERIOD < T, as a tuple of [B, J, H, ...] per parameter tensor (J = (T - 1) // PERIOD).")
+    if lv.target == "self" and lv.value == lv.name:
+        em.line("v is not read: the target is M(y_t) of the level's own read-out y_t = M_{t-1}(q_t).")
+
+
+def render_restart(em: Emitter, lv: ir.Level, t: str, weights: str) -> None:
+    """At the start of token (or unit) `t`: restart from the source level's state (init from), then
+    record the state entering a period boundary for the levels that restart from this one."""
+    if lv.init_from is not None:
+        with em.indent(f"if restart_states is not None and {t} > 0 and {t} % RESTART == 0:  "
+                       f"# restart from level {comment(lv.init_from)}'s state"):
+            em.line(f"params = tuple(s[:, {t} // RESTART - 1] for s in restart_states)")
+            em.line("buffers = tuple(torch.zeros_like(b) for b in buffers)")
+            if weights != "params":
+                em.line(f"{weights} = params")
+            if (lv.period or 1) > 1:
+                em.line("committed = params")
+    if lv.initialises:
+        with em.indent(f"if output_period_states and {t} > 0 and {t} % PERIOD == 0:"):
+            em.line("exports.append(params)")
+
+
+def render_return(em: Emitter, lv: ir.Level) -> None:
+    """`return o, final state` (and the period states of a level that others restart from)."""
+    em.line("final = _pack(params + buffers) if output_final_state else None")
+    if lv.initialises:
+        with em.indent("if output_period_states:"):
+            em.line("periods = tuple(torch.stack(s, 1) for s in zip(*exports)) if exports else tuple(")
+            em.line("    p.new_zeros(p.shape[:1] + (0,) + p.shape[1:]) for p in params)")
+            em.line("return o, final, periods")
+    em.line("return o, final")
 
 
 def _psi_gated(rules: LevelRules) -> bool:
@@ -308,6 +363,9 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     before = "committed" if (lv.period or 1) > 1 else "weights"
     if lv.read == "before":
         em.line(f"outputs.append(memory_forward({before}, q_t))  # read before write")
+    if lv.target == "self" and lv.value == lv.name:
+        em.line("v_t = outputs[-1]  # the stream its target reads: the level's own read-out")
+    target = self_target(lv, "v_t")
     # attentional bias gradient
     bias_call = "".join(f", {ident(g, 'go')}" for g in bias_args)
     if lv.bias.kind == "omega":
@@ -322,11 +380,16 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
                 "for w in window], dim=2)")
         cat_args = "".join(f", torch.cat([w[{3 + i}].expand(-1, -1, 1, -1) for w in window], dim=2)"
                            for i, _ in enumerate(bias_args))
+        if target != "v_t":
+            em.line(f"v_w = {self_target(lv, 'v_w')}  # self-generated targets at the gradient state")
         em.line(f"dy = gamma_w * output_grad(memory_forward(at, k_w), v_w{cat_args})  "
                 f"{where(lv.bias.span)}")
         em.line("u = memory_grads(at, k_w, dy)")
     else:
-        em.line(f"dy = output_grad(memory_forward(at, k_t), v_t{bias_call})")
+        if target != "v_t":
+            em.line(f"target = {target}  # self-generated target M(v_t) at the gradient state")
+            target = "target"
+        em.line(f"dy = output_grad(memory_forward(at, k_t), {target}{bias_call})")
         em.line("u = memory_grads(at, k_t, dy)")
     # algorithm
     gnames = {ir.gate_symbol(g): ident(g, 'gs') for g in lv.gates}
@@ -389,6 +452,14 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
             em.line("committed = weights")
     if lv.read == "after":
         em.line(f"outputs.append(memory_forward({'committed' if (lv.period or 1) > 1 else 'weights'}, q_t))")
+
+
+def self_target(lv: ir.Level, v: str, at: str = "at") -> str:
+    """The target of the bias: the value `v` itself, or the memory's own read-out M(v) at the
+    gradient state (`value self(...)`, MATH.md §4.4), without outer gradient under `stopgrad`."""
+    if lv.target != "self":
+        return v
+    return f"memory_forward({at}, {v})" + (".detach()" if lv.stop_target else "")
 
 
 def _bcast(mlp: bool, expr: str, like: str) -> str:

@@ -37,6 +37,8 @@ def unsupported(rules: LevelRules) -> str | None:
         return f"update {when}: reads of a committed state are not in the fused recurrent kernels"
     if lv.grad_at not in ("current", "retained"):
         return "gradients frozen at chunk starts: a chunked form, not a per-token recurrence"
+    if lv.target == "self" or lv.init_from is not None:
+        return "a self-generated target or a restart (init from) is not in the fused recurrent kernels"
     if lv.algorithm.kind not in ("gd", "momentum"):
         return f"algorithm {lv.algorithm.kind} is not elementwise in the gradient (gd and momentum are)"
     if lv.bias.kind == "omega":

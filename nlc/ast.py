@@ -129,6 +129,13 @@ class LevelDecl:
 
 
 @dataclass(frozen=True)
+class OptimizerDecl:
+    """`optimizer { memory matrix  bias dot ... }`: the outer optimizer, a level of the same algebra."""
+    fields: tuple[Field, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
 class OutputDecl:
     value: Expr
     span: Span
@@ -151,7 +158,7 @@ class SpaceDecl:
     span: Span
 
 
-Decl = Union[ModelDecl, ParamDecl, LetDecl, GateDecl, LevelDecl, OutputDecl, SpaceDecl]
+Decl = Union[ModelDecl, ParamDecl, LetDecl, GateDecl, LevelDecl, OutputDecl, SpaceDecl, OptimizerDecl]
 
 
 @dataclass(frozen=True)

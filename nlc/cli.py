@@ -59,6 +59,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         note = per_token_note(program.rules[p.level], p)
         if note:
             print(f"  note: {note}")
+    if program.checked.optimizer is not None:
+        fields = program.checked.optimizer.describe()
+        print("  optimizer (outer level): " + "  ".join(f"{k} {v}" for k, v in fields.items()))
     for space in program.spaces:
         valid = space.valid if isinstance(space.valid, int) else len(space.valid)
         print(f"  space {space.name}: {space.size} points, {valid} valid")
@@ -212,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = training.TrainConfig(
         spec=args.spec, data=args.data, out=args.out, steps=args.steps, overrides=dict(args.set),
         layers=args.layers, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, mode=args.mode)
+        checkpoint_every=args.checkpoint_every, seed=args.seed, mode=args.mode, optimizer=args.optimizer)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per rank
         dist.init_process_group()
     try:
@@ -337,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the spec optimizer's `lr`, "
+                   "else 1e-3)")
+    p.add_argument("--optimizer", choices=("auto", "adamw", "spec"), default="auto",
+                   help="auto: the spec's `optimizer { }` if it declares one, else AdamW")
     p.add_argument("--layers", type=int, help="layers (default: the spec's `layers`, else 2)")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="N")
     p.add_argument("--mode", choices=("auto", "reference", "chunk"), default="auto")

@@ -1,5 +1,6 @@
 """The level graph (networkx): the input, streams, gates, levels, the output and the outer training
-loop as nodes; context flows (who reads whom) and nesting (who learns whose initial state) as edges.
+loop as nodes; context flows (who reads whom) and nesting (who learns whose initial state: the outer
+loop `nests` a meta-learned level; a level `initialises` one that restarts from its state) as edges.
 `build` makes it from a checked spec, `verify` checks it, `to_dot` and `to_text` show it."""
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ from .diagnostics import Collector, nearest
 from .lower import expression_names, recalls
 
 # Node ids of the fixed nodes. '@' cannot start a spec name, so these never clash with one.
-INPUT, OUTPUT, OUTER = "x", "@output", "@outer"
+INPUT, OUTPUT, OUTER, OPTIMIZER = "x", "@output", "@outer", "@optimizer"
 # What a level's write reads. With `read before` its output needs only the query and the old state,
 # so a path from its output back into one of these is causal (it takes effect at the next token).
 WRITE_ROLES = frozenset({"key", "value", "gate"})
 LEVEL_FIELDS = ("memory", "bias", "retention", "algorithm", "update", "gradient", "read", "init")
+OPTIMIZER_FIELDS = ("readout", "lr")  # shown after the level fields on the optimizer's node
 
 
 def build(checked: ir.CheckedSpec) -> nx.DiGraph:
-    """The level graph of a checked spec. Node ids are spec names (plus INPUT, OUTPUT, OUTER); every
-    node has `kind` (input | stream | gate | level | output), `name` and `span`."""
+    """The level graph of a checked spec. Node ids are spec names (plus INPUT, OUTPUT, OUTER and, when
+    the spec declares one, OPTIMIZER, nested in OUTER); every node has `kind` (input | stream | gate |
+    level | output), `name` and `span`."""
     g = nx.DiGraph(name=checked.name, file=checked.file, source=checked.source)
     g.add_node(INPUT, kind="input", name="x", shape=checked.streams["x"].shape, span=None)
     for s in checked.streams.values():
@@ -38,6 +41,10 @@ def build(checked: ir.CheckedSpec) -> nx.DiGraph:
     g.add_node(OUTER, kind="level", name="outer", level=None, period=None, frequency=0,
                label={"update": "outer training loop (frequency 0)"}, span=None)
     g.add_node(OUTPUT, kind="output", name="output", span=checked.output.span)
+    if checked.optimizer is not None:  # the outer loop's optimizer is a level of its own (MATH §4.6)
+        g.add_node(OPTIMIZER, kind="level", name="optimizer", level=None, period=None, frequency=0,
+                   label=checked.optimizer.describe(), span=checked.optimizer.span)
+        g.add_edge(OUTER, OPTIMIZER, kind="nests")
 
     skip = set(checked.params) | {"head"}  # names in expressions that are not nodes
     for s in checked.streams.values():
@@ -52,6 +59,11 @@ def build(checked: ir.CheckedSpec) -> nx.DiGraph:
             _flow(g, gate, lv.name, "gate")
         if lv.init == "learned" or lv.period is None:
             g.add_edge(OUTER, lv.name, kind="nests")
+        if lv.init_from is not None:  # beside a flow between the two levels, an attribute of its edge
+            if g.has_edge(lv.init_from, lv.name):
+                g.edges[lv.init_from, lv.name]["initialises"] = True
+            else:
+                g.add_edge(lv.init_from, lv.name, kind="initialises", initialises=True)
     _expr_flows(g, checked.output, OUTPUT, skip)
     return g
 
@@ -210,7 +222,7 @@ def dot_escape(text: str) -> str:
 
 def _level_lines(data) -> list[str]:
     label = data.get("label", {})
-    return [f"{k}: {label[k]}" for k in LEVEL_FIELDS if k in label]
+    return [f"{k}: {label[k]}" for k in (*LEVEL_FIELDS, "target", *OPTIMIZER_FIELDS) if k in label]
 
 
 def _granularity(data) -> str:
@@ -242,12 +254,14 @@ def to_dot(graph: nx.DiGraph) -> str:
             attrs = f'shape=ellipse, style=dashed, color=red, label="{name} (undefined)"'
         out.append(f"  {ids[n]} [{attrs}];")
     for u, v, d in graph.edges(data=True):
-        if d.get("kind") == "nests":
-            attrs = 'style=dashed, label="nests"'
-        else:
+        if d.get("kind") == "flow":
             roles = ", ".join(r for r in d.get("roles", ()) if r != "expr")
             attrs = f'style=solid, label="{dot_escape(roles)}"' if roles else "style=solid"
-        out.append(f"  {ids[u]} -> {ids[v]} [{attrs}];")
+            out.append(f"  {ids[u]} -> {ids[v]} [{attrs}];")
+        elif d.get("kind") == "nests":
+            out.append(f'  {ids[u]} -> {ids[v]} [style=dashed, label="nests"];')
+        if d.get("initialises"):
+            out.append(f'  {ids[u]} -> {ids[v]} [style=dashed, color=blue, label="initialises"];')
     return "\n".join(out + ["}"]) + "\n"
 
 
@@ -273,7 +287,8 @@ def to_text(graph: nx.DiGraph) -> str:
             roles = ", ".join(r for r in d.get("roles", ()) if r != "expr")
             out.append(f"  {nodes[u].get('name', u)} -> {nodes[v].get('name', v)}"
                        + (f"  ({roles})" if roles else ""))
-    nests = [f"  {nodes[u].get('name', u)} nests {nodes[v].get('name', v)}"
-             for u, v, d in graph.edges(data=True) if d.get("kind") == "nests"]
+    nests = [f"  {nodes[u].get('name', u)} {'nests' if d.get('kind') == 'nests' else 'initialises'} "
+             f"{nodes[v].get('name', v)}" for u, v, d in graph.edges(data=True)
+             if d.get("kind") == "nests" or d.get("initialises")]
     out += ["nesting:", *(nests or ["  (none)"])]
     return "\n".join(out) + "\n"

@@ -117,6 +117,11 @@ class Level:
     gates: tuple[str, ...]       # gate names this level's rule uses, in signature order
     gate_axes: Mapping[str, str] = field(default_factory=dict)  # gate -> scalar | key | value
     span: ast.Span | None = None
+    target: str = "value"        # value: the value stream | self: M(value) at the gradient point
+    stop_target: bool = False    # a self target with `stopgrad`: no outer gradient through M(value)
+    init_from: str | None = None  # `init from(level)`: restarts from that level's state...
+    restart: int | None = None    # ...every `restart` tokens (that level's period)
+    initialises: tuple[str, ...] = ()  # the levels that restart from this level's state
 
     @property
     def accumulates(self) -> bool:
@@ -130,9 +135,36 @@ class Level:
         period = "outer" if self.period is None else f"every {self.period}"
         grad = {"current": "current state", "retained": "retained state",
                 "chunk": f"chunk start ({self.grad_chunk})"}[self.grad_at]
-        return {"memory": self.memory.describe(), "bias": self.bias.describe(),
-                "retention": self.retention.describe(), "algorithm": self.algorithm.describe(),
-                "update": period, "gradient": grad, "read": f"{self.read} write", "init": self.init}
+        init = self.init if self.init_from is None else f"from {self.init_from} (every {self.restart})"
+        out = {"memory": self.memory.describe(), "bias": self.bias.describe(),
+               "retention": self.retention.describe(), "algorithm": self.algorithm.describe(),
+               "update": period, "gradient": grad, "read": f"{self.read} write", "init": init}
+        if self.target == "self":
+            out["target"] = f"self({self.value})" + (", stopgrad" if self.stop_target else "")
+        return out
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """The outer optimizer (MATH.md §4.6): a memory of the parameters' gradients, trained by its own
+    bias, retention and algorithm, whose read-out (through `readout`) is the parameter step.
+    algorithm: gd(lr) or m3(beta1, beta2, beta3, alpha, every, eps); readout: identity or
+    newton_schulz(steps); lr: the peak outer learning rate, or None (the trainer's)."""
+    memory: Memory
+    bias: Choice
+    retention: Choice
+    algorithm: Choice
+    readout: Choice
+    lr: float | None
+    span: ast.Span
+
+    def describe(self) -> dict[str, str]:
+        out = {"memory": self.memory.describe(), "bias": self.bias.describe(),
+               "retention": self.retention.describe(), "algorithm": self.algorithm.describe(),
+               "readout": self.readout.describe(), "update": "every outer step"}
+        if self.lr is not None:
+            out["lr"] = f"{self.lr:g}"
+        return out
 
 
 @dataclass(frozen=True)
@@ -160,6 +192,7 @@ class CheckedSpec:
     spaces: tuple[Space, ...]
     spans: Mapping[str, ast.Span]
     shapes: Mapping[ast.Span, tuple[int, ...]]  # per-token shape of every stream expression
+    optimizer: Optimizer | None = None  # the spec's outer optimizer, if it declares one
 
     @property
     def d_model(self) -> int:

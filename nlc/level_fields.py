@@ -31,6 +31,8 @@ class LevelFields:
         if any(r not in fields for r in ("memory", "bias", "algorithm")):
             raise Abort
         level = self.level_from_fields(d, fields)
+        self.levels = [lv.replace(initialises=(*lv.initialises, d.name)) if lv.name == level.init_from
+                       else lv for lv in self.levels]
         self.levels.append(level)
         single_head = len(self.streams[level.key].shape) == 1
         shape = (level.d_value,) if single_head else (level.heads, level.d_value)
@@ -63,13 +65,31 @@ class LevelFields:
                 self._fail("bad gradient point", v.span,
                            "current, retained or chunk_start(C)", nearest(name, options.GRADIENT_POINTS))
         read = self._word(fields, "read", options.READ_POINTS, "after")
-        init = self._word(fields, "init", options.INITS, "learned" if memory.kind == "mlp" else "zero")
+        source = None
+        if "init" in fields and isinstance(fields["init"].value, ast.Call):
+            source = self._init_source(d, fields["init"].value)
+            init = "from"
+        else:
+            init = self._word(fields, "init", options.INITS, "learned" if memory.kind == "mlp" else "zero")
+        target, stop = "value", False
+        if "value" in fields and isinstance(fields["value"].value, ast.Call):
+            target, stop = self._self_target(fields["value"].value)
         names = {}
         for role, default in (("key", "k"), ("value", "v"), ("query", "q")):
             v = fields[role].value if role in fields else ast.Name(default, d.span)
+            if role == "value" and isinstance(v, ast.Call):
+                v = v.args[0]
+                if v.id == d.name and target == "self":  # its own read-out, computed in its op
+                    if read != "before":
+                        self._fail(f"level '{d.name}' reads its own output as its target but reads "
+                                   "after writing", v.span, "read before",
+                                   "the read-out M_{t-1}(q_t) exists before the write only with `read before`")
+                    names[role] = d.name
+                    continue
             if not isinstance(v, ast.Name):
                 self._fail(f"the {role} of a level must name a stream", v.span,
-                           "a `let` name, x, or a level name", "declare it with `let` first")
+                           "a `let` name, x, or a level name, or `value self(<stream>)`",
+                           "declare it with `let` first")
             if v.id not in self.streams:
                 self._unknown(v.id, v.span if role in fields else d.span,
                               [n for n in self.streams], f"a stream for the level's {role}")
@@ -79,8 +99,15 @@ class LevelFields:
                 self._fail(f"the {role} of level '{d.name}' is '{v.id}', of shape "
                            f"{list(self.streams[v.id].shape)}", v.span if role in fields else d.span,
                            "a stream of shape [d] or [heads, d]")
-        k_shape, v_shape, q_shape = (self._head_shape(self.streams[names[r]].shape)
-                                     for r in ("key", "value", "query"))
+        shapes = {r: self.streams[names[r]].shape for r in ("key", "query")}
+        shapes["value"] = self.streams[names["value"]].shape if names["value"] != d.name \
+            else shapes["query"]
+        k_shape, v_shape, q_shape = (self._head_shape(shapes[r]) for r in ("key", "value", "query"))
+        if target == "self" and v_shape != k_shape:
+            self._fail(f"the self-generated target of level '{d.name}' reads '{names['value']}' "
+                       f"{list(shapes['value'])} through the memory, whose input is the key "
+                       f"'{names['key']}' {list(shapes['key'])}", fields["value"].value.span,
+                       "a stream of the key's shape")
         if k_shape != q_shape:
             self._fail(f"key {list(k_shape)} and query {list(q_shape)} of level '{d.name}' differ",
                        d.span, "keys and queries of the same shape")
@@ -90,11 +117,68 @@ class LevelFields:
         heads, d_key, d_value = k_shape[0], k_shape[1], v_shape[1]
         level = ir.Level(d.name, memory, bias, retention, algorithm, period, grad_at, grad_chunk,
                          read, init, names["key"], names["value"], names["query"], heads, d_key,
-                         d_value, (), {}, d.span)
+                         d_value, (), {}, d.span, target, stop)
+        if source is not None:
+            level = self._restarting(level, source, fields["init"].value)
         level = level.replace(gates=self._level_gates(level))
         level = level.replace(gate_axes=self._gate_axes(level))
         check_level(level, self.streams, self.diag)
         return level
+
+    def _self_target(self, e: ast.Call) -> tuple[str, bool]:
+        """`value self(s)`, `self(s, flag)`, `self(s, stopgrad = flag)`: the target is the level's own
+        read-out M(s_t) (MATH.md §4.4), or s itself where the positional flag is 0. Returns the
+        target kind (self | value) and whether the outer gradient through M(s_t) is stopped."""
+        if e.func != "self":
+            self._fail(f"unknown value form '{e.func}(...)'", e.span, "a stream name or self(<stream>)",
+                       nearest(e.func, ["self"]))
+        if not 1 <= len(e.args) <= 2 or not isinstance(e.args[0], ast.Name):
+            self._fail("self() takes the stream the memory reads to make its target, and a flag", e.span,
+                       "self(<stream>), self(<stream>, <flag>) or self(<stream>, stopgrad = <flag>)")
+        for key, value in e.kwargs:
+            if key != "stopgrad":
+                self._fail(f"self() has no argument '{key}'", value.span, "stopgrad",
+                           nearest(key, ["stopgrad"]))
+        on = len(e.args) < 2 or self._number(e.args[1]) != 0
+        flag = e.kwarg("stopgrad")
+        stop = flag is not None and self._number(flag) != 0
+        return ("self", stop) if on else ("value", False)
+
+    def _init_source(self, d: ast.LevelDecl, e: ast.Call) -> ir.Level:
+        """`init from(level)`: the level whose state this level restarts from (nested CMS)."""
+        if e.func != "from" or len(e.args) != 1 or e.kwargs or not isinstance(e.args[0], ast.Name):
+            self._fail("bad value for 'init'", e.span, "zero, learned or from(<level>)",
+                       nearest(e.func, ["from"]))
+        name, span = e.args[0].id, e.args[0].span
+        if name == d.name:
+            self._fail(f"level '{d.name}' restarts from its own state", span, "another, slower level")
+        source = next((lv for lv in self.levels if lv.name == name), None)
+        if source is None:
+            if name in self.streams:
+                self._fail(f"'{name}' is a stream, not a level", span, "a level's name")
+            self._unknown(name, span, [lv.name for lv in self.levels], "a level")
+        return source
+
+    def _restarting(self, level: ir.Level, source: ir.Level, e: ast.Call) -> ir.Level:
+        """`level` restarting from `source`'s state at each of `source`'s period boundaries: the two
+        share one state layout, and `source` is slower, with a period that `level`'s divides."""
+        span = e.args[0].span
+        if level.period is None or source.period is None or source.period <= level.period \
+                or source.period % level.period:
+            mine = "outer" if level.period is None else f"every {level.period}"
+            theirs = "outer" if source.period is None else f"every {source.period}"
+            self._fail(f"level '{level.name}' (update {mine}) restarts at the period boundaries of "
+                       f"'{source.name}' (update {theirs})", span,
+                       "a source that updates every P tokens, P a larger multiple of this level's period")
+        mine, theirs = ((lv.memory.describe(), lv.heads, lv.d_key, lv.d_value) for lv in (level, source))
+        if mine != theirs:
+            self._fail(f"level '{level.name}' ({_layout(mine)}) cannot start from the state of "
+                       f"'{source.name}' ({_layout(theirs)})", span, "the same memory and sizes")
+        if level.accumulates or source.accumulates:
+            which = level if level.accumulates else source
+            self._fail(f"level '{which.name}' keeps an FTRL accumulator, not weights, as its state",
+                       span, "levels whose state is their weights (no lq retention, no ftrl)")
+        return level.replace(init_from=source.name, restart=source.period)
 
     @staticmethod
     def _head_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -255,6 +339,11 @@ class LevelFields:
             else:
                 axes[name] = "key"
         return axes
+
+
+def _layout(layout) -> str:
+    memory, heads, d_key, d_value = layout
+    return f"{memory}, {heads} heads, {d_key} -> {d_value}"
 
 
 def _finite(value: sympy.Expr) -> bool:

@@ -10,6 +10,7 @@ from . import ast, ir
 from .block_shapes import BLOCK_FUNCS, BlockShapes
 from .diagnostics import Abort, Collector, nearest
 from .level_fields import LevelFields
+from .optimizer_decl import OptimizerFields
 
 ELEMENTWISE = {"silu", "gelu", "relu", "sigmoid", "tanh", "softplus", "exp", "log", "elu1",
                "logsigmoid", "abs"}
@@ -20,7 +21,7 @@ MAX_SIZE = 2 ** 31 - 1  # the largest feature count poly() may produce
 MAX_NAME = 64  # characters in a declared name: names become file names (level_<name>_chunk.py)
 
 
-class _Lowering(LevelFields, BlockShapes):
+class _Lowering(LevelFields, OptimizerFields, BlockShapes):
     def __init__(self, spec: ast.Spec, overrides: dict, with_spaces: bool):
         self.spec, self.overrides, self.with_spaces = spec, overrides, with_spaces
         self.diag = Collector(spec.source)
@@ -75,6 +76,15 @@ class _Lowering(LevelFields, BlockShapes):
                                     "end the output with linear(...) to project back to d_model")
             except Abort:
                 pass
+        optimizer = None
+        optimizers = [d for d in decls if isinstance(d, ast.OptimizerDecl)]
+        for extra in optimizers[1:]:
+            self.diag.error("second optimizer declaration", extra.span, "one `optimizer { ... }`")
+        if optimizers:
+            try:
+                optimizer = self._optimizer(optimizers[0])
+            except Abort:
+                pass
         self.diag.raise_if_errors()
         spaces = ()
         if self.with_spaces:
@@ -83,9 +93,16 @@ class _Lowering(LevelFields, BlockShapes):
         self.diag.raise_if_errors()
         checked = ir.CheckedSpec(name, self.spec.file, self.spec.source, dict(self.params),
                                  dict(self.streams), dict(self.gates), tuple(self.levels),
-                                 outputs[0].value, spaces, dict(self.spans), dict(self.shapes))
+                                 outputs[0].value, spaces, dict(self.spans), dict(self.shapes),
+                                 optimizer)
         from . import segments
         segments.check(checked, self.diag)
+        inside = segments.plan(checked).inside
+        for lv in checked.levels:
+            if lv.init_from is not None and {lv.name, lv.init_from} & inside:
+                self.diag.error(f"level '{lv.name}' restarts from the state of '{lv.init_from}', but "
+                                "a recall's segment loop computes one of them segment by segment",
+                                lv.span, "nested levels that no recall reads")
         self.diag.raise_if_errors()
         self.checked_diagnostics = tuple(self.diag.items)
         return checked
@@ -273,7 +290,10 @@ class _Lowering(LevelFields, BlockShapes):
             return _names(d.value)
         out = set()
         for f in d.fields:
-            out |= _names(f.value) if f.key in ("key", "value", "query") else _argument_names(f.value)
+            names = _names(f.value) if f.key in ("key", "value", "query") else _argument_names(f.value)
+            if f.key in ("value", "init") and isinstance(f.value, ast.Call):
+                names -= {d.name}  # `self(<own name>)` reads its own read-out inside its op
+            out |= names
         defaults = {"key": "k", "value": "v", "query": "q"}
         given = {f.key for f in d.fields}
         return out | {v for k, v in defaults.items() if k not in given}

@@ -16,7 +16,7 @@ _TOKEN_WORDS = {
     "RBRACE": "'}'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'",
     "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "__ANON_0": "'**'", "$END": "end of file",
 }
-_DECL_WORDS = ("model", "param", "let", "gate", "level", "output", "space")
+_DECL_WORDS = ("model", "param", "let", "gate", "level", "output", "space", "optimizer")
 # Limits that keep every spec diagnosed within a second: lark parses about 100 KB of declarations a
 # second, and every pass after it recurses over the syntax tree.
 MAX_CODE = 32 * 1024  # characters of declarations; comments and blank space do not count
@@ -188,6 +188,9 @@ class _Builder(Transformer):
 
     def level_decl(self, meta, c):
         return ast.LevelDecl(str(c[0]), tuple(c[1:]), self._s(meta))
+
+    def optimizer_decl(self, meta, c):
+        return ast.OptimizerDecl(tuple(c), self._s(meta))
 
     def output_decl(self, meta, c):
         return ast.OutputDecl(c[0], self._s(meta))

@@ -49,8 +49,38 @@ class KernelPlan:
     exact: bool = True   # equals the reference to round-off
 
 
+# Chunked families that compute self-generated targets (`value self(...)`) and nested levels
+# (`init from(...)`: restarts, and the period states their sources export) exactly.
+SELF_TARGET_FAMILIES = ("period", "mapped")
+NESTED_FAMILIES = ("period",)
+
+
 def plan(rules: LevelRules, chunk: int) -> KernelPlan:
-    """Classify one level; `chunk` is the spec's chunk size (used where the rule does not fix one)."""
+    """Classify one level; `chunk` is the spec's chunk size (used where the rule does not fix one).
+    A self-generated target or nesting keeps a level on the reference loop outside the families
+    that compute them."""
+    p, lv = _rule_plan(rules, chunk), rules.level
+    if p.family == "reference":
+        return p
+    if lv.target == "self" and p.family == "mapped" and lv.value == lv.name:
+        why = ("its self-generated target M(y_t) reads its own read-out, which the mapped chunked form "
+               "has only after the chunk's steps (the period family and the reference loop do)")
+    elif lv.target == "self" and p.family not in SELF_TARGET_FAMILIES:
+        why = (f"its self-generated target M({lv.value}) reads the state, which the {p.family} "
+               "chunked form does not compute (the period family and the reference loop do)")
+    elif lv.init_from is not None and p.family not in NESTED_FAMILIES:
+        why = (f"nested: it restarts from level {lv.init_from}'s state every {lv.restart} tokens, "
+               f"which the {p.family} chunked form does not do (the period family does)")
+    elif lv.initialises and p.family not in NESTED_FAMILIES:
+        why = (f"nested: {', '.join(lv.initialises)} restart(s) from its state at its period "
+               f"boundaries, which the {p.family} chunked form does not export (the period family does)")
+    else:
+        return p
+    return KernelPlan(lv.name, "reference", p.chunk, why)
+
+
+def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
+    """The family of the level's derived rule."""
     lv = rules.level
     affine = _affine(rules)
 
@@ -120,7 +150,8 @@ def _period(rules: LevelRules, affine) -> KernelPlan:
     vector = sorted({g for c in coefficients for g in ir.gate_names(c) if lv.gate_axes[g] != "scalar"})
     if vector:
         return reference(f"per-channel gates ({', '.join(vector)}) in the step coefficients")
-    state_free = lv.memory.kind == "matrix" and not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
+    state_free = lv.memory.kind == "matrix" and lv.target != "self" \
+        and not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
     if state_free:
         unit = period
     elif lv.grad_at != "chunk":

@@ -133,6 +133,16 @@ class Program:
             layers = int(self.checked.params.get("layers", 2))
         return LanguageModel(self, vocab_size, layers, mode)
 
+    def optimizer(self, parameters, lr: float | None = None, seed: int = 0) -> torch.optim.Optimizer:
+        """The spec's `optimizer { ... }` over `parameters` (`nlc.optim.SpecOptimizer`), at `lr` (default:
+        the declaration's `lr`, else 1e-3). Raises ValueError when the spec declares none."""
+        if self.checked.optimizer is None:
+            raise ValueError(f"spec {self.name!r} declares no `optimizer {{ ... }}`")
+        from .derive.optimizer import derive_optimizer
+        from .optim import SpecOptimizer
+        rule = derive_optimizer(self.checked.optimizer)
+        return SpecOptimizer(parameters, rule, lr or self.checked.optimizer.lr or 1e-3, seed)
+
     def op(self, level: str):
         """The functional form of one level (fla layout), see `LevelOp`."""
         names = [lv.name for lv in self.checked.levels]
@@ -163,7 +173,10 @@ class Program:
             from . import graph as graph_module
             return graph_module.to_text(self.graph)
         if stage == "rules":
-            return "\n\n".join(r.describe() for r in self.rules.values())
+            from .derive.optimizer import derive_optimizer
+            optimizer = self.checked.optimizer
+            extra = [derive_optimizer(optimizer).describe()] if optimizer is not None else []
+            return "\n\n".join([*(r.describe() for r in self.rules.values()), *extra])
         if stage == "plans":
             return "\n".join(f"{p.level}: {p.family} (chunk {p.chunk}): {p.reason}"
                              for p in self.plans.values())

@@ -1,12 +1,12 @@
 """`nlc train`: train a spec's language model (`Program.model`) on local bytes or a synthetic task.
 
-AdamW (weight decay on matrices only), linear warm-up then cosine decay to `min_lr_ratio`, gradient
-clipping, bf16 autocast on GPU. Every `checkpoint_every` steps the run folder's `checkpoint.pt` is
-replaced atomically (written to a temp file, then `os.replace`) with the model, optimizer, schedule,
-RNG states, the data position (the step: batches are a function of it) and the log so far, so a run
-resumed from step k equals the uninterrupted run bit for bit on CPU. Under `torch.distributed`
-(e.g. `torchrun`) the model is wrapped in DistributedDataParallel, each rank draws its own batches
-and rank 0 writes the folder.
+AdamW (weight decay on matrices only), or the spec's own `optimizer { ... }` (`nlc.optim`, no weight
+decay), linear warm-up then cosine decay to `min_lr_ratio`, gradient clipping, bf16 autocast on GPU.
+Every `checkpoint_every` steps the run folder's `checkpoint.pt` is replaced atomically (written to a
+temp file, then `os.replace`) with the model, optimizer, schedule, RNG states, the data position (the
+step: batches are a function of it) and the log so far, so a run resumed from step k equals the
+uninterrupted run bit for bit on CPU. Under `torch.distributed` (e.g. `torchrun`) the model is
+wrapped in DistributedDataParallel, each rank draws its own batches and rank 0 writes the folder.
 
 Run folder: config.json, checkpoint.pt, log.jsonl, log.csv, loss.png, summary.json.
 """
@@ -32,6 +32,8 @@ from .log import TrainLog, progress_bar
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
+OPTIMIZERS = ("auto", "adamw", "spec")
+DEFAULT_LR = 1e-3
 
 
 class RunError(Exception):
@@ -49,7 +51,7 @@ class TrainConfig:
     layers: int | None = None      # None: the spec's `layers` parameter, else 2
     batch: int = 16
     seq_len: int = 256
-    lr: float = 1e-3
+    lr: float | None = None        # peak learning rate; None: the spec optimizer's `lr`, else 1e-3
     min_lr_ratio: float = 0.1      # the cosine ends at lr * min_lr_ratio
     warmup: int | None = None      # warm-up steps; None: 5% of the steps (at least 1)
     weight_decay: float = 0.1
@@ -61,6 +63,8 @@ class TrainConfig:
     mode: str = "auto"             # level execution: auto | reference | chunk (Program.layer)
     device: str = "auto"           # auto: cuda when available, else cpu
     precision: str = "auto"        # auto: bf16 autocast on cuda, fp32 on cpu; or bf16 | fp32
+    optimizer: str = "auto"        # auto: the spec's `optimizer { }` if it declares one, else AdamW;
+                                   # adamw | spec
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -86,11 +90,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
     torch.manual_seed(config.seed)
     model = program.model(data.vocab_size, config.layers, config.mode).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}],
-                                  lr=config.lr, betas=(0.9, 0.95))
+    optimizer = _optimizer(config, program, model)
     warmup = config.warmup if config.warmup is not None else max(1, config.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, steps=config.steps, warmup=warmup, min_ratio=config.min_lr_ratio))
@@ -187,6 +187,24 @@ def _program(config: TrainConfig, folder: Path, resume: bool):
     if changed:
         raise RunError(f"--resume needs the settings of the saved run; changed: {', '.join(changed)}")
     return nlc.compile(meta["spec_source"], **config.overrides), meta["spec_source"]
+
+
+def _optimizer(config: TrainConfig, program, model) -> torch.optim.Optimizer:
+    """The spec's optimizer when it declares one (and `optimizer` is auto or spec), else AdamW. The
+    peak learning rate: `lr`, else the spec optimizer's own `lr`, else 1e-3."""
+    declared = program.checked.optimizer
+    if config.optimizer not in OPTIMIZERS:
+        raise RunError(f"unknown optimizer {config.optimizer!r}: one of {', '.join(OPTIMIZERS)}")
+    if config.optimizer == "spec" and declared is None:
+        raise RunError(f"{config.spec} declares no `optimizer {{ ... }}` to train with")
+    if declared is not None and config.optimizer != "adamw":
+        lr = config.lr if config.lr is not None else declared.lr or DEFAULT_LR
+        return program.optimizer(model.parameters(), lr, seed=config.seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=config.lr if config.lr is not None else DEFAULT_LR, betas=(0.9, 0.95))
 
 
 def _open_data(config: TrainConfig):

@@ -9,7 +9,7 @@ import torch
 
 import nlc
 
-from .test_chunked import _compare, _stable_inputs
+from .test_chunked import _assert_same, _compare, _run, _stable_inputs
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 
@@ -107,6 +107,40 @@ def test_omega_window_restarts_at_each_call_as_in_the_reference():
     pieces equal the reference on the same two pieces, not on the whole sequence."""
     op = _shipped("atlas").op("memory")
     (o_chunk, s_chunk), (o_ref, s_ref) = (_pieces(op, 23, 10, mode) for mode in ("chunk", "reference"))
+    torch.testing.assert_close(o_chunk, o_ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(s_chunk, s_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# dgd with gd steps runs in closed form (codegen/torch_chunk_mapped_dgd.py): (memory, retention, read)
+DGD = [
+    ("mlp(depth = 2, expand = 1, bias = true)", "dgd(decay = alpha)", "after"),
+    ("mlp(depth = 2, expand = 2, gated = true, bias = true)", "dgd(decay = alpha)", "before"),
+    ("mlp(depth = 3, expand = 1, act = gelu, residual = false)", "dgd(decay = 0.9)", "after"),
+    ("matrix", "dgd(decay = alpha)", "after"),
+]
+
+
+@pytest.mark.parametrize("T", (1, 8, 20))
+@pytest.mark.parametrize("memory,retention,read", DGD, ids=[f"{m}-{r}-{w}" for m, r, w in DGD])
+def test_dgd_closed_form_equals_reference(memory, retention, read, T):
+    op = _op(memory, "l2", retention, "gd(lr = eta)", chunk=4, read=read)
+    assert "_pieces" in op.chunked.__dict__  # the closed form, not the token loop
+    _compare(op, T)
+
+
+def test_dgd_closed_form_with_zero_decay():
+    """A decay of exactly 0 wipes the old weights; the closed form never divides by it."""
+    op = _op("mlp(depth = 2, expand = 1, bias = true)", "l2", "dgd(decay = alpha)", "gd(lr = eta)", chunk=4)
+    (q, k, v, gates, state), _ = _stable_inputs(op, 11, seed=5)
+    gates = dict(gates, alpha=gates["alpha"].clone().index_fill_(1, torch.tensor([0, 2, 5, 6]), 0.0))
+    inputs = (q, k, v, gates, state)
+    _assert_same(_run(op, inputs, "chunk"), _run(op, inputs, "reference"))
+
+
+def test_dgd_streams_in_pieces():
+    op = _shipped("hope").op("memory")
+    (o_chunk, s_chunk), (o_ref, s_ref) = (_pieces(op, 23, 7, mode) for mode in ("chunk", "reference"))
     torch.testing.assert_close(o_chunk, o_ref, rtol=1e-9, atol=1e-10)
     for a, b in zip(s_chunk, s_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

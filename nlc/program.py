@@ -112,11 +112,17 @@ class Program:
         self.cache_dir = cache.restore(self.cache_dir, self.sources)
         return loader.load_module(self.cache_dir, name)
 
-    def layer(self, mode: str = "auto", check_finite: bool = False) -> torch.nn.Module:
+    def layer(self, mode: str = "auto", check_finite: bool = False, *,
+              backend: str | None = None) -> torch.nn.Module:
         """A fresh layer, [B, T, d_model] -> [B, T, d_model], running its levels in `mode`
-        (auto | reference | chunk | triton, see `nlc.runtime.dispatch.pick`). check_finite: raise
-        nlc.NonFiniteError at the first NaN/Inf (level, tensor, time step; `nlc.runtime.finite`)."""
+        (auto | reference | chunk | triton, see `nlc.runtime.dispatch.pick`; `backend=` is another
+        name for it). check_finite: raise nlc.NonFiniteError at the first NaN/Inf (level, tensor,
+        time step; `nlc.runtime.finite`)."""
         from .runtime.dispatch import MODES
+        if backend is not None:
+            if mode not in ("auto", backend):
+                raise ValueError(f"mode={mode!r} and backend={backend!r} disagree; give one of them")
+            mode = backend
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a mode; modes: {', '.join(MODES)}")
         layer = self.module("layer").Layer(mode)

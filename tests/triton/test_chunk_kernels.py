@@ -149,3 +149,18 @@ def test_triton_mode_picks_chunked_kernels_for_long_sequences():
     short, long = op.pick("triton", 1, torch.device(DEVICE)), op.pick("triton", chunk, torch.device(DEVICE))
     assert short.__module__.endswith("level_memory_triton")
     assert long.__module__.endswith("level_memory_triton_chunk")
+
+
+def test_a_layer_with_the_triton_backend_equals_the_reference_layer():
+    """`.layer(backend='triton')`: a whole Gated DeltaNet layer (projections, convolutions, gates,
+    read-out) with its memory in Triton kernels equals the layer on the reference loop."""
+    program = _shipped_program("gated_deltanet", 16)
+    torch.manual_seed(0)
+    reference = program.layer("reference").to(DEVICE)
+    triton_layer = program.layer(backend="triton").to(DEVICE)
+    triton_layer.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 40, int(program.checked.params["d_model"]), device=DEVICE)
+    want, got = reference(x), triton_layer(x)
+    assert (got - want).norm() <= RTOL * want.norm()
+    with pytest.raises(ValueError, match="disagree"):
+        program.layer("chunk", backend="triton")

@@ -195,6 +195,7 @@ def test_unsupported_levels_say_why():
     assert "level_memory_triton.py" not in program.sources
     op = program.op("memory")
     lv = op.level
-    q, v = torch.zeros(1, 1, lv.heads, lv.d_key), torch.zeros(1, 1, lv.heads, lv.d_value)
+    q = torch.zeros(1, 1, lv.heads, lv.d_key, device=DEVICE)
+    v = torch.zeros(1, 1, lv.heads, lv.d_value, device=DEVICE)
     with pytest.raises(ValueError, match="mlp memory: the fused recurrent kernels hold a matrix"):
         op(q, q, v, **{g: 0.5 for g in op.gates}, mode="triton")

@@ -155,6 +155,26 @@ def test_omega_window_one_is_titans_without_momentum(chunk):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
+def test_atlas_without_muon_and_window_one_is_the_gated_delta_rule():
+    """MATH.md §3.8: ATLAS's rule (Omega bias, momentum, Newton-Schulz) with window 1, no momentum and
+    no Newton-Schulz on a matrix memory is the gated delta rule, with beta = eta once the gradient is
+    taken at the retained state: S_t = alpha_t (I - eta_t k_t k_t^T) S_{t-1} + eta_t k_t v_t^T, o_t = S_t^T q_t
+    (row convention, S [K, V])."""
+    op = _matrix_level("bias omega(window = 1, gamma = 1) of l2  retention decay(alpha)  "
+                       "algorithm gd(lr = eta)  gradient retained  read after")
+    T = 9
+    q, k, v, alpha, eta, state = _inputs(T, seed=2)
+    y, final = op(q, k, v, alpha=alpha, eta=eta, initial_state=state, output_final_state=True)
+    S, eye = state, torch.eye(4, dtype=torch.float64)
+    for t in range(T):
+        kt, vt = k[:, t, :, :, None], v[:, t, :, :, None]
+        a, b = alpha[:, t, :, None, None], eta[:, t, :, None, None]
+        S = a * (eye - b * kt @ kt.transpose(-1, -2)) @ S + b * kt @ vt.transpose(-1, -2)
+        torch.testing.assert_close(y[:, t], (S.transpose(-1, -2) @ q[:, t, :, :, None])[..., 0],
+                                   rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(final, S, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_self_modifying_dgd_matches_its_closed_form(chunk):
     """MATH.md §4.4, l2 objective, matrix memory (column convention W = S^T):

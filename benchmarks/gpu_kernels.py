@@ -21,7 +21,9 @@ C = 64 the chunk length:
          inputs again and every gradient). A lower bound on the traffic, so bandwidth = bytes / time
          is a lower bound on what the kernels move.
   FLOPs  delta forward: N (6CK + 4CV + 6KV + 2C^2/3) (K K^T, A K, Q K^T; A V, P D; W S, K^T D, Q S;
-         the triangular inverse); decay forward: N (2CK + 2CV + 4KV); forward+backward: 3x forward.
+         the triangular inverse); decay forward: N (2CK + 2CV + 4KV); titans_matrix forward (C = 16,
+         its gradient chunk): N (2CK + 2CV + 10KV) (K W, Q W, Q M, two K^T D; Q K^T, (G.A) D);
+         forward+backward: 3x forward.
 Peaks compared against: H100 SXM, 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16.
 """
 from __future__ import annotations
@@ -49,21 +51,23 @@ import nlc  # noqa: E402
 
 PEAK_BYTES, PEAK_FLOPS = 3.35e12, 989e12
 CHUNK = 64
+TITANS_CHUNK = 16  # Titans' gradient chunk (part of its rule: gradients at each chunk's start state)
 FORMULAS = {
     "bytes_forward": "N (2K + 2V) s + N G s",
     "bytes_forward_backward": "3 x bytes_forward",
     "flops_delta_forward": "N (6CK + 4CV + 6KV + 2C^2/3)",
     "flops_decay_forward": "N (2CK + 2CV + 4KV)",
+    "flops_titans_matrix_forward": "N (2CK + 2CV + 10KV), C = 16",
     "flops_forward_backward": "3 x flops_forward",
     "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
 }
 
 
-def _inputs(B, T, H, D, gates, device, dtype, seed=0):
+def _inputs(B, T, H, D, gates, device, dtype, seed=0, ranges=None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     unit = lambda: torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
     q, k, v = unit(), unit(), torch.randn(B, T, H, D, generator=g)
-    ranges = {"alpha": (0.9, 1.0), "beta": (0.0, 1.0)}
+    ranges = ranges or {"alpha": (0.9, 1.0), "beta": (0.0, 1.0)}
     gs = {name: lo + (hi - lo) * torch.rand(B, T, H, generator=g) for name, (lo, hi) in ranges.items()
           if name in gates}
     move = lambda x: x.to(device=device, dtype=dtype).contiguous()
@@ -84,6 +88,23 @@ def _nlc_rows(B, T, H, D):
                 return (lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0],
                         (q, k, v, gs))
             rows.append((f"{label} {rule}", rule, build))
+    return rows
+
+
+def _titans_rows(B, T, H, D):
+    """Titans with a matrix memory (depth 1: momentum, decay, gradients frozen at chunk starts of
+    TITANS_CHUNK tokens): the generated chunked Triton kernels and the chunked PyTorch form. The
+    titans-pytorch peer (a whole NeuralMemory layer) is benchmarks/peers.py's titans-d1 row."""
+    program = nlc.compile(ROOT / "specs" / "titans.nl", heads=H, d_head=D, depth=1, chunk=TITANS_CHUNK)
+    ranges = {"alpha": (0.0, 0.1), "theta": (0.0, 0.01), "eta": (0.8, 1.0)}  # forget, lr, momentum
+    rows = []
+    for label, module in (("nlc triton chunk", "level_memory_triton_chunk"), ("nlc torch chunk", "level_memory_chunk")):
+        def build(device, dtype, module=module, gates=program.op("memory").gates):
+            function = program.module(module).level_memory
+            q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype, ranges=ranges)
+            return (lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0],
+                    (q, k, v, gs))
+        rows.append((f"{label} titans_matrix", "titans_matrix", build))
     return rows
 
 
@@ -154,6 +175,9 @@ def _estimates(rule, B, T, H, D, gates, element):
     forward_bytes = N * (2 * K + 2 * V) * element + N * gates * element
     if rule in ("gated_delta", "delta"):
         forward_flops = N * (6 * C * K + 4 * C * V + 6 * K * V + 2 * C * C / 3)
+    elif rule == "titans_matrix":
+        C = TITANS_CHUNK
+        forward_flops = N * (2 * C * K + 2 * C * V + 10 * K * V)
     else:
         forward_flops = N * (2 * C * K + 2 * C * V + 4 * K * V)
     return {"forward": (forward_bytes, forward_flops), "forward_backward": (3 * forward_bytes, 3 * forward_flops)}
@@ -174,7 +198,7 @@ def main(argv=None):
     repeats = args.repeats if args.repeats is not None else (1 if args.small or device == "cpu" else 10)
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
-    rows = _nlc_rows(B, T, H, D) + _fla_rows(B, T, H, D)
+    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _fla_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]
@@ -187,7 +211,7 @@ def main(argv=None):
         entry = {"row": name, "rule": rule}
         try:
             entry.update(_measure(build, device, dtype, warmup, repeats))
-            gates = 2 if rule == "gated_delta" else 1
+            gates = {"gated_delta": 2, "titans_matrix": 3}.get(rule, 1)
             est = _estimates(rule, B, T, H, D, gates, torch.finfo(dtype).bits // 8)
             for mode in ("forward", "forward_backward"):
                 seconds = entry[f"{mode}_ms"] / 1e3

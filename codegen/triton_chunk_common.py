@@ -91,6 +91,18 @@ def chunk_form(rules: LevelRules, plan: KernelPlan) -> ChunkForm:
     return form
 
 
+def launch_configuration(em: Emitter) -> None:
+    """The generated file's launch settings (results do not depend on them): value channels per
+    program, the interpreter switch, the autotuning configurations and the matmul operand types."""
+    em.line("BV_MAX = 64  # value channels per program of the state and output kernels")
+    em.line('INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"')
+    em.line("# one configuration under the interpreter, or when NLC_TRITON_AUTOTUNE=0 (tests: no tuning runs)")
+    em.line('TUNE = not INTERPRET and os.environ.get("NLC_TRITON_AUTOTUNE", "1") != "0"')
+    em.line("CONFIGS = [triton.Config({}, num_warps=4)] if not TUNE else [")
+    em.line("    triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (2, 3, 4)]")
+    em.line("MATMUL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}")
+
+
 def unsupported(rules: LevelRules, plan: KernelPlan, family: str) -> str | None:
     """Why the chunked Triton kernels cannot run this level of plan family `family`, or None."""
     if plan.family != family:
@@ -222,13 +234,7 @@ class Kernels:
         em.gap()
         em.line("# Launch configuration, kept apart from the kernels (results do not depend on it).")
         em.line("CHUNK = 64  # tokens per chunk (BT): a power of two, at least 16")
-        em.line("BV_MAX = 64  # value channels per program of the state and output kernels")
-        em.line('INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"')
-        em.line("# one configuration under the interpreter, or when NLC_TRITON_AUTOTUNE=0 (tests: no tuning runs)")
-        em.line('TUNE = not INTERPRET and os.environ.get("NLC_TRITON_AUTOTUNE", "1") != "0"')
-        em.line("CONFIGS = [triton.Config({}, num_warps=4)] if not TUNE else [")
-        em.line("    triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (2, 3, 4)]")
-        em.line("MATMUL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}")
+        launch_configuration(em)
         em.gap()
         if f.gates:
             self.gate_fwd_kernel()
@@ -786,15 +792,7 @@ class Kernels:
         name = ident(lv.name, "level")
         kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
         with em.indent(f"def {name}(q, k, v, *, {kw}initial_state=None, output_final_state=False):"):
-            em.line(f'"""Level {comment(lv.name)!r}, chunked (Triton). q, k: [B, T, H, K]; v: [B, T, H, V]; '
-                    f"gates {', '.join(lv.gates) or '(none)'}:")
-            em.line("[B, T, H]; float32, bfloat16 or float16 (states and accumulation in fp32).")
-            em.line("initial_state: S [B, H, K, V] (default: the reference's initial_state).")
-            em.line('Returns (o [B, T, H, V] in v\'s dtype, final state S [B, H, K, V] float32, or None)."""')
-            em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
-            em.line("B = k.shape[0]")
-            em.line("state = initial_state if initial_state is not None else "
-                    "globals()['initial_state'](B, torch.float32, k.device)")
+            public_head(em, lv, "S [B, H, K, V]")
             em.line("(S,) = (state,) if torch.is_tensor(state) else tuple(state)")
             unused = [g for g in lv.gates if g not in f.gates]
             if unused:
@@ -803,6 +801,20 @@ class Kernels:
             em.line("o, final = ChunkFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), "
                     f"{args}S.to(torch.float32).contiguous())")
             em.line("return o, (_pack((final,)) if output_final_state else None)")
+
+
+def public_head(em: Emitter, lv: ir.Level, state: str) -> None:
+    """The public op's docstring (`state`: the state's layout) and its first lines, up to `state`:
+    the given initial state or the reference's (fp32)."""
+    em.line(f'"""Level {comment(lv.name)!r}, chunked (Triton). q, k: [B, T, H, K]; v: [B, T, H, V]; '
+            f"gates {', '.join(lv.gates) or '(none)'}:")
+    em.line("[B, T, H]; float32, bfloat16 or float16 (states and accumulation in fp32).")
+    em.line(f"initial_state: {state} (default: the reference's initial_state).")
+    em.line(f'Returns (o [B, T, H, V] in v\'s dtype, final state {state} float32, or None)."""')
+    em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
+    em.line("B = k.shape[0]")
+    em.line("state = initial_state if initial_state is not None else "
+            "globals()['initial_state'](B, torch.float32, k.device)")
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str, math_lines) -> str:

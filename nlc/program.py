@@ -16,7 +16,7 @@ from .runtime import cache, loader
 # chunk-parallel renderers by plan family (codegen/torch_chunk_<family>.py)
 CHUNKED_FAMILIES = ("decay", "delta", "frozen", "mapped", "period")
 # chunked Triton renderers by plan family (codegen/triton_chunk_<family>.py)
-TRITON_CHUNKED_FAMILIES = ("decay", "delta")
+TRITON_CHUNKED_FAMILIES = ("decay", "delta", "frozen")
 
 
 def compile(spec, **params) -> "Program":

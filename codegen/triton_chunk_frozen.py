@@ -1,0 +1,684 @@
+"""Render a frozen-gradient level with a linear memory (a matrix W, or an MLP of depth 1 with nothing
+around its product; MATH.md §3.4, §3.6) as chunked Triton kernels, forward and backward:
+`level_<name>_triton_chunk.py`, a real file in the cache (Triton reads kernel source from disk).
+
+Every gradient of a chunk of C tokens (the spec's `gradient chunk_start(C)`: part of the rule, so the
+file's CHUNK is C, passed to the kernels as the constexpr C, in a block of BT >= 16 rows) is taken at
+the chunk-start state W_0: E = K W_0 - V, then D = dℓ/dy, elementwise in E (or in E and r = ||e||),
+printed from sympy, and token j's gradient is u_j = k_j d_j^T. The optimizer (gd, or momentum M) under the affine retention
+W_t = a_t W_(t-1) + c_t s_t is then a pair of scalar linear scans, in closed form from log-space
+products within the chunk (stable P·N coefficients, every factor bounded):
+
+  gd        W_t = b_t W_0 - sum_j G[t, j] u_j,                G[t, j] = P[t, j] c_j lr_j
+  momentum  W_t = b_t W_0 + f_t M_0 - sum_j G[t, j] u_j,      G = P N,  N[i, j] = c_i Pm[i, j] lr_j,
+            M_t = m_t M_0 - sum_j Pm[t, j] lr_j u_j,           f = P (c m)
+
+P[t, i] = prod_(i<r<=t) a_r, b_t = prod_(r<=t) a_r (Pm, m: the same of beta). Reads use the dual form
+O = diag(b) Q W_0 + diag(f) Q M_0 - (G ⊙ Q K^T) D (rows shifted by one token for read before), and
+row L-1 is the state carried to the next chunk.
+
+Kernels: state (over chunks: saves each chunk's entering state in fp32 and D) -> output (per chunk
+and value block); backward: state_bwd (over chunks, backwards: ∂/∂ each chunk's leaving state) ->
+grads (per chunk: q, k, v, and the coefficients' gradients back through the log-space products to
+the gates, by sympy derivatives). Each value block is independent except for ||e||-type biases,
+whose kernels hold every value channel in one block.
+"""
+from __future__ import annotations
+
+import sympy
+
+import nlc
+from nlc import ir
+from nlc.derive import symbols as S
+from nlc.derive.rules import ALGORITHM_TEXT, LevelRules
+from nlc.plan import KernelPlan
+
+from . import triton_chunk_common as common
+from .emitter import Emitter, comment, ident, where
+from .torch_chunk_common import show
+from .triton_printer import to_triton
+from .triton_recurrent import diff
+
+ROLES = {"a": "the retention's factor on the old state", "c": "its factor on the step",
+         "lr": "the learning rate", "beta": "the momentum's factor"}
+
+
+def linear_memory(memory: ir.Memory) -> bool:
+    """M(W; x) = x W: a matrix, or an MLP of depth 1 with no residual, gate, bias or norm."""
+    return memory.kind == "matrix" or (memory.kind == "mlp" and memory.depth == 1 and not (
+        memory.residual or memory.gated or memory.bias) and memory.norm == "none")
+
+
+def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
+    """Why the chunked Triton kernels cannot run this level, or None when they can."""
+    lv = rules.level
+    if plan.family != "frozen":
+        return f"plan family {plan.family!r}, not 'frozen'"
+    if not linear_memory(lv.memory):
+        return (f"a {lv.memory.kind} memory of depth {lv.memory.depth} or with layers around its product: "
+                "the chunked frozen kernels hold one matrix (it runs its chunked PyTorch form)")
+    if lv.target != "value" or lv.init_from is not None:
+        return "a self-generated target or a restart (init from) is not in the chunked frozen kernels"
+    vector = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] != "scalar"]
+    if vector:
+        return f"the bias gradient reads per-channel gate(s) {', '.join(vector)}: not in the kernels"
+    try:
+        _Kernels(rules, plan, "", "").text()
+    except NotImplementedError as err:  # a function the Triton printer has no form for
+        return str(err)
+    return None
+
+
+def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
+    """The source of `level_<name>_triton_chunk.py` for a level `unsupported` accepts."""
+    return _Kernels(rules, plan, model, file).text()
+
+
+class _Kernels:
+    def __init__(self, rules: LevelRules, plan: KernelPlan, model: str, file: str):
+        lv = self.lv = rules.level
+        self.plan, self.model, self.file = plan, model, file
+        self.momentum = lv.algorithm.kind == "momentum"
+        self.after = lv.read == "after"
+        self.roles = {"a": sympy.sympify(plan.decay), "c": sympy.sympify(plan.scale),
+                      "lr": sympy.sympify(rules.lr)}
+        if self.momentum:
+            self.roles["beta"] = sympy.sympify(lv.algorithm.args["beta"])
+        self.grad = sympy.sympify(rules.bias.grad).subs(S.y, S.e + S.v)  # d(e, r, v, gates)
+        self.state_free = not (self.grad.free_symbols & {S.e, S.r})
+        self.norm = S.r in self.grad.free_symbols
+        used = [*self.roles.values(), self.grad]
+        self.gates = sorted(set().union(*(ir.gate_names(x) for x in used)))
+        self.bias_gates = ir.gate_names(self.grad)
+        self.em = Emitter()
+
+    # ---- names and printed expressions -------------------------------------------------------
+    def tok(self, expr) -> str:
+        """A per-token expression over the gates' [BT] blocks, as a [BT] block."""
+        expr = sympy.sympify(expr)
+        text = to_triton(expr, {ir.gate_symbol(g): ident(g, "b_g") for g in self.gates})
+        return text if expr.free_symbols else f"({text} + tl.zeros([BT], dtype=tl.float32))"
+
+    def elem(self, expr) -> str:
+        """An expression of the bias gradient over [BT, BV] blocks (e, v; r and gates by row)."""
+        names = {ir.gate_symbol(g): ident(g, "b_g") + "[:, None]" for g in self.gates}
+        names |= {S.e: "b_e", S.r: "b_r[:, None]", S.v: "b_v"}
+        expr = sympy.sympify(expr)
+        text = to_triton(expr, names)
+        return text if expr.free_symbols else f"({text} + tl.zeros([BT, BV], dtype=tl.float32))"
+
+    def times(self, expr, by: str, printer=None) -> str:
+        """expr * by, printed by `printer` (default `elem`), dropping a factor of ±1."""
+        expr = sympy.sympify(expr)
+        if expr in (1, -1):
+            return by if expr == 1 else f"-{by}"
+        return f"{(printer or self.elem)(expr)} * {by}"
+
+    def gate_args(self, prefix: str = "g") -> str:
+        return "".join(f"{ident(g, prefix)}, " for g in self.gates)
+
+    def states(self, prefix: str = "", suffix: str = "") -> str:
+        """The state tensors' names, h (W) and, with momentum, hm (M), with a prefix and suffix."""
+        return ", ".join(f"{prefix}{s}{suffix}" for s in (["h", "hm"] if self.momentum else ["h"]))
+
+    # ---- the file ----------------------------------------------------------------------------
+    def text(self) -> str:
+        em = self.em
+        self.header()
+        em.line("import os")
+        em.line()
+        em.line("import torch")
+        em.line("import triton")
+        em.line("import triton.language as tl")
+        em.line()
+        em.line(f"from .{ident(self.lv.name, 'level')} import _pack, initial_state")
+        em.gap()
+        em.line(f"CHUNK = {int(self.plan.chunk)}  # tokens per gradient chunk: the spec's "
+                "`gradient chunk_start`, part of the rule")
+        common.launch_configuration(em)
+        em.line(f"NORM = {self.norm}  # the bias reads ||e||: every value channel in one block")
+        em.gap()
+        self.helpers()
+        for kernel in (self.state_kernel, self.output_kernel, self.state_bwd_kernel, self.grads_kernel,
+                       self.launchers, self.function, self.public):
+            em.gap()
+            kernel()
+        return em.text()
+
+    def header(self) -> None:
+        em, lv = self.em, self.lv
+        em.line(f'"""Level {comment(lv.name)!r} of model {comment(self.model)!r}: chunked Triton kernels '
+                "(frozen-gradient family,")
+        em.line("MATH.md §3.4-3.6).")
+        em.line()
+        em.line(f"Generated by nlc {nlc.__version__} from {comment(self.file)}; do not edit. It computes "
+                f"what level_{comment(lv.name)}.py")
+        em.line("(the reference recurrent form) computes, with fp32 states and accumulation.")
+        for key, value in lv.describe().items():
+            em.line(f"  {key:<10} {comment(value)}")
+        em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
+        for role, expr in self.roles.items():
+            em.line(f"  {role + '_t':<10} = {show(expr)}   ({ROLES[role]})")
+        em.line(f"  d = dℓ/dy = {show(self.grad)}" + ("  (free of the state)" if self.state_free
+                                                        else "  (e = y - v" + (", r = ||e||)" if self.norm
+                                                                                 else ")")))
+        em.line("Per chunk of L <= CHUNK tokens (t, i, j = 0..L-1), W_0 (and M_0) the state entering it:")
+        em.line("  E = K W_0 - V,  D = d(E, ...) [L, V]: every gradient at W_0, u_j = k_j d_j^T")
+        em.line("  P[t, i] = prod_(i<r<=t) a_r, b_t = prod_(r<=t) a_r (log space, signs apart)")
+        if self.momentum:
+            em.line("  Pm, m: the same of beta;  N[i, j] = c_i Pm[i, j] lr_j,  G = P N,  f = P (c m)")
+            em.line("  W_t = b_t W_0 + f_t M_0 - sum_j G[t, j] u_j,  M_t = m_t M_0 - sum_j Pm[t, j] lr_j u_j")
+            em.line("  O = diag(b) Q W_0 + diag(f) Q M_0 - (G ⊙ Q K^T) D")
+        else:
+            em.line("  G[t, j] = P[t, j] c_j lr_j;  W_t = b_t W_0 - sum_j G[t, j] u_j")
+            em.line("  O = diag(b) Q W_0 - (G ⊙ Q K^T) D")
+        em.line("  " + ("reads after the write (row t)" if self.after else
+                        "reads before the write: rows of b, f, G at t - 1 (b = 1, f = 0, G = 0 at t = 0)") +
+                "; the state carried on is row L-1")
+        em.line("Kernels: state (over chunks) -> output; backward: state_bwd (over chunks, backwards) -> grads.")
+        em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; gates [B, T, H]. State: " +
+                ("(W, M), each" if self.momentum else "W") + " [B, H, K, V], float32,")
+        em.line("row convention: o_t = W_t^T q_t. Per-chunk states [B, NT, H, K, V] float32.")
+        em.line('"""')
+
+    def decorate(self, key: str) -> None:
+        self.em.line(f"@triton.autotune(configs=CONFIGS, key=[{key}])")
+        self.em.line('@triton.jit(do_not_specialize=["T"])')
+
+    def helpers(self) -> None:
+        self.em.block('''
+@triton.jit
+def log_products(b_x, m_t):
+    """Products of a per-token factor x [BT] within the chunk, in log space: (log|x_t|, g_t =
+    sum_(r<=t) log|x_r|, s_t = the sign of prod_(r<=t) x_r); tokens past the chunk's end count as 1,
+    and 0 as the smallest normal float32."""
+    b_lx = tl.where(m_t, tl.log(tl.maximum(tl.abs(b_x), 1.1754943508222875e-38)), 0.0)
+    b_neg = tl.where(m_t & (b_x < 0), 1, 0)
+    return b_lx, tl.cumsum(b_lx, 0), 1.0 - 2.0 * (tl.cumsum(b_neg, 0) % 2).to(tl.float32)
+
+
+@triton.jit
+def segments(b_gt, b_st, b_g, b_s, m):
+    """[BT, BT]: s_t s_j exp(gt_t - g_j), the product of the factors between j and t, where m (else 0)."""
+    b_x = tl.where(m, b_gt[:, None] - b_g[None, :], 0.0)
+    return tl.where(m, tl.exp(b_x) * (b_st[:, None] * b_s[None, :]), 0.0)
+
+
+@triton.jit
+def at(b_x, m_l):
+    """The entry of a [BT] block where m_l (one token)."""
+    return tl.sum(tl.where(m_l, b_x, 0.0), 0)
+
+
+@triton.jit
+def suffix_sums(b_x):
+    """[BT]: sum_(t>=r) x_t."""
+    return tl.sum(b_x, 0) - tl.cumsum(b_x, 0) + b_x
+''')
+
+    # ---- emitted pieces ----------------------------------------------------------------------
+    def ids(self, value_block: bool, chunk_program: bool) -> None:
+        em = self.em
+        if value_block and chunk_program:
+            em.line("i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        elif value_block:
+            em.line("i_v, i_bh = tl.program_id(0), tl.program_id(1)")
+        else:
+            em.line("i_t, i_bh = tl.program_id(0), tl.program_id(1)")
+        em.line("i_b, i_h = i_bh // H, i_bh % H")
+        em.line("o_i = tl.arange(0, BT)  # position in the chunk")
+        em.line("o_k = tl.arange(0, BK)")
+        em.line("m_k = o_k < K")
+        if value_block:
+            self.value_block()
+
+    def value_block(self) -> None:
+        em = self.em
+        em.line("o_v = i_v * BV + tl.arange(0, BV)")
+        em.line("m_v = o_v < V")
+        em.line("o_kv = o_k[:, None] * V + o_v[None, :]  # the tile's offsets in one [K, V] state")
+        em.line("m_kv = m_k[:, None] & m_v[None, :]")
+
+    def chunk_rows(self) -> None:
+        em = self.em
+        em.line("o_t = i_t * C + o_i  # token")
+        em.line("m_t = (o_i < C) & (o_t < T)")
+        em.line("r_t = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # row of each token in [B, T, H, ...]")
+        em.line("i_last = tl.minimum(T - i_t * C, C) - 1  # the chunk's last token")
+
+    def load(self, name: str, dim: str) -> str:
+        o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
+        return (f"tl.load({name} + r_t[:, None] * {dim} + {o}[None, :], "
+                f"mask=m_t[:, None] & {m}[None, :], other=0.0).to(tl.float32)")
+
+    def store(self, name: str, dim: str, value: str) -> str:
+        o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
+        return (f"tl.store({name} + r_t[:, None] * {dim} + {o}[None, :], "
+                f"{value}.to({name}.dtype.element_ty), mask=m_t[:, None] & {m}[None, :])")
+
+    def per_chunk(self) -> str:
+        """Offset of chunk i_t's state of (batch, head) in [B, NT, H, K, V]."""
+        return "((i_b * NT + i_t) * H + i_h).to(tl.int64) * (K * V)"
+
+    def dot(self, a: str, b: str, exact: bool = False) -> str:
+        """a @ b: the inputs' matmul type (DT, DOT), or fp32 for the coefficients (exact)."""
+        if exact:
+            return f'tl.dot({a}, {b}, input_precision="ieee")'
+        return f"tl.dot(({a}).to(DT), ({b}).to(DT), input_precision=DOT)"
+
+    def coefficients(self, read: bool, carry: bool) -> None:
+        """The chunk's per-token factors and scan coefficients: b_Gr [BT, BT], b_br, b_fr [BT] on the
+        read side (`read`); b_gc, b_hc [BT] (rows L-1 of G and Pm lr) and b_bl, b_fl, b_ml (`carry`)."""
+        em, lv = self.em, self.lv
+        for g in self.gates:
+            em.line(f"{ident(g, 'b_g')} = tl.load({ident(g, 'g')} + r_t, mask=m_t, other=0.5)"
+                    f".to(tl.float32)  # gate {comment(g)}")
+        spans = {"a": lv.retention.span, "c": lv.retention.span, "lr": lv.algorithm.span,
+                 "beta": lv.algorithm.span}
+        pad = {"a": "1.0", "c": "0.0", "lr": "0.0", "beta": "1.0"}
+        for role, expr in self.roles.items():
+            em.line(f"b_{role} = tl.where(m_t, {self.tok(expr)}, {pad[role]})  "
+                    f"{where(spans[role]) or '#'} {role}_t = {show(expr)}")
+        em.line("b_la, b_ga, b_sa = log_products(b_a, m_t)  # log a_t, g_t = log b_t and the sign of b_t")
+        em.line("m_c = o_i[:, None] >= o_i[None, :]  # causal: j <= t")
+        if self.momentum:
+            em.line("b_lm, b_gm, b_sm = log_products(b_beta, m_t)")
+            em.line("b_Pm = segments(b_gm, b_sm, b_gm, b_sm, m_c)  # Pm[i, j] = prod_(j<r<=i) beta_r")
+            em.line("b_mi = b_sm * tl.exp(b_gm)  # m_i = prod_(r<=i) beta_r")
+            em.line("b_N = b_c[:, None] * b_Pm * b_lr[None, :]  # N[i, j] = c_i Pm[i, j] lr_j")
+            em.line("b_cm = b_c * b_mi")
+        else:
+            em.line("b_w = b_c * b_lr  # the step's weight c_j lr_j")
+        if read:
+            if self.after:
+                em.line("b_gr, b_sr, m_r = b_ga, b_sa, m_c  # reads after the write: row t")
+            else:
+                em.line("b_gr, b_sr = b_ga - b_la, tl.where(b_a < 0, -b_sa, b_sa)  # reads before the write: "
+                        "row t - 1")
+                em.line("m_r = o_i[:, None] > o_i[None, :]")
+            em.line("b_Pr = segments(b_gr, b_sr, b_ga, b_sa, m_r)  # the read's P[t, i]")
+            em.line("b_br = b_sr * tl.exp(b_gr)  # the read's b_t")
+            if self.momentum:
+                em.line(f"b_Gr = {self.dot('b_Pr', 'b_N', exact=True)}  # G = P N")
+                em.line("b_fr = tl.sum(b_Pr * b_cm[None, :], 1)  # f = P (c m)")
+            else:
+                em.line("b_Gr = b_Pr * b_w[None, :]  # G[t, j] = P[t, j] c_j lr_j")
+        if carry:
+            em.line("m_l = o_i == i_last")
+            em.line("m_e = o_i <= i_last")
+            em.line("b_gl, b_sl = at(b_ga, m_l), at(b_sa, m_l)")
+            em.line("b_rho = tl.where(m_e, tl.exp(tl.where(m_e, b_gl - b_ga, 0.0)) * (b_sl * b_sa), 0.0)  "
+                    "# P[L-1, j]")
+            em.line("b_bl = b_sl * tl.exp(b_gl)  # b_(L-1)")
+            if self.momentum:
+                em.line("b_gc = tl.sum(b_rho[:, None] * b_N, 0)  # G[L-1, j]")
+                em.line("b_fl = tl.sum(b_rho * b_cm, 0)  # f_(L-1)")
+                em.line("b_gml, b_sml = at(b_gm, m_l), at(b_sm, m_l)")
+                em.line("b_pm = tl.where(m_e, tl.exp(tl.where(m_e, b_gml - b_gm, 0.0)) * (b_sml * b_sm), 0.0)  "
+                        "# Pm[L-1, j]")
+                em.line("b_hc = b_pm * b_lr  # Pm[L-1, j] lr_j: the momentum's row")
+                em.line("b_ml = b_sml * tl.exp(b_gml)  # m_(L-1)")
+            else:
+                em.line("b_gc = b_rho * b_w  # G[L-1, j]")
+
+    def error(self) -> None:
+        """b_e [BT, BV] = K W_0 - V at the chunk-start state b_h (and b_norm, b_r for ||e||)."""
+        em = self.em
+        em.line(f"b_e = {self.dot('b_k', 'b_h')} - b_v  # E = K W_0 - V")
+        if self.norm:
+            em.line("b_norm = tl.sqrt(tl.sum(b_e * b_e, 1))")
+            em.line("b_r = tl.maximum(b_norm, 1e-12)  # r = ||e||, clamped as the reference does")
+
+    def error_bwd(self) -> None:
+        """b_de [BT, BV]: ∂/∂E from b_dd = ∂/∂D."""
+        em = self.em
+        em.line(f"b_de = {self.times(diff(self.grad, S.e), 'b_dd')}  # through D = d(E, ...)")
+        if self.norm:
+            em.line(f"b_dr = tl.sum({self.times(diff(self.grad, S.r), 'b_dd')}, 1)")
+            em.line("b_de += tl.where(b_norm > 1e-12, b_dr / b_r, 0.0)[:, None] * b_e  # ∂r/∂e = e / r")
+        em.line("b_de = tl.where(m_t[:, None] & m_v[None, :], b_de, 0.0)")
+
+    def value_grad(self) -> None:
+        """b_dd [BT, BV] = ∂/∂D: the reads' -(G ⊙ Q K^T)^T dO and the carried rows' terms."""
+        em = self.em
+        em.line(f"b_kdh = {self.dot('b_k', 'b_dh')}  # K dW_L")
+        em.line(f"b_dd = -{self.dot('tl.trans(b_Gr * b_A)', 'b_do')} - b_gc[:, None] * b_kdh")
+        if self.momentum:
+            em.line(f"b_kdm = {self.dot('b_k', 'b_dm')}  # K dM_L")
+            em.line("b_dd -= b_hc[:, None] * b_kdm")
+
+    def kernel_head(self, name: str, args: str, doc: list[str], key: str) -> None:
+        em = self.em
+        self.decorate(key)
+        em.line(f"def {name}(")
+        em.line(f"        {args.rstrip(', ')},")
+        em.line("        T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, "
+                "BT: tl.constexpr, BK: tl.constexpr,")
+        em.line("        BV: tl.constexpr, DOT: tl.constexpr, DT: tl.constexpr):")
+        with em.indent():
+            em.line(f'"""{doc[0]}')
+            for text in doc[1:]:
+                em.line(text)
+            em.line('"""')
+
+    # ---- kernels -----------------------------------------------------------------------------
+    def state_kernel(self) -> None:
+        em, lv = self.em, self.lv
+        self.kernel_head("chunk_state_fwd_kernel",
+                         f"k, v, {self.gate_args()}{self.states(suffix='0')}, {self.states()}, d, "
+                         f"{self.states(suffix='t')},",
+                         ["Program (i_v, i_bh): value channels [i_v BV, (i_v + 1) BV) of the state of batch "
+                          "x head i_bh,",
+                          "chunk by chunk: saves the state entering each chunk (fp32) and D = dℓ/dy at it "
+                          "[B, T, H, V] (fp32)."], '"H", "K", "V", "BT", "BV"')
+        with em.indent():
+            self.ids(value_block=True, chunk_program=False)
+            em.line("o_s = i_bh.to(tl.int64) * (K * V)  # this (batch, head)'s state")
+            em.line("b_h = tl.load(h0 + o_s + o_kv, mask=m_kv, other=0.0)  # [BK, BV] fp32: W_0")
+            if self.momentum:
+                em.line("b_m = tl.load(hm0 + o_s + o_kv, mask=m_kv, other=0.0)  # M_0")
+            with em.indent("for i_t in range(0, NT):"):
+                self.chunk_rows()
+                em.line(f"tl.store(h + {self.per_chunk()} + o_kv, b_h, mask=m_kv)")
+                if self.momentum:
+                    em.line(f"tl.store(hm + {self.per_chunk()} + o_kv, b_m, mask=m_kv)")
+                em.line(f"b_k = {self.load('k', 'K')}")
+                em.line(f"b_v = {self.load('v', 'V')}")
+                self.coefficients(read=False, carry=True)
+                if not self.state_free:
+                    self.error()
+                em.line(f"b_d = tl.where(m_t[:, None] & m_v[None, :], {self.elem(self.grad)}, 0.0)  "
+                        f"{where((lv.bias.inner or lv.bias).span) or '#'} D = dℓ/dy at W_0")
+                em.line(self.store("d", "V", "b_d"))
+                em.line(f"b_kd = {self.dot('tl.trans(b_k)', 'b_gc[:, None] * b_d')}  # sum_j G[L-1, j] k_j d_j^T")
+                if self.momentum:
+                    em.line(f"b_km = {self.dot('tl.trans(b_k)', 'b_hc[:, None] * b_d')}")
+                    em.line("b_h, b_m = b_bl * b_h + b_fl * b_m - b_kd, b_ml * b_m - b_km  # row L-1: W_L, M_L")
+                else:
+                    em.line("b_h = b_bl * b_h - b_kd  # row L-1: W_L")
+            em.line("tl.store(ht + o_s + o_kv, b_h, mask=m_kv)")
+            if self.momentum:
+                em.line("tl.store(hmt + o_s + o_kv, b_m, mask=m_kv)")
+
+    def output_kernel(self) -> None:
+        em = self.em
+        self.kernel_head("chunk_output_fwd_kernel", f"q, k, d, {self.gate_args()}{self.states()}, o,",
+                         ["Program (i_v, i_t, i_bh): the outputs of one chunk, value channels [i_v BV, "
+                          "(i_v + 1) BV)."], '"H", "K", "V", "BT", "BV"')
+        with em.indent():
+            self.ids(value_block=True, chunk_program=True)
+            self.chunk_rows()
+            em.line(f"b_q = {self.load('q', 'K')}")
+            em.line(f"b_k = {self.load('k', 'K')}")
+            self.coefficients(read=True, carry=False)
+            em.line(f"b_h = tl.load(h + {self.per_chunk()} + o_kv, mask=m_kv, other=0.0)  # W_0")
+            em.line(f"b_o = b_br[:, None] * {self.dot('b_q', 'b_h')}  # diag(b) Q W_0")
+            if self.momentum:
+                em.line(f"b_m = tl.load(hm + {self.per_chunk()} + o_kv, mask=m_kv, other=0.0)  # M_0")
+                em.line(f"b_o += b_fr[:, None] * {self.dot('b_q', 'b_m')}  # + diag(f) Q M_0")
+            em.line(f"b_A = {self.dot('b_q', 'tl.trans(b_k)')}  # q_t . k_j")
+            em.line(f"b_d = {self.load('d', 'V')}")
+            em.line(f"b_o -= {self.dot('b_Gr * b_A', 'b_d')}  # - (G ⊙ Q K^T) D")
+            em.line(self.store("o", "V", "b_o"))
+
+    def state_bwd_kernel(self) -> None:
+        em = self.em
+        self.kernel_head("chunk_state_bwd_kernel",
+                         f"q, k, v, {self.gate_args()}{self.states()}, do, {self.states('d', 't')}, "
+                         f"{self.states('d')}, {self.states('d', '0')},",
+                         ["Program (i_v, i_bh), chunks backwards: saves ∂/∂ the state leaving each chunk "
+                          "(dh" + (", dhm" if self.momentum else "") + ") and",
+                          "ends with ∂/∂ the initial state."], '"H", "K", "V", "BT", "BV"')
+        with em.indent():
+            self.ids(value_block=True, chunk_program=False)
+            em.line("o_s = i_bh.to(tl.int64) * (K * V)")
+            em.line("b_dh = tl.load(dht + o_s + o_kv, mask=m_kv, other=0.0)  # [BK, BV] fp32: ∂/∂ the final W")
+            if self.momentum:
+                em.line("b_dm = tl.load(dhmt + o_s + o_kv, mask=m_kv, other=0.0)  # ∂/∂ the final M")
+            with em.indent("for i_n in range(0, NT):"):
+                em.line("i_t = NT - 1 - i_n")
+                self.chunk_rows()
+                em.line(f"tl.store(dh + {self.per_chunk()} + o_kv, b_dh, mask=m_kv)")
+                if self.momentum:
+                    em.line(f"tl.store(dhm + {self.per_chunk()} + o_kv, b_dm, mask=m_kv)")
+                em.line(f"b_q = {self.load('q', 'K')}")
+                em.line(f"b_k = {self.load('k', 'K')}")
+                em.line(f"b_do = {self.load('do', 'V')}")
+                self.coefficients(read=True, carry=True)
+                em.line(f"b_A = {self.dot('b_q', 'tl.trans(b_k)')}")
+                self.value_grad()
+                em.line(f"b_dhn = b_bl * b_dh + {self.dot('tl.trans(b_q)', 'b_br[:, None] * b_do')}  "
+                        "# ∂/∂W_0: the carry and diag(b) Q W_0")
+                if not self.state_free:
+                    em.line(f"b_h = tl.load(h + {self.per_chunk()} + o_kv, mask=m_kv, other=0.0)")
+                    em.line(f"b_v = {self.load('v', 'V')}")
+                    self.error()
+                    self.error_bwd()
+                    em.line(f"b_dhn += {self.dot('tl.trans(b_k)', 'b_de')}  # through E = K W_0 - V")
+                if self.momentum:
+                    em.line(f"b_dm = b_fl * b_dh + b_ml * b_dm + {self.dot('tl.trans(b_q)', 'b_fr[:, None] * b_do')}")
+                em.line("b_dh = b_dhn")
+            em.line("tl.store(dh0 + o_s + o_kv, b_dh, mask=m_kv)")
+            if self.momentum:
+                em.line("tl.store(dhm0 + o_s + o_kv, b_dm, mask=m_kv)")
+
+    def grads_kernel(self) -> None:
+        em, mom = self.em, self.momentum
+        self.kernel_head("chunk_grads_bwd_kernel",
+                         f"q, k, v, {self.gate_args()}{self.states()}, d, {self.states('d')}, do, dq, dk, dv, "
+                         f"{self.gate_args('dg')}",
+                         ["Program (i_t, i_bh): one chunk's gradients of q, k, v and the gates, from the saved "
+                          "states entering",
+                          "it (h" + (", hm" if mom else "") + "), ∂/∂ those leaving it (dh" +
+                          (", dhm" if mom else "") + ") and D."], '"H", "K", "V", "BT", "BV"')
+        with em.indent():
+            self.ids(value_block=False, chunk_program=True)
+            self.chunk_rows()
+            em.line(f"b_q = {self.load('q', 'K')}")
+            em.line(f"b_k = {self.load('k', 'K')}")
+            self.coefficients(read=True, carry=True)
+            em.line(f"b_A = {self.dot('b_q', 'tl.trans(b_k)')}")
+            em.line(f"o_c = {self.per_chunk()}")
+            zeros = [("b_dOD", "[BT, BT]", "dO D^T"), ("b_dqh", "[BT, BK]", "dO W_0^T"),
+                     ("b_dkh", "[BT, BK]", "D dW_L^T"), ("b_dgc", "[BT]", "∂/∂G[L-1, j]"),
+                     ("b_dbr", "[BT]", "∂/∂ the read's b_t")]
+            if not self.state_free:
+                zeros.append(("b_dke", "[BT, BK]", "dE W_0^T"))
+            if mom:
+                zeros += [("b_dqm", "[BT, BK]", "dO M_0^T"), ("b_dkm", "[BT, BK]", "D dM_L^T"),
+                          ("b_dhc", "[BT]", "∂/∂Pm[L-1, j] lr_j"), ("b_dfr", "[BT]", "∂/∂ the read's f_t")]
+            zeros += [(ident(g, "b_dd"), "[BT]", f"∂/∂ gate {comment(g)} through D") for g in self.bias_gates]
+            for name, shape, what in zeros:
+                em.line(f"{name} = tl.zeros({shape}, dtype=tl.float32)  # {what}")
+            em.line("b_dbl = 0.0  # ∂/∂b_(L-1)")
+            if mom:
+                em.line("b_dfl = 0.0  # ∂/∂f_(L-1)")
+                em.line("b_dml = 0.0  # ∂/∂m_(L-1)")
+            with em.indent("for i_v in range(0, tl.cdiv(V, BV)):"):
+                self.value_block()
+                em.line("b_h = tl.load(h + o_c + o_kv, mask=m_kv, other=0.0)")
+                em.line("b_dh = tl.load(dh + o_c + o_kv, mask=m_kv, other=0.0)")
+                if mom:
+                    em.line("b_m = tl.load(hm + o_c + o_kv, mask=m_kv, other=0.0)")
+                    em.line("b_dm = tl.load(dhm + o_c + o_kv, mask=m_kv, other=0.0)")
+                em.line(f"b_do = {self.load('do', 'V')}")
+                em.line(f"b_d = {self.load('d', 'V')}")
+                em.line(f"b_v = {self.load('v', 'V')}")
+                self.value_grad()
+                if self.state_free:
+                    em.line("b_de = tl.zeros([BT, BV], dtype=tl.float32)  # D is free of the state")
+                else:
+                    self.error()
+                    self.error_bwd()
+                    em.line(f"b_dke += {self.dot('b_de', 'tl.trans(b_h)')}")
+                dgv = diff(self.grad, S.v)
+                dv = f"{self.times(dgv, 'b_dd')} - b_de" if dgv != 0 else "-b_de"
+                em.line(self.store("dv", "V", dv))
+                for g in self.bias_gates:
+                    dg = self.times(diff(self.grad, ir.gate_symbol(g)), "b_dd")
+                    em.line(f"{ident(g, 'b_dd')} += tl.sum(tl.where(m_t[:, None] & m_v[None, :], {dg}, 0.0), 1)")
+                em.line(f"b_dOD += {self.dot('b_do', 'tl.trans(b_d)')}")
+                em.line(f"b_dqh += {self.dot('b_do', 'tl.trans(b_h)')}")
+                em.line(f"b_dkh += {self.dot('b_d', 'tl.trans(b_dh)')}")
+                em.line("b_dgc -= tl.sum(b_kdh * b_d, 1)")
+                em.line(f"b_dbr += tl.sum(b_do * {self.dot('b_q', 'b_h')}, 1)")
+                em.line("b_dbl += tl.sum(b_h * b_dh)")
+                if mom:
+                    em.line(f"b_dqm += {self.dot('b_do', 'tl.trans(b_m)')}")
+                    em.line(f"b_dkm += {self.dot('b_d', 'tl.trans(b_dm)')}")
+                    em.line("b_dhc -= tl.sum(b_kdm * b_d, 1)")
+                    em.line(f"b_dfr += tl.sum(b_do * {self.dot('b_q', 'b_m')}, 1)")
+                    em.line("b_dfl += tl.sum(b_m * b_dh)")
+                    em.line("b_dml += tl.sum(b_m * b_dm)")
+            em.line("# q and k: reads O = diag(b) Q W_0 (+ diag(f) Q M_0) - (G ⊙ Q K^T) D, the carry and E")
+            em.line("b_dA = -b_dOD * b_Gr")
+            dq = "b_br[:, None] * b_dqh" + (" + b_fr[:, None] * b_dqm" if mom else "")
+            em.line(f"b_dq = {dq} + {self.dot('b_dA', 'b_k')}")
+            dk = ("" if self.state_free else "b_dke ") + "- b_gc[:, None] * b_dkh" + \
+                (" - b_hc[:, None] * b_dkm" if mom else "")
+            em.line(f"b_dk = {dk} + {self.dot('tl.trans(b_dA)', 'b_q')}")
+            em.line(self.store("dq", "K", "b_dq"))
+            em.line(self.store("dk", "K", "b_dk"))
+            self.coefficients_bwd()
+            self.gate_grads()
+
+    def coefficients_bwd(self) -> None:
+        """From ∂/∂ the scan coefficients to ∂/∂ log|a|, c, lr (and log|beta|) of each token."""
+        em = self.em
+        em.line("# the scan coefficients, backwards: ∂/∂G of the reads, then through the log-space products")
+        em.line("b_dGr = -b_dOD * b_A")
+        em.line("b_dgr = b_dbr * b_br  # ∂/∂ the read's cumulative log")
+        em.line("b_dga = tl.where(m_l, b_dbl * b_bl, 0.0)  # ∂/∂g_t (b_(L-1) = exp g_(L-1))")
+        if self.momentum:
+            em.line(f"b_dN = {self.dot('tl.trans(b_Pr)', 'b_dGr', exact=True)} + b_rho[:, None] * b_dgc[None, :]")
+            em.line(f"b_dP = {self.dot('b_dGr', 'tl.trans(b_N)', exact=True)} + b_dfr[:, None] * b_cm[None, :]")
+            em.line("b_dPr = b_dP * b_Pr")
+            em.line("b_dgr += tl.sum(b_dPr, 1)")
+            em.line("b_dga -= tl.sum(b_dPr, 0)")
+            em.line("b_drho = (tl.sum(b_N * b_dgc[None, :], 1) + b_dfl * b_cm) * b_rho  # ∂/∂ log P[L-1, j]")
+            em.line("b_dga += tl.where(m_l, tl.sum(b_drho, 0), 0.0) - b_drho")
+            em.line("b_dcm = tl.sum(b_Pr * b_dfr[:, None], 0) + b_dfl * b_rho  # ∂/∂(c m)")
+            em.line("b_dNN = b_dN * b_N")
+            em.line("b_dc = tl.sum(b_dN * b_Pm * b_lr[None, :], 1) + b_dcm * b_mi")
+            em.line("b_dlr = tl.sum(b_dN * b_Pm * b_c[:, None], 0) + b_dhc * b_pm")
+            em.line("b_dhh = b_dhc * b_hc")
+            em.line("b_dgm = tl.sum(b_dNN, 1) - tl.sum(b_dNN, 0) + b_dcm * b_cm - b_dhh")
+            em.line("b_dgm += tl.where(m_l, tl.sum(b_dhh, 0) + b_dml * b_ml, 0.0)")
+            em.line("b_dlbeta = suffix_sums(b_dgm)  # ∂/∂ log|beta_r| = sum_(t>=r) ∂/∂gm_t")
+        else:
+            em.line("b_dw = tl.sum(b_dGr * b_Pr, 0) + b_dgc * b_rho  # ∂/∂(c_j lr_j)")
+            em.line("b_dGG = b_dGr * b_Gr")
+            em.line("b_dgr += tl.sum(b_dGG, 1)")
+            em.line("b_dga -= tl.sum(b_dGG, 0)")
+            em.line("b_dgg = b_dgc * b_gc")
+            em.line("b_dga += tl.where(m_l, tl.sum(b_dgg, 0), 0.0) - b_dgg")
+            em.line("b_dc, b_dlr = b_dw * b_lr, b_dw * b_c")
+        if self.after:
+            em.line("b_dla = suffix_sums(b_dga + b_dgr)  # ∂/∂ log|a_r| = sum_(t>=r) ∂/∂g_t")
+        else:
+            em.line("b_dla = suffix_sums(b_dga) + suffix_sums(b_dgr) - b_dgr  # the read's g_t sums r < t")
+
+    def gate_grads(self) -> None:
+        em = self.em
+        by = {"a": ("b_dla", sympy.log), "c": ("b_dc", None), "lr": ("b_dlr", None),
+              "beta": ("b_dlbeta", sympy.log)}
+        for g in self.gates:
+            x, terms = ir.gate_symbol(g), []
+            for role, expr in self.roles.items():
+                name, fn = by[role]
+                d = diff(fn(expr) if fn else expr, x)
+                if d != 0:
+                    terms.append(self.times(d, name, self.tok))
+            if g in self.bias_gates:
+                terms.append(ident(g, "b_dd"))
+            em.line(f"tl.store({ident(g, 'dg')} + r_t, ({' + '.join(terms)}).to({ident(g, 'dg')}.dtype.element_ty), "
+                    f"mask=m_t)  # gate {comment(g)}")
+
+    # ---- host side ---------------------------------------------------------------------------
+    def launchers(self) -> None:
+        em, mom = self.em, self.momentum
+        gates = self.gate_args()
+        with em.indent("def _sizes(k, v):"):
+            em.line('"""(B, T, H, K, V, BT, NT, BK, BV, DOT, DT): shapes; BT, BK, BV blocks of at least 16 '
+                    "(tl.dot's least),")
+            em.line("DOT and DT the matmuls' precision and operand type (see the decay family's kernels).\"\"\"")
+            em.line("B, T, H, K = k.shape")
+            em.line("V = v.shape[-1]")
+            em.line("BT, BK = max(16, triton.next_power_of_2(CHUNK)), max(16, triton.next_power_of_2(K))")
+            em.line("BV = max(16, triton.next_power_of_2(V) if NORM else min(triton.next_power_of_2(V), BV_MAX))")
+            em.line('DOT = "ieee" if k.dtype == torch.float32 else "tf32"')
+            em.line("DT = tl.float32 if INTERPRET else MATMUL_TYPES[k.dtype]")
+            em.line("return B, T, H, K, V, BT, triton.cdiv(T, CHUNK), BK, BV, DOT, DT")
+        em.gap()
+        sizes = "T, NT, H=H, K=K, V=V, C=CHUNK, BT=BT, BK=BK, BV=BV, DOT=DOT, DT=DT"
+        with em.indent(f"def chunk_fwd(q, k, v, {gates}{self.states(suffix='0')}):"):
+            em.line('"""-> o [B, T, H, V] (v\'s dtype), the final state(s) [B, H, K, V] fp32, the states '
+                    "entering each chunk")
+            em.line('[B, NT, H, K, V] fp32 and D [B, T, H, V] fp32."""')
+            em.line("B, T, H, K, V, BT, NT, BK, BV, DOT, DT = _sizes(k, v)")
+            em.line("f32 = dict(dtype=torch.float32, device=k.device)")
+            for s in (["h", "hm"] if mom else ["h"]):
+                em.line(f"{s}, {s}t = torch.empty(B, NT, H, K, V, **f32), torch.empty(B, H, K, V, **f32)")
+            em.line("d = torch.empty(B, T, H, V, **f32)")
+            em.line("chunk_state_fwd_kernel[(triton.cdiv(V, BV), B * H)](")
+            em.line(f"    k, v, {gates}{self.states(suffix='0')}, {self.states()}, d, {self.states(suffix='t')}, "
+                    f"{sizes})")
+            em.line("o = torch.empty_like(v)")
+            em.line("chunk_output_fwd_kernel[(triton.cdiv(V, BV), NT, B * H)](")
+            em.line(f"    q, k, d, {gates}{self.states()}, o, {sizes})")
+            em.line(f"return o, {self.states(suffix='t')}, {self.states()}, d")
+        em.gap()
+        with em.indent(f"def chunk_bwd(q, k, v, {gates}{self.states()}, d, do, {self.states('d', 't')}):"):
+            em.line('"""Gradients of q, k, v and the gates (fp32) and of the initial state(s) (fp32)."""')
+            em.line("B, T, H, K, V, BT, NT, BK, BV, DOT, DT = _sizes(k, v)")
+            em.line("f32 = dict(dtype=torch.float32, device=k.device)")
+            for s in (["h", "hm"] if mom else ["h"]):
+                em.line(f"d{s}, d{s}0 = torch.empty(B, NT, H, K, V, **f32), torch.empty(B, H, K, V, **f32)")
+            em.line("chunk_state_bwd_kernel[(triton.cdiv(V, BV), B * H)](")
+            em.line(f"    q, k, v, {gates}{self.states()}, do, {self.states('d', 't')}, {self.states('d')}, "
+                    f"{self.states('d', '0')}, {sizes})")
+            em.line("dq, dk, dv = torch.empty_like(q, **f32), torch.empty_like(k, **f32), torch.empty_like(v, **f32)")
+            dgates = "".join(f"{ident(g, 'dg')}, " for g in self.gates)
+            for g in self.gates:
+                em.line(f"{ident(g, 'dg')} = torch.empty_like({ident(g, 'g')}, **f32)")
+            em.line("chunk_grads_bwd_kernel[(NT, B * H)](")
+            em.line(f"    q, k, v, {gates}{self.states()}, d, {self.states('d')}, do, dq, dk, dv, {dgates}{sizes})")
+            em.line(f"return dq, dk, dv, {dgates}{self.states('d', '0')}")
+
+    def function(self) -> None:
+        em = self.em
+        gates, n = self.gate_args(), len(self.gates)
+        with em.indent("class ChunkFunction(torch.autograd.Function):"):
+            em.line("@staticmethod")
+            with em.indent(f"def forward(ctx, q, k, v, {gates}{self.states(suffix='0')}):"):
+                em.line(f"o, {self.states(suffix='t')}, {self.states()}, d = chunk_fwd(q, k, v, {gates}"
+                        f"{self.states(suffix='0')})")
+                em.line(f"ctx.save_for_backward(q, k, v, {gates}{self.states()}, d)")
+                em.line(f"return o, {self.states(suffix='t')}")
+            em.gap(1)
+            em.line("@staticmethod")
+            with em.indent(f"def backward(ctx, do, {self.states('d', 't')}):"):
+                em.line("q, k, v, *saved = ctx.saved_tensors")
+                for s in (["h", "hm"] if self.momentum else ["h"]):
+                    em.line(f"d{s}t = torch.zeros_like(saved[{n}][:, 0]) if d{s}t is None else d{s}t.contiguous()")
+                em.line(f"dq, dk, dv, *rest = chunk_bwd(q, k, v, *saved, do.contiguous(), "
+                        f"{self.states('d', 't')})")
+                em.line("return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), " +
+                        "".join(f"rest[{i}].to(saved[{i}].dtype), " for i in range(n)) +
+                        f"*rest[{n}:]")
+
+    def public(self) -> None:
+        em, lv = self.em, self.lv
+        kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
+        state = "(W, M), each [B, H, K, V]" if self.momentum else "W [B, H, K, V]"
+        with em.indent(f"def {ident(lv.name, 'level')}(q, k, v, *, {kw}initial_state=None, "
+                       "output_final_state=False):"):
+            common.public_head(em, lv, state)
+            em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
+            unused = [g for g in lv.gates if g not in self.gates]
+            if unused:
+                em.line(f"# gate(s) {comment(', '.join(unused))}: not read by this level's rule")
+            args = "".join(f"{ident(g, 'g')}.contiguous(), " for g in self.gates)
+            em.line("o, *final = ChunkFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), "
+                    f"{args}*(s.to(torch.float32).contiguous() for s in state))")
+            em.line("return o, (_pack(tuple(final)) if output_final_state else None)")

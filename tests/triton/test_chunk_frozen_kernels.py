@@ -1,0 +1,122 @@
+"""Chunked Triton kernels of the frozen-gradient family (a linear memory: a matrix, or an MLP of depth
+1 with nothing around its product) against the reference loop: outputs, final states and the
+gradients of every input (q, k, v, gates, initial state), over the shipped Titans level with a
+matrix memory (`depth = 1`) and every design-space point the kernels take, for T = 1, 63, 100 and head
+dims 16, 32, 64, with gradient chunks that divide neither 63 nor 100.
+
+The gradient chunk is part of the rule (`gradient chunk_start(C)`), so each case compiles its own C
+(the reference changes with it). Each case runs the op in mode='triton' (which picks these
+kernels: the level has no fused recurrent ones). Precision as in test_fused_recurrent: fp32 kernels against the float64
+reference on the same inputs, relative error <= 1e-4; bf16 inputs (fp32 states) 2e-2.
+
+On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) the shipped level runs
+three (head dim, T, C) and the design space a fixed sample, one (head dim, T, C) each."""
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+
+import nlc
+from nlc.codegen.triton_chunk_frozen import unsupported
+from nlc.derive.rules import derive
+from nlc.lower import check
+from nlc.plan import plan
+
+from ..ops.design_space import chunked_points, spec_text
+from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
+
+LENGTHS, DIMS, CHUNKS = (1, 63, 100), (16, 32, 64), (5, 16, 24)
+
+
+def _design():
+    """(id, spec text) of every frozen-family design point with a linear memory."""
+    return [(name, text) for name, text in chunked_points(("matrix", "mlp1"), ("chunk",))
+            if plan(derive(check(text)[0])["memory"], 5).family == "frozen"]
+
+
+def _sample(design):
+    """A fixed sample in which every memory, (bias, algorithm) and (retention, algorithm) appears."""
+    seen, out = set(), []
+    for name, text in design:
+        memory, bias, retention, algorithm, _ = name.split("-")
+        new = {("memory", memory), (bias, algorithm), (retention, algorithm)} - seen
+        if new:
+            seen |= new
+            out.append((name, text))
+    return out
+
+
+DESIGN = _design()
+CPU_DESIGN = _sample(DESIGN)
+CPU_SIZES = ((16, 100, 16), (32, 63, 5), (64, 1, 24), (16, 63, 2))  # (head dim, T, chunk)
+SHIPPED_CASES = [(d, t, c) for d in DIMS for t in LENGTHS for c in CHUNKS] if GPU else list(CPU_SIZES[:3])
+DESIGN_CASES = [(n, text, d, 100, 24) for n, text in DESIGN for d in DIMS] + \
+    [(n, text, 16, *CPU_SIZES[1 + i % 3][1:]) for i, (n, text) in enumerate(DESIGN)] \
+    if GPU else [(n, text, *CPU_SIZES[i % 4]) for i, (n, text) in enumerate(CPU_DESIGN)]
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(spec, **params):
+    return nlc.compile(spec, **params)
+
+
+def _titans(dim, chunk):
+    """The shipped Titans spec with a matrix memory (depth 1: M(x) = x W)."""
+    return _compile(SPECS / "titans.nl", heads=HEADS, d_head=dim, depth=1, chunk=chunk)
+
+
+def _design_program(text, dim, chunk):
+    text = re.sub(r"\[heads, 3\]", f"[heads, {dim}]", text).replace("param heads = 1", f"param heads = {HEADS}")
+    return _compile(text.replace("chunk_start(2)", f"chunk_start({chunk})"))
+
+
+@pytest.mark.parametrize("dim,T,chunk", SHIPPED_CASES, ids=[f"D{d}-T{t}-C{c}" for d, t, c in SHIPPED_CASES])
+def test_titans_matrix_memory_matches_the_reference(dim, T, chunk):
+    _compare(_titans(dim, chunk).op("memory"), T)
+
+
+@pytest.mark.parametrize("name,text,dim,T,chunk", DESIGN_CASES,
+                         ids=[f"{n}-D{d}-T{t}-C{c}" for n, _, d, t, c in DESIGN_CASES])
+def test_design_space_matches_the_reference(name, text, dim, T, chunk):
+    _compare(_design_program(text, dim, chunk).op("memory"), T)
+
+
+@pytest.mark.parametrize("bias,retention,algorithm", [("huber_norm", "decay", "momentum"), ("l1", "l2", "gd")])
+def test_reads_before_the_write_match_the_reference(bias, retention, algorithm):
+    """`read before` (no design point combines it with chunk-start gradients): rows shifted by one."""
+    text = spec_text("matrix", bias, retention, algorithm, "chunk")
+    text = text.replace("chunk_start(2)", "chunk_start(2)\n  read before")
+    _compare(_design_program(text, 16, 5).op("memory"), 63)
+
+
+def test_bf16_inputs_with_an_fp32_state():
+    _compare(_titans(32, 16).op("memory"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
+
+
+def test_every_linear_point_has_kernels_and_mlps_say_why():
+    """Every frozen design point with a linear memory gets kernels; a deeper MLP memory (Titans'
+    default) gets none, says why, and mode='triton' raises with a reason."""
+    assert len(DESIGN) >= 90
+    assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
+    for name, text in DESIGN:
+        assert "level_memory_triton_chunk.py" in _compile(text).sources, name
+    program = _compile(SPECS / "titans.nl")
+    assert "mlp memory" in unsupported(program.rules["memory"], program.plans["memory"])
+    assert "level_memory_triton_chunk.py" not in program.sources
+    op = program.op("memory")
+    q, v = torch.zeros(1, 1, op.level.heads, op.level.d_key), torch.zeros(1, 1, op.level.heads, op.level.d_value)
+    with pytest.raises(ValueError, match="mode='triton'"):
+        op(q, q, v, **{g: 0.5 for g in op.gates}, mode="triton")
+
+
+def test_triton_mode_runs_the_chunked_kernels_at_every_length():
+    """The level has no fused recurrent kernels (its gradients are frozen at chunk starts), so
+    mode='triton' runs the chunked ones even below one chunk."""
+    op = _titans(16, 16).op("memory")
+    for T in (1, 16, 100):
+        assert op.pick("triton", T, torch.device(DEVICE)).__module__.endswith("level_memory_triton_chunk")

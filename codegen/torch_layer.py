@@ -3,7 +3,7 @@ as one readable nn.Module mapping [B, T, d_model] -> [B, T, d_model]."""
 from __future__ import annotations
 
 import nlc
-from nlc import ast, ir, segments
+from nlc import ast, ir, segments, teach
 from nlc.lower import expression_names
 
 from .emitter import Emitter, comment, ident, where
@@ -152,27 +152,12 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
     body.depth = 2
     body.line("blocks.check_input(self, x)")
     body.line("B, T, _ = x.shape")
-    seg = segments.plan(checked)
     order = _evaluation_order(checked)
-    for kind, name in order:
-        if name not in seg.inside:
-            _render_node(body, exprs, checked, kind, name, level_modules, chunk_modules, "T")
-    if seg.size is None:
-        body.line(f"return {exprs.compile(checked.output, 'out')}")
-    else:  # recall(...): retrieve -> ... -> write, one segment at a time (nlc.segments)
-        for name in seg.recalled:
-            body.line(f"{ident(name, 'st')} = {_initial_state(checked.level(name), level_modules[name])}")
-        exprs.sliced = {"x"} | {n for n in [*checked.gates, *checked.streams] if n not in seg.inside}
-        exprs.offset = "t0"
-        body.line("outputs = []")
-        with body.indent(f"for t0 in range(0, T, {seg.size}):  # segments of {seg.size} tokens"):
-            body.line(f"t1 = min(t0 + {seg.size}, T)")
-            for kind, name in order:
-                if name in seg.inside:
-                    _render_node(body, exprs, checked, kind, name, level_modules, chunk_modules,
-                                 "t1 - t0", ident(name, "st") if name in seg.recalled else None)
-            body.line(f"outputs.append({exprs.compile(checked.output, 'out')})")
-        body.line("return torch.cat(outputs, dim=1)")
+    teach_size = teach.segment(checked)
+    if teach_size is not None:  # value teach: the whole layer carries its states from segment to segment
+        _render_teach_segment(body, exprs, checked, order, level_modules, chunk_modules)
+    else:
+        _render_body(body, exprs, checked, order, level_modules, chunk_modules)
     em = Emitter()
     em.line(f'"""Model {comment(checked.name)!r}: the layer [B, T, d_model] -> [B, T, d_model].')
     em.line()
@@ -190,6 +175,8 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
     em.gap()
     with em.indent("class Layer(nn.Module):"):
         em.line(f"d_model = {checked.d_model}")
+        if teach_size is not None:
+            _render_teach_table(em, checked, level_modules, teach_size)
         em.line()
         with em.indent('def __init__(self, mode="auto"):'):
             em.line("super().__init__()")
@@ -204,10 +191,110 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
                     em.line(f"self.{ident(lv.name, 'init')} = nn.ParameterList(  {where(lv.span)}")
                     em.line(f"    [nn.Parameter(p[0].float()) for p in {mod}.initial_state(1)[:{mod}.N_PARAMS]])")
         em.line()
-        with em.indent("def forward(self, x):"):
-            em.line('"""x: [B, T, d_model] -> [B, T, d_model]."""')
-            em.lines.extend(body.lines)
+        if teach_size is not None:
+            _render_teach_methods(em, body)
+        else:
+            with em.indent("def forward(self, x):"):
+                em.line('"""x: [B, T, d_model] -> [B, T, d_model]."""')
+                em.lines.extend(body.lines)
     return em.text()
+
+
+def _render_body(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, order,
+                 level_modules: dict[str, str], chunk_modules: dict[str, str]) -> None:
+    """forward's body: every node over the whole sequence, or the recall segment loop."""
+    seg = segments.plan(checked)
+    for kind, name in order:
+        if name not in seg.inside:
+            _render_node(body, exprs, checked, kind, name, level_modules, chunk_modules, "T")
+    if seg.size is None:
+        body.line(f"return {exprs.compile(checked.output, 'out')}")
+        return
+    # recall(...): retrieve -> ... -> write, one segment at a time (nlc.segments)
+    for name in seg.recalled:
+        body.line(f"{ident(name, 'st')} = {_initial_state(checked.level(name), level_modules[name])}")
+    exprs.sliced = {"x"} | {n for n in [*checked.gates, *checked.streams] if n not in seg.inside}
+    exprs.offset = "t0"
+    body.line("outputs = []")
+    with body.indent(f"for t0 in range(0, T, {seg.size}):  # segments of {seg.size} tokens"):
+        body.line(f"t1 = min(t0 + {seg.size}, T)")
+        for kind, name in order:
+            if name in seg.inside:
+                _render_node(body, exprs, checked, kind, name, level_modules, chunk_modules,
+                             "t1 - t0", ident(name, "st") if name in seg.recalled else None)
+        body.line(f"outputs.append({exprs.compile(checked.output, 'out')})")
+    body.line("return torch.cat(outputs, dim=1)")
+
+
+def _render_teach_segment(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, order,
+                          level_modules: dict[str, str], chunk_modules: dict[str, str]) -> None:
+    """segment's body (value teach): every node over the segment, each level from its carried state;
+    a teach level is one read of its state, handed to nlc.runtime.teach (which steps it)."""
+    exprs.runtime.add("teach")
+    exprs.offset = "t0"
+    with body.indent("if carry is None:  # the initial states"):
+        body.line("carry = {")
+        for lv in checked.levels:
+            body.line(f"    {_key(lv.name)}: {_initial_state(lv, level_modules[lv.name])},")
+        body.line("}")
+    body.line("carry = {name: (s,) if torch.is_tensor(s) else tuple(s) for name, s in carry.items()}")
+    for kind, name in order:
+        lv = checked.level(name) if kind == "level" else None
+        if lv is not None and lv.target == "teach":
+            _render_teach_read(body, exprs, checked, lv, level_modules[name])
+        else:
+            _render_node(body, exprs, checked, kind, name, level_modules, chunk_modules, "T",
+                         f"carry[{_key(name)}]" if lv is not None else None)
+    body.line(f"return {exprs.compile(checked.output, 'out')}, carry")
+
+
+def _render_teach_read(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, lv: ir.Level,
+                       module: str) -> None:
+    """A teach level over the segment: y = M(q) at its carried state (read before its step)."""
+    single = len(checked.streams[lv.query].shape) == 1
+    q = exprs.name(lv.query) + (".unsqueeze(2)" if single else "")
+    gates = ", ".join(f"{ident(g, 'g')!r}: {exprs.name(g)}" for g in lv.gates)
+    out = ident(lv.name, "s")
+    body.line(f"{out} = {module}.memory_forward(carry[{_key(lv.name)}][:{module}.N_PARAMS], "
+              f"{q}.transpose(1, 2)).transpose(1, 2)  {where(lv.span)}")
+    body.line(f"{out} = teach.watch(reads, {_key(lv.name)}, {out}, {q}, {{{gates}}})  "
+              "# [B, T, H, V], recorded for its step")
+    if single:
+        body.line(f"{out} = {out}.squeeze(2)")
+
+
+def _render_teach_methods(em: Emitter, body: Emitter) -> None:
+    """forward (teach levels at their initial state) and segment (a stretch of tokens, states carried)."""
+    em.block('''
+def forward(self, x):
+    """x: [B, T, d_model] -> [B, T, d_model]. Teach levels read their initial state throughout: their
+    steps need the model's loss (nlc.runtime.teach, run by Program.model)."""
+    return self.segment(x)[0]
+
+def segment(self, x, carry=None, t0=0, reads=None):
+    """Tokens t0 .. t0 + T - 1 of a sequence, x [B, T, d_model], from `carry` (each level's state at
+    t0 by name; None: the initial states) -> (output [B, T, d_model], the states at t0 + T).
+    reads: a dict that receives each teach level's (output, query, gates) (nlc.runtime.teach)."""
+''')
+    em.lines.extend(body.lines)
+
+
+def _render_teach_table(em: Emitter, checked: ir.CheckedSpec, level_modules: dict[str, str],
+                        size: int) -> None:
+    """The class attributes nlc.runtime.teach reads: the segment length and the teach levels."""
+    em.line(f"SEGMENT = {size}  # tokens per segment: the smallest teach period")
+    em.line("# teach levels: (reference op, period, whether δ is a constant for the outer loop)")
+    em.line("TEACH = {")
+    for lv in teach.teach_levels(checked):
+        op = f"{level_modules[lv.name]}.{ident(lv.name, 'level')}"
+        em.line(f"    {_key(lv.name)}: ({op}, {lv.period}, {lv.stop_target}),  {where(lv.span)}")
+    em.line("}")
+
+
+def _key(name: str) -> str:
+    """A level name as a dict key in generated code (checked to be an identifier)."""
+    ident(name, "level")
+    return repr(name)
 
 
 def _render_node(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, kind: str, name: str,

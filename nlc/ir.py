@@ -118,7 +118,8 @@ class Level:
     gate_axes: Mapping[str, str] = field(default_factory=dict)  # gate -> scalar | key | value
     span: ast.Span | None = None
     target: str = "value"        # value: the value stream | self: M(value) at the gradient point
-    stop_target: bool = False    # a self target with `stopgrad`: no outer gradient through M(value)
+                                 # | teach: the model's loss gradient δ (value = query, bias dot, v = -δ)
+    stop_target: bool = False    # `stopgrad`: no outer gradient through M(value), or through δ
     init_from: str | None = None  # `init from(level)`: restarts from that level's state...
     restart: int | None = None    # ...every `restart` tokens (that level's period)
     initialises: tuple[str, ...] = ()  # the levels that restart from this level's state
@@ -141,6 +142,9 @@ class Level:
                "update": period, "gradient": grad, "read": f"{self.read} write", "init": init}
         if self.target == "self":
             out["target"] = f"self({self.value})" + (", stopgrad" if self.stop_target else "")
+        if self.target == "teach":
+            out["bias"] = "teach signal: <y_t, δ_t>, δ_t = dL/dy_t"
+            out["target"] = "teach" + (" (δ constant)" if self.stop_target else " (outer gradient through δ)")
         return out
 
 

@@ -9,10 +9,11 @@ import sympy
 
 from . import ast, ir, options
 from .diagnostics import Abort, nearest
+from .teach_fields import TEACH_BIAS, TeachFields
 from .validity import check_level
 
 
-class LevelFields:
+class LevelFields(TeachFields):
     def _level(self, d: ast.LevelDecl) -> None:
         fields: dict[str, ast.Field] = {}
         for f in d.fields:
@@ -24,11 +25,13 @@ class LevelFields:
                 self.diag.error(f"level field '{f.key}' given twice", f.span, "one value per field")
             else:
                 fields[f.key] = f
-        for required in ("memory", "bias", "algorithm"):
-            if required not in fields:
-                self.diag.error(f"level '{d.name}' has no '{required}'", d.span,
-                                f"a `{required} ...` line inside the level")
-        if any(r not in fields for r in ("memory", "bias", "algorithm")):
+        required = ("memory", "algorithm") if self._teach_signal(fields) is not None else \
+            ("memory", "bias", "algorithm")
+        for field in required:
+            if field not in fields:
+                self.diag.error(f"level '{d.name}' has no '{field}'", d.span,
+                                f"a `{field} ...` line inside the level")
+        if any(r not in fields for r in required):
             raise Abort
         level = self.level_from_fields(d, fields)
         self.levels = [lv.replace(initialises=(*lv.initialises, d.name)) if lv.name == level.init_from
@@ -40,7 +43,8 @@ class LevelFields:
 
     def level_from_fields(self, d: ast.LevelDecl, fields: dict[str, ast.Field]) -> ir.Level:
         memory = self._memory(fields["memory"].value)
-        bias = self._choice("bias", fields["bias"].value)
+        teach = self._teach_signal(fields)  # `value teach`: None, or whether δ is an outer constant
+        bias = self._choice("bias", fields["bias"].value) if teach is None else TEACH_BIAS
         retention = (self._choice("retention", fields["retention"].value)
                      if "retention" in fields else ir.Choice("none", {}, None))
         algorithm = self._choice("algorithm", fields["algorithm"].value)
@@ -54,6 +58,8 @@ class LevelFields:
             else:
                 self._fail("bad update period", v.span, "every <C> or outer")
         grad_at, grad_chunk = "current", None
+        if teach is not None and period is not None:  # at the state the block read
+            grad_at, grad_chunk = "chunk", period
         if "gradient" in fields:
             v = fields["gradient"].value
             if isinstance(v, ast.Name) and v.id in ("current", "retained"):
@@ -72,10 +78,14 @@ class LevelFields:
         else:
             init = self._word(fields, "init", options.INITS, "learned" if memory.kind == "mlp" else "zero")
         target, stop = "value", False
-        if "value" in fields and isinstance(fields["value"].value, ast.Call):
+        if teach is not None:
+            target, stop = "teach", teach
+        elif "value" in fields and isinstance(fields["value"].value, ast.Call):
             target, stop = self._self_target(fields["value"].value)
         names = {}
         for role, default in (("key", "k"), ("value", "v"), ("query", "q")):
+            if teach is not None and (role == "value" or (role == "key" and role not in fields)):
+                continue  # the query's, below
             v = fields[role].value if role in fields else ast.Name(default, d.span)
             if role == "value" and isinstance(v, ast.Call):
                 v = v.args[0]
@@ -99,6 +109,8 @@ class LevelFields:
                 self._fail(f"the {role} of level '{d.name}' is '{v.id}', of shape "
                            f"{list(self.streams[v.id].shape)}", v.span if role in fields else d.span,
                            "a stream of shape [d] or [heads, d]")
+        if teach is not None:  # δ_t is the gradient at the output M(q_t): key and value shapes are q's
+            names = {"key": names["query"], **names, "value": names["query"]}
         shapes = {r: self.streams[names[r]].shape for r in ("key", "query")}
         shapes["value"] = self.streams[names["value"]].shape if names["value"] != d.name \
             else shapes["query"]
@@ -122,6 +134,8 @@ class LevelFields:
             level = self._restarting(level, source, fields["init"].value)
         level = level.replace(gates=self._level_gates(level))
         level = level.replace(gate_axes=self._gate_axes(level))
+        if teach is not None:
+            self._check_teach(d, fields, level)
         check_level(level, self.streams, self.diag)
         return level
 

@@ -95,8 +95,9 @@ class _Lowering(LevelFields, OptimizerFields, BlockShapes):
                                  dict(self.streams), dict(self.gates), tuple(self.levels),
                                  outputs[0].value, spaces, dict(self.spans), dict(self.shapes),
                                  optimizer)
-        from . import segments
+        from . import segments, teach
         segments.check(checked, self.diag)
+        teach.check(checked, self.diag)
         inside = segments.plan(checked).inside
         for lv in checked.levels:
             if lv.init_from is not None and {lv.name, lv.init_from} & inside:

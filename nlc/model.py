@@ -3,7 +3,9 @@
 token ids [B, T] -> embedding -> `layers` copies of the spec's layer (each [B, T, d_model] ->
 [B, T, d_model], residual as the spec's `output` writes it) -> RMSNorm -> tied head -> logits
 [B, T, vocab_size]. A spec states a whole block (mixer and MLP sub-layers, pre-norm residuals) in its
-`output` expression, and its depth as `param layers` (`Program.model`'s default)."""
+`output` expression, and its depth as `param layers` (`Program.model`'s default). A spec with teach
+levels (`value teach`) runs segment by segment, its teach levels stepped by the model's own loss
+gradient between segments (`nlc.runtime.teach`)."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +19,9 @@ class LanguageModel(nn.Module):
         super().__init__()
         if vocab_size < 1 or layers < 1:
             raise ValueError(f"need vocab_size >= 1 and layers >= 1, got {vocab_size}, {layers}")
+        from .teach import segment
         d_model = int(program.d_model)
+        self.teach = segment(program.checked) is not None  # run by nlc.runtime.teach
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(program.layer(mode) for _ in range(layers))
         self.norm = nn.RMSNorm(d_model)
@@ -29,6 +33,9 @@ class LanguageModel(nn.Module):
         """ids [B, T] (long) -> logits [B, T, vocab_size]."""
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"ids: expected a [B, T] long tensor, got {tuple(ids.shape)} {ids.dtype}")
+        if self.teach:
+            from .runtime import teach
+            return teach.run(self, ids)[0]
         x = self.embed(ids)
         for block in self.blocks:
             x = block(x)

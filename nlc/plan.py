@@ -60,6 +60,9 @@ def plan(rules: LevelRules, chunk: int) -> KernelPlan:
     A self-generated target or nesting keeps a level on the reference loop outside the families
     that compute them."""
     p, lv = _rule_plan(rules, chunk), rules.level
+    if lv.target == "teach":  # its reads are one batched memory read; its steps, the reference op's
+        return KernelPlan(lv.name, "reference", p.chunk, "teach signal: nlc.runtime.teach reads it at "
+                          "each segment and steps it at its period boundaries with the reference rule")
     if p.family == "reference":
         return p
     if lv.target == "self" and p.family == "mapped" and lv.value == lv.name:

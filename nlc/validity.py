@@ -76,7 +76,7 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
             diag.note(f"level '{level.name}': lp with p < 2 has a non-smooth gradient at 0; "
                       "lp(p, eps = 1e-6) smooths |x| as sqrt(x^2 + eps) (MATH.md §5.7.2)",
                       base_bias.span)
-    if base_bias.kind == "dot" and ret.kind == "none" and alg.kind == "gd":
+    if base_bias.kind == "dot" and ret.kind == "none" and alg.kind == "gd" and level.target != "teach":
         diag.note(f"level '{level.name}': dot-product bias without retention grows without bound "
                   "(MATH.md §5.7.9)", bias.span)
     if mem.kind == "mlp":

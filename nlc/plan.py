@@ -19,6 +19,9 @@ Families recognised here:
           boundary; gradients frozen at chunk starts that nest with P (or state-free), gd or momentum
           under a scalar affine retention: units of min(C, P) tokens, one batched read and one
           weighted vjp each (CMS levels of cms and Hope). `update outer` needs none: it never changes.
+- sequential: every gradient at the previous token's state (`gradient current` or chunk_start(1)),
+          updated every token: no chunk-parallel form is exact, so the tokens run in order, one memory
+          forward each, in-place rank-1 steps and a hand-written backward (cms_fast of cms and Hope).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ class KernelPlan:
     """decay: the factor a_t on the old state; scale: the factor c_t on the step (both sympy over
     gates; for the delta family, the step size b_t = scale · lr)."""
     level: str
-    family: str          # decay | delta | frozen | mapped | period | reference
+    family: str          # decay | delta | frozen | mapped | period | sequential | reference
     chunk: int
     reason: str
     decay: sympy.Expr = sympy.Integer(1)
@@ -124,11 +127,48 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
     if lv.grad_at == "chunk" and lv.algorithm.kind in ("gd", "momentum") and scalar \
             and lv.memory.kind in ("matrix", "mlp"):
         if lv.grad_chunk == 1:
-            return reference(ONE_TOKEN)
+            return _sequential(rules, affine, chunk)
         return KernelPlan(lv.name, "frozen", lv.grad_chunk,
                           "gradients frozen at the chunk start: linear scans within a chunk",
                           decay, scale)
+    if lv.grad_at == "current":
+        return _sequential(rules, affine, chunk)
     return reference("no chunked family fits this rule yet (reference recurrent form)")
+
+
+def _sequential(rules: LevelRules, affine, chunk: int) -> KernelPlan:
+    """The sequential family (an exact per-token form) for a level updated every token whose
+    gradients each need the previous token's update, or the reference with the reason why not."""
+    lv, why = rules.level, sequential_unsupported(rules, affine)
+    if why is not None:
+        return KernelPlan(lv.name, "reference", chunk, "each gradient needs the previous token's update "
+                          f"(no chunk-parallel form is exact), and the sequential form does not take it: {why}")
+    decay, scale = affine
+    return KernelPlan(lv.name, "sequential", chunk, "each gradient at the previous token's state: the "
+                      "tokens in order, one memory forward each, in-place rank-1 steps, a hand-written "
+                      "backward", decay, scale)
+
+
+def sequential_unsupported(rules: LevelRules, affine) -> str | None:
+    """Why the sequential form (codegen/torch_chunk_sequential.py) cannot run a level, or None: it
+    takes an update every token with each gradient at the previous token's state, a matrix memory or
+    a plain MLP chain, any bias but omega, gd under an elementwise affine retention with per-head
+    scalar gates, a read before or after the write."""
+    lv, m = rules.level, rules.level.memory
+    if lv.period != 1 or not (lv.grad_at == "current" or (lv.grad_at == "chunk" and lv.grad_chunk == 1)):
+        return "it needs an update every token with each gradient at the previous token's state"
+    if m.kind not in ("matrix", "mlp") or m.gated or m.norm != "none":
+        return f"a {m.describe()} memory is not a plain chain of layers"
+    if lv.algorithm.kind != "gd":
+        return f"{lv.algorithm.kind} keeps optimizer buffers that it does not carry"
+    if lv.bias.kind == "omega":
+        return "omega windows are not in it"
+    if affine is None:
+        return f"retention {lv.retention.kind} is not an affine map of the old state"
+    vector = sorted({g for e in (*affine, rules.lr) for g in ir.gate_names(e) if lv.gate_axes[g] != "scalar"})
+    if vector:
+        return f"per-channel gates ({', '.join(vector)}) in the step coefficients"
+    return None
 
 
 def _period(rules: LevelRules, affine) -> KernelPlan:

@@ -14,7 +14,7 @@ from .plan import KernelPlan, plan
 from .runtime import cache, loader
 
 # chunk-parallel renderers by plan family (codegen/torch_chunk_<family>.py)
-CHUNKED_FAMILIES = ("decay", "delta", "frozen", "mapped", "period")
+CHUNKED_FAMILIES = ("decay", "delta", "frozen", "mapped", "period", "sequential")
 # chunked Triton renderers by plan family (codegen/triton_chunk_<family>.py)
 TRITON_CHUNKED_FAMILIES = ("decay", "delta", "frozen")
 

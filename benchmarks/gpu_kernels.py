@@ -23,6 +23,9 @@ C = 64 the chunk length:
   FLOPs  delta forward: N (6CK + 4CV + 6KV + 2C^2/3) (K K^T, A K, Q K^T; A V, P D; W S, K^T D, Q S;
          the triangular inverse); decay forward: N (2CK + 2CV + 4KV); titans_matrix forward (C = 16,
          its gradient chunk): N (2CK + 2CV + 10KV) (K W, Q W, Q M, two K^T D; Q K^T, (G.A) D);
+         titans_mlp forward (C = 16, layers of I x O with sum I O = 8 D^2 and sum (I + O) = 10 D): N (96 D^2
+         + 20 C D) (keys at W_0, the vjp, carried W and M, reads at W_0 and M_0: 12 sum I O; the dual
+         reads' scores and G-weighted sums: 2 C sum (I + O));
          forward+backward: 3x forward.
 Peaks compared against: H100 SXM, 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16.
 """
@@ -58,6 +61,7 @@ FORMULAS = {
     "flops_delta_forward": "N (6CK + 4CV + 6KV + 2C^2/3)",
     "flops_decay_forward": "N (2CK + 2CV + 4KV)",
     "flops_titans_matrix_forward": "N (2CK + 2CV + 10KV), C = 16",
+    "flops_titans_mlp_forward": "N (96 D^2 + 20 C D), C = 16 (depth 2, expand 4)",
     "flops_forward_backward": "3 x flops_forward",
     "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
 }
@@ -92,19 +96,22 @@ def _nlc_rows(B, T, H, D):
 
 
 def _titans_rows(B, T, H, D):
-    """Titans with a matrix memory (depth 1: momentum, decay, gradients frozen at chunk starts of
-    TITANS_CHUNK tokens): the generated chunked Triton kernels and the chunked PyTorch form. The
-    titans-pytorch peer (a whole NeuralMemory layer) is benchmarks/peers.py's titans-d1 row."""
-    program = nlc.compile(ROOT / "specs" / "titans.nl", heads=H, d_head=D, depth=1, chunk=TITANS_CHUNK)
+    """Titans (momentum, decay, gradients frozen at chunk starts of TITANS_CHUNK tokens) with a matrix
+    memory (depth 1) and with its default MLP memory (depth 2, expand 4: Triton scans and reads beside
+    PyTorch matmuls): the generated chunked Triton kernels and the chunked PyTorch form. The
+    titans-pytorch peers (a whole NeuralMemory layer) are benchmarks/peers.py's titans rows."""
     ranges = {"alpha": (0.0, 0.1), "theta": (0.0, 0.01), "eta": (0.8, 1.0)}  # forget, lr, momentum
     rows = []
-    for label, module in (("nlc triton chunk", "level_memory_triton_chunk"), ("nlc torch chunk", "level_memory_chunk")):
-        def build(device, dtype, module=module, gates=program.op("memory").gates):
-            function = program.module(module).level_memory
-            q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype, ranges=ranges)
-            return (lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0],
-                    (q, k, v, gs))
-        rows.append((f"{label} titans_matrix", "titans_matrix", build))
+    for rule, depth in (("titans_matrix", 1), ("titans_mlp", 2)):
+        program = nlc.compile(ROOT / "specs" / "titans.nl", heads=H, d_head=D, depth=depth, chunk=TITANS_CHUNK)
+        for label, module in (("nlc triton chunk", "level_memory_triton_chunk"),
+                              ("nlc torch chunk", "level_memory_chunk")):
+            def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
+                function = program.module(module).level_memory
+                q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype, ranges=ranges)
+                return (lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0],
+                        (q, k, v, gs))
+            rows.append((f"{label} {rule}", rule, build))
     return rows
 
 
@@ -178,6 +185,9 @@ def _estimates(rule, B, T, H, D, gates, element):
     elif rule == "titans_matrix":
         C = TITANS_CHUNK
         forward_flops = N * (2 * C * K + 2 * C * V + 10 * K * V)
+    elif rule == "titans_mlp":
+        C = TITANS_CHUNK
+        forward_flops = N * (96 * D * D + 20 * C * D)
     else:
         forward_flops = N * (2 * C * K + 2 * C * V + 4 * K * V)
     return {"forward": (forward_bytes, forward_flops), "forward_backward": (3 * forward_bytes, 3 * forward_flops)}
@@ -211,7 +221,7 @@ def main(argv=None):
         entry = {"row": name, "rule": rule}
         try:
             entry.update(_measure(build, device, dtype, warmup, repeats))
-            gates = {"gated_delta": 2, "titans_matrix": 3}.get(rule, 1)
+            gates = {"gated_delta": 2, "titans_matrix": 3, "titans_mlp": 3}.get(rule, 1)
             est = _estimates(rule, B, T, H, D, gates, torch.finfo(dtype).bits // 8)
             for mode in ("forward", "forward_backward"):
                 seconds = entry[f"{mode}_ms"] / 1e3

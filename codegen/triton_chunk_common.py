@@ -91,6 +91,18 @@ def chunk_form(rules: LevelRules, plan: KernelPlan) -> ChunkForm:
     return form
 
 
+def imports(em: Emitter, lv: ir.Level, names: str) -> None:
+    """A kernel file's imports: os, torch, triton and `names` from the level's reference module."""
+    em.line("import os")
+    em.line()
+    em.line("import torch")
+    em.line("import triton")
+    em.line("import triton.language as tl")
+    em.line()
+    em.line(f"from .{ident(lv.name, 'level')} import {names}")
+    em.gap()
+
+
 def launch_configuration(em: Emitter) -> None:
     """The generated file's launch settings (results do not depend on them): value channels per
     program, the interpreter switch, the autotuning configurations and the matmul operand types."""
@@ -224,14 +236,7 @@ class Kernels:
     def text(self) -> str:
         em, f = self.em, self.f
         self.header()
-        em.line("import os")
-        em.line()
-        em.line("import torch")
-        em.line("import triton")
-        em.line("import triton.language as tl")
-        em.line()
-        em.line(f"from .{ident(self.lv.name, 'level')} import _pack, initial_state")
-        em.gap()
+        imports(em, self.lv, "_pack, initial_state")
         em.line("# Launch configuration, kept apart from the kernels (results do not depend on it).")
         em.line("CHUNK = 64  # tokens per chunk (BT): a power of two, at least 16")
         launch_configuration(em)

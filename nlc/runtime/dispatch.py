@@ -18,11 +18,14 @@ class TritonForms:
     def __init__(self, recurrent=None, chunked=None, why_not: str | None = None):
         self.recurrent, self.chunked, self.why_not = recurrent, chunked, why_not
 
-    def function(self, name: str, T: int):
+    def function(self, name: str, T: int, auto: bool = False):
         """The op `name` (level_<x>): the chunked kernels' for sequences of at least their CHUNK tokens
-        (or where there are no recurrent ones), the fused recurrent kernels' otherwise; None if neither."""
+        (or where there are no recurrent ones), the fused recurrent kernels' otherwise; None if neither.
+        auto: only kernels whose module does not set `AUTO = False` (kernels not yet run on a GPU)."""
         if self.chunked is not None:
             module = self.chunked()
+            if auto and not getattr(module, "AUTO", True):
+                return None
             if T >= module.CHUNK or self.recurrent is None:
                 return getattr(module, name)
         return getattr(self.recurrent(), name) if self.recurrent is not None else None
@@ -48,7 +51,8 @@ def _triton_forms(module: str) -> TritonForms:
 def pick(reference, chunked, mode: str, T: int, triton: TritonForms | None = None, device=None):
     """The op function to call: `reference` is a level's reference op `level_<name>`, `chunked` its
     generated chunk module or None, `triton` its Triton kernels or None, `device` the inputs' device.
-    auto: the Triton kernels on CUDA tensors where triton imports and the level has them, else the
+    auto: the Triton kernels on CUDA tensors where triton imports and the level has them (and they
+    have run on a GPU: modules with `AUTO = False` are left to mode='triton'), else the
     chunked form for sequences of at least one chunk (training, prefill) and the reference loop for
     shorter ones (decoding); chunk: the chunked form or an error saying why not; triton: the chunked
     Triton kernels from their CHUNK tokens on, the fused recurrent ones below, or an error saying why not."""
@@ -65,7 +69,7 @@ def pick(reference, chunked, mode: str, T: int, triton: TritonForms | None = Non
         return function
     if mode == "auto" and triton is not None and device is not None and device.type == "cuda" \
             and triton_support.unavailable(device) is None:
-        function = triton.function(name, T)
+        function = triton.function(name, T, auto=True)
         if function is not None:
             return function
     if mode == "reference" or (mode == "auto" and (chunked is None or T < chunked.CHUNK)):

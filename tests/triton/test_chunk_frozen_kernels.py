@@ -44,7 +44,7 @@ def _sample(design):
     seen, out = set(), []
     for name, text in design:
         memory, bias, retention, algorithm, _ = name.split("-")
-        new = {("memory", memory), (bias, algorithm), (retention, algorithm)} - seen
+        new = {("memory", memory), ("bias", bias, algorithm), ("retention", retention, algorithm)} - seen
         if new:
             seen |= new
             out.append((name, text))
@@ -98,20 +98,16 @@ def test_bf16_inputs_with_an_fp32_state():
     _compare(_titans(32, 16).op("memory"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
 
 
-def test_every_linear_point_has_kernels_and_mlps_say_why():
-    """Every frozen design point with a linear memory gets kernels; a deeper MLP memory (Titans'
-    default) gets none, says why, and mode='triton' raises with a reason."""
+def test_every_linear_point_has_kernels_and_other_plans_say_why():
+    """Every frozen design point with a linear memory gets these kernels (an MLP memory gets those of
+    test_chunk_frozen_mlp_kernels); a level of another plan family gets none and says why."""
     assert len(DESIGN) >= 90
     assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
     for name, text in DESIGN:
-        assert "level_memory_triton_chunk.py" in _compile(text).sources, name
-    program = _compile(SPECS / "titans.nl")
-    assert "mlp memory" in unsupported(program.rules["memory"], program.plans["memory"])
-    assert "level_memory_triton_chunk.py" not in program.sources
-    op = program.op("memory")
-    q, v = torch.zeros(1, 1, op.level.heads, op.level.d_key), torch.zeros(1, 1, op.level.heads, op.level.d_value)
-    with pytest.raises(ValueError, match="mode='triton'"):
-        op(q, q, v, **{g: 0.5 for g in op.gates}, mode="triton")
+        source = _compile(text).sources["level_memory_triton_chunk.py"]
+        assert "def chunk_state_fwd_kernel(" in source, name
+    program = _compile(SPECS / "gla.nl")
+    assert "not 'frozen'" in unsupported(program.rules["memory"], program.plans["memory"])
 
 
 def test_triton_mode_runs_the_chunked_kernels_at_every_length():
@@ -120,3 +116,14 @@ def test_triton_mode_runs_the_chunked_kernels_at_every_length():
     op = _titans(16, 16).op("memory")
     for T in (1, 16, 100):
         assert op.pick("triton", T, torch.device(DEVICE)).__module__.endswith("level_memory_triton_chunk")
+
+
+def test_auto_mode_leaves_kernels_not_yet_run_on_a_gpu_to_mode_triton():
+    """These kernels say `AUTO = False` (checked under the interpreter only), so the dispatch's auto
+    path declines them, while the GPU-checked gated delta kernels are taken."""
+    titans = _titans(16, 16).op("memory").triton
+    assert titans.chunked().AUTO is False
+    assert titans.function("level_memory", 100, auto=True) is None
+    assert titans.function("level_memory", 100) is not None
+    delta = nlc.compile(SPECS / "gated_deltanet.nl").op("memory").triton
+    assert delta.function("level_memory", 100, auto=True) is not None

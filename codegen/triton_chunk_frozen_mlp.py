@@ -1,0 +1,504 @@
+"""Render a frozen-gradient level with an MLP memory (depth >= 2, or a depth-1 layer with a residual,
+gate, bias or norm around it; MATH.md §3.4-3.6) as chunked Triton kernels beside PyTorch matmuls:
+`level_<name>_triton_chunk.py`, a real file in the cache (Triton reads kernel source from disk).
+
+Every gradient of a chunk of C tokens is taken at the chunk-start weights W_0 (`gradient
+chunk_start(C)`), and one layer's is an outer product a_j ⊗ δ_j of its input and its output's
+gradient (torch_chunk_frozen.py). What is a matmul stays in PyTorch: per chunk, in order, the MLP at
+W_0 on the keys and one vjp (`_layer_grads`, nlc.codegen.torch_chunk_common) and the state carried to
+the next chunk (`_carried`, nlc.codegen.torch_chunk_frozen). The rest are Triton kernels, each with a
+hand-written backward (autograd differentiates the PyTorch parts, the vjp twice):
+  coefficients  the momentum/decay scans within every chunk at once, in the stable log-space P·N
+                form of the linear kernels (triton_chunk_frozen.py): the reads' G, b, f and the carried
+                row (their backward runs through the same log-space products to the gates);
+  bias          D = dℓ/dy, elementwise in e = y - v (r = ||e||, the gates), printed from sympy;
+  dual read     one layer's products of every token at its own weights, all chunks at once:
+                x_t W_t (+ β_t) = b_t (x_t W_0 (+ β_0)) + f_t (x_t M_0 (+ μ_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j,
+                so the per-token weights are never built; memory_forward supplies what lies between
+                the layers (activation, gate, norm, residual).
+"""
+from __future__ import annotations
+
+from nlc import ir
+from nlc.derive import symbols as S
+
+from . import torch_arch
+from . import triton_chunk_common as common
+from .emitter import comment, ident, where
+from .torch_chunk_common import render_layer_grads, render_product, show
+from .torch_chunk_frozen import _render_carried
+from .triton_chunk_frozen import _Kernels
+from .triton_recurrent import diff
+
+
+class MlpKernels(_Kernels):
+    """The file for one level: the scan and read kernels of `_Kernels` over the coefficient blocks it
+    prints, with an MLP's layers in PyTorch."""
+
+    def text(self) -> str:
+        em, lv = self.em, self.lv
+        self.header()
+        self.preamble("N_PARAMS, _pack, initial_state, memory_forward")
+        em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
+        common.launch_configuration(em)
+        em.gap()
+        self.helpers()
+        for part in (self.coefficient_kernels, self.bias_kernels, self.read_fwd_kernel, self.read_bwd_kernel,
+                     self.coefficient_function, self.bias_function, self.read_function):
+            em.gap()
+            part()
+        for part in (render_product, render_layer_grads, _render_carried):
+            em.gap()
+            part(em)
+        em.gap()
+        self.public()
+        return em.text()
+
+    def header(self) -> None:
+        em, lv = self.em, self.lv
+        em.line(f'"""Level {comment(lv.name)!r} of model {comment(self.model)!r}: chunked Triton kernels and '
+                "PyTorch matmuls")
+        em.line("(frozen-gradient family, an MLP memory; MATH.md §3.4-3.6).")
+        self.summary("in fp32")
+        em.line(f"  d = dℓ/dy = {show(self.grad)}   (e = y - v" + (", r = ||e||)" if self.norm else ")"))
+        em.line("Per chunk of L <= CHUNK tokens (t, j = 0..L-1), W_0 (and M_0) the state entering it, each")
+        em.line("layer of the chain (LAYERS) a product h @ W (+ β) with token j's gradient a_j ⊗ δ_j (δ_j):")
+        em.line("  P[t, i] = prod_(i<r<=t) a_r, b_t = prod_(r<=t) a_r (log space, signs apart)")
+        if self.momentum:
+            em.line("  Pm, m: the same of beta;  N[i, j] = c_i Pm[i, j] lr_j,  G = P N,  f = P (c m)")
+            em.line("  W_t = b_t W_0 + f_t M_0 - sum_j G[t, j] a_j ⊗ δ_j,  M_t = m_t M_0 - sum_j Pm[t, j] lr_j a_j ⊗ δ_j")
+        else:
+            em.line("  G[t, j] = P[t, j] c_j lr_j;  W_t = b_t W_0 - sum_j G[t, j] a_j ⊗ δ_j")
+        em.line("  " + ("reads after the write (row t)" if self.after else
+                        "reads before the write: rows of b, f, G at t - 1 (b = 1, f = 0, G = 0 at t = 0)") +
+                "; the state carried on is row L-1")
+        em.line("Triton: the coefficients (all chunks at once), D = dℓ/dy, and each layer's read in dual form")
+        em.line("(all chunks at once, at the saved chunk-start states); PyTorch: per chunk in order, the MLP at")
+        em.line("W_0 on the keys with one vjp (a_j, δ_j) and the carried state; each kernel has its backward.")
+        em.line("Layout: q, k [B, T, H, K]; v [B, T, H, V]; gates [B, T, H]; inside, [B, H, T, ...] fp32. The")
+        em.line(f"state is the reference's: {comment(', '.join(self.state_names()))}, float32.")
+        em.line('"""')
+
+    def state_names(self) -> list[str]:
+        names = [n for n, _, _ in torch_arch.param_layout(self.lv)]
+        return names + ([f"M_{n}" for n in names] if self.momentum else [])
+
+    def dot(self, a: str, b: str, exact: bool = False) -> str:
+        """a @ b on fp32 blocks: at the inputs' precision DOT, or exactly for the coefficients."""
+        precision = '"ieee"' if exact else "DOT"
+        return f"tl.dot({a}, {b}, input_precision={precision})"
+
+    def jit(self, key: str, dynamic: str) -> None:
+        self.em.line(f"@triton.autotune(configs=CONFIGS, key=[{key}])")
+        self.em.line(f'@triton.jit(do_not_specialize=["{dynamic}"])')
+
+    def head(self, name: str, args: str, sizes: str, doc: str) -> None:
+        em = self.em
+        em.line(f"def {name}(")
+        em.line(f"        {args.rstrip(', ')},")
+        em.line(f"        {sizes}):")
+        with em.indent():
+            em.block(f'"""{doc}"""')
+
+    # ---- the scan coefficients ---------------------------------------------------------------
+    def outputs(self) -> list[tuple[str, str]]:
+        """(name, kind) of the coefficient tensors: kind 'tt' [B, H, NT, BT, BT], 't' [B, H, T] per token,
+        'c' [B, H, NT] per chunk."""
+        out = [("Gr", "tt"), ("br", "t")] + ([("fr", "t")] if self.momentum else [])
+        out += [("gc", "t")] + ([("hc", "t")] if self.momentum else [])
+        return out + [("bl", "c")] + ([("fl", "c"), ("ml", "c")] if self.momentum else [])
+
+    def chunk_prologue(self) -> None:
+        em = self.em
+        em.line("i_t, i_bh = tl.program_id(0), tl.program_id(1)")
+        em.line("o_i = tl.arange(0, BT)  # position in the chunk")
+        em.line("o_t = i_t * C + o_i  # token")
+        em.line("m_t = (o_i < C) & (o_t < T)")
+        em.line("r_t = (i_bh * T + o_t).to(tl.int64)  # row of each token in [B, H, T]")
+        em.line("i_last = tl.minimum(T - i_t * C, C) - 1  # the chunk's last token")
+        em.line("o_c = (i_bh * NT + i_t).to(tl.int64)  # this chunk in [B, H, NT]")
+        em.line("m_tt = m_t[:, None] & m_t[None, :]")
+        em.line("o_tt = o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :]  # its [BT, BT] block")
+
+    def coefficient_kernels(self) -> None:
+        em, names, mom = self.em, self.outputs(), self.momentum
+        sizes = "T, NT, C: tl.constexpr, BT: tl.constexpr"
+        docs = ("Program (i_t, i_bh): the scan coefficients of chunk i_t of batch x head i_bh (fp32), from\n"
+                "the gates [B, H, T]: the reads' G [B, H, NT, BT, BT] (zero outside the chunk), b_t" +
+                (", f_t" if mom else "") + " [B, H, T];\nthe carried row's G[L-1, j]" +
+                (", Pm[L-1, j] lr_j" if mom else "") + " [B, H, T] and b" + (", f, m" if mom else "") +
+                " at L-1 [B, H, NT].",
+                "Program (i_t, i_bh): ∂/∂ the gates of chunk i_t's tokens from ∂/∂ its coefficients (the\n"
+                "forward kernel's outputs, prefixed d), back through the log-space products.")
+        offsets = {"tt": "o_tt", "t": "r_t", "c": "o_c"}
+        for backward, doc in zip((False, True), docs):
+            em.gap()
+            self.jit('"BT"', "T")
+            args = (f"{', '.join('d' + n for n, _ in names)}, {self.gate_args('dg')}" if backward
+                    else f"{', '.join(n for n, _ in names)},")
+            self.head(f"chunk_coefficients_{'bwd' if backward else 'fwd'}_kernel", self.gate_args() + args,
+                      sizes, doc)
+            with em.indent():
+                self.chunk_prologue()
+                self.coefficients(read=True, carry=True)
+                for name, kind in names:
+                    mask = ", mask=m_t" if kind == "t" else ""
+                    if backward:
+                        load = f"tl.load(d{name} + {offsets[kind]}{mask}{', other=0.0' if mask else ''})"
+                        em.line(f"b_d{name} = " + (f"tl.where(m_tt, {load}, 0.0)" if kind == "tt" else load))
+                    else:
+                        value = f"tl.where(m_tt, b_{name}, 0.0)" if kind == "tt" else f"b_{name}"
+                        em.line(f"tl.store({name} + {offsets[kind]}, {value}{mask})")
+                if backward:
+                    self.coefficients_bwd()
+                    self.gate_grads(through_bias=False)
+
+    def coefficient_function(self) -> None:
+        em, names = self.em, self.outputs()
+        shapes = {"tt": "(B, H, NT, BT, BT)", "t": "(B, H, T)", "c": "(B, H, NT)"}
+        with em.indent("class _Coefficients(torch.autograd.Function):"):
+            em.line('"""The scan coefficients of every chunk, (' + ", ".join(n for n, _ in names) +
+                    "), from the gates [B, H, T] fp32")
+            em.line('(`like` [B, H, T, ...] gives the sizes and device)."""')
+            em.gap(1)
+            em.line("@staticmethod")
+            with em.indent("def forward(ctx, like, *gates):"):
+                em.line("B, H, T = like.shape[:3]")
+                em.line("NT, BT = triton.cdiv(T, CHUNK), max(16, triton.next_power_of_2(CHUNK))")
+                em.line("f32 = dict(dtype=torch.float32, device=like.device)")
+                em.line(f"shapes = {', '.join(shapes[k] for _, k in names)}")
+                em.line("out = tuple(torch.empty(s, **f32) for s in shapes)")
+                em.line("chunk_coefficients_fwd_kernel[(NT, B * H)](*gates, *out, T, NT, C=CHUNK, BT=BT)")
+                em.line("ctx.save_for_backward(*gates)")
+                em.line("ctx.sizes = T, NT, BT")
+                em.line("return out")
+            em.gap(1)
+            em.line("@staticmethod")
+            with em.indent("def backward(ctx, *grads):"):
+                em.line("gates, (T, NT, BT) = ctx.saved_tensors, ctx.sizes")
+                em.line("dgates = [torch.empty_like(g) for g in gates]")
+                em.line("B, H = grads[0].shape[:2]")
+                em.line("chunk_coefficients_bwd_kernel[(NT, B * H)](*gates, *(g.contiguous() for g in grads), *dgates,")
+                em.line("                                           T, NT, C=CHUNK, BT=BT)")
+                em.line("return (None, *dgates)")
+
+    # ---- the bias's elementwise map D = dℓ/dy ----------------------------------------------
+    def bias_gate_args(self, prefix: str) -> str:
+        return "".join(f"{ident(g, prefix)}, " for g in self.bias_gates)
+
+    def bias_prologue(self) -> None:
+        em = self.em
+        em.line("o_r = tl.program_id(0) * BT + tl.arange(0, BT)  # rows of [N, V]")
+        em.line("m_t = o_r < N")
+        em.line("o_v = tl.arange(0, BV)")
+        em.line("m_v = o_v < V")
+        em.line("o_rv = o_r.to(tl.int64)[:, None] * V + o_v[None, :]")
+        em.line("m_rv = m_t[:, None] & m_v[None, :]")
+        em.line("b_y = tl.load(y + o_rv, mask=m_rv, other=0.0)")
+        em.line("b_v = tl.load(v + o_rv, mask=m_rv, other=0.0)")
+        for g in self.bias_gates:
+            em.line(f"{ident(g, 'b_g')} = tl.load({ident(g, 'g')} + o_r, mask=m_t, other=0.5)  # gate {comment(g)}")
+        em.line("b_e = b_y - b_v")
+        self.error_norm()
+
+    def bias_kernels(self) -> None:
+        em, lv = self.em, self.lv
+        sizes = "N, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr"
+        span = where((lv.bias.inner or lv.bias).span) or "#"
+        self.jit('"V", "BV"', "N")
+        self.head("bias_fwd_kernel", f"y, v, {self.bias_gate_args('g')}d,", sizes,
+                  "Program i: rows [i BT, (i + 1) BT) of D = dℓ/dy [N, V] at y, v [N, V] (N = B H L tokens,\n"
+                  "every value channel in one block), the bias's gates [N].")
+        with em.indent():
+            self.bias_prologue()
+            em.line(f"tl.store(d + o_rv, {self.elem(self.grad)}, mask=m_rv)  {span} D = dℓ/dy")
+        em.gap()
+        self.jit('"V", "BV"', "N")
+        self.head("bias_bwd_kernel", f"y, v, {self.bias_gate_args('g')}dd, dy, dv, {self.bias_gate_args('dg')}",
+                  sizes, "Program i: ∂/∂y, ∂/∂v and ∂/∂ the gates of rows [i BT, (i + 1) BT) from dd = ∂/∂D.")
+        with em.indent():
+            self.bias_prologue()
+            em.line("b_dd = tl.load(dd + o_rv, mask=m_rv, other=0.0)")
+            self.error_bwd()
+            em.line("tl.store(dy + o_rv, b_de, mask=m_rv)")
+            dgv = diff(self.grad, S.v)
+            em.line(f"tl.store(dv + o_rv, {self.times(dgv, 'b_dd') + ' - b_de' if dgv != 0 else '-b_de'}, mask=m_rv)")
+            for g in self.bias_gates:
+                dg = self.times(diff(self.grad, ir.gate_symbol(g)), "b_dd")
+                em.line(f"tl.store({ident(g, 'dg')} + o_r, tl.sum(tl.where(m_rv, {dg}, 0.0), 1), mask=m_t)")
+
+    def bias_function(self) -> None:
+        em = self.em
+        with em.indent("class _OutputGrad(torch.autograd.Function):"):
+            em.line('"""D = dℓ/dy (bias kernels): y, v [B, H, L, V] fp32, the bias\'s gates [B, H, L, 1]."""')
+            em.gap(1)
+            em.line("@staticmethod")
+            with em.indent("def forward(ctx, y, v, *gates):"):
+                em.line("y, v, gates = y.contiguous(), v.contiguous(), [g.contiguous() for g in gates]")
+                em.line("d = torch.empty_like(y)")
+                em.line("N, V = y.numel() // y.shape[-1], y.shape[-1]")
+                em.line("BV = max(16, triton.next_power_of_2(V))")
+                em.line("bias_fwd_kernel[(triton.cdiv(N, 16),)](y, v, *gates, d, N, V=V, BT=16, BV=BV)")
+                em.line("ctx.save_for_backward(y, v, *gates)")
+                em.line("return d")
+            em.gap(1)
+            em.line("@staticmethod")
+            with em.indent("def backward(ctx, dd):"):
+                em.line("y, v, *gates = ctx.saved_tensors")
+                em.line("dy, dv, dgates = torch.empty_like(y), torch.empty_like(v), [torch.empty_like(g) for g in gates]")
+                em.line("N, V = y.numel() // y.shape[-1], y.shape[-1]")
+                em.line("BV = max(16, triton.next_power_of_2(V))")
+                em.line("bias_bwd_kernel[(triton.cdiv(N, 16),)](y, v, *gates, dd.contiguous(), dy, dv, *dgates, N,")
+                em.line("                                       V=V, BT=16, BV=BV)")
+                em.line("return (dy, dv, *dgates)")
+        em.gap()
+        with em.indent("def output_grad(y, v, *gates):"):
+            em.line('"""dℓ/dy for y, v [B, H, L, V] (the reference\'s output_grad, by the bias kernels)."""')
+            em.line("return _OutputGrad.apply(y, v, *gates)")
+
+    # ---- the reads in dual form --------------------------------------------------------------
+    def read_args(self) -> str:
+        return "x, a, d, w, wb, " + ("m, mb, " if self.momentum else "") + "Gr, br, " + \
+            ("fr, " if self.momentum else "")
+
+    def weights(self) -> list[tuple[str, str, str]]:
+        """(chunk-start tensor, its bias, its read coefficient): W_0, and M_0 with momentum."""
+        return [("w", "wb", "br")] + ([("m", "mb", "fr")] if self.momentum else [])
+
+    def read_prologue(self, block_o: bool) -> None:
+        """Program ids, the chunk's rows, its G block and read coefficients, and S = X A^T (+ 1) over
+        blocks of BI input channels."""
+        em = self.em
+        em.line("i_o, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)" if block_o else
+                "i_t, i_bh = tl.program_id(0), tl.program_id(1)")
+        em.line("o_i = tl.arange(0, BT)")
+        em.line("o_t = i_t * C + o_i")
+        em.line("m_t = (o_i < C) & (o_t < T)")
+        em.line("r_t = (i_bh * T + o_t).to(tl.int64)  # row of each token in [B, H, T]")
+        em.line("o_c = (i_bh * NT + i_t).to(tl.int64)  # this chunk in [B, H, NT]")
+        em.line("b_G = tl.load(Gr + o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :])  # [BT, BT]")
+        for _, _, coef in self.weights():
+            em.line(f"b_{coef} = tl.load({coef} + r_t, mask=m_t, other=0.0)")
+        em.line("b_S = tl.zeros([BT, BT], dtype=tl.float32)  # x_t·a_j")
+        if block_o:
+            self.value_tile(load_d=True)
+            for state, _, _ in self.weights():
+                em.line(f"b_x{state} = tl.zeros([BT, BO], dtype=tl.float32)  # " +
+                        ("X W_0 (+ β_0)" if state == "w" else "X M_0 (+ μ_0)"))
+        with em.indent("for i_k in range(0, tl.cdiv(I, BI)):"):
+            self.key_tile(load_a=True)
+            em.line(f"b_S += {self.dot('b_x', 'tl.trans(b_a)')}")
+            if block_o:
+                self.weight_tile()
+                for state, _, _ in self.weights():
+                    em.line(f"b_x{state} += {self.dot('b_x', self.tile(state))}")
+        with em.indent("if BIAS:"):
+            em.line("b_S += 1.0  # (x_t, 1)·(a_j, 1): the bias's gradient is δ_j")
+            if block_o:
+                for state, bias, _ in self.weights():
+                    em.line(f"b_x{state} += {self.bias_row(bias)}")
+
+    def key_tile(self, load_a: bool) -> None:
+        """Input channels [i_k BI, (i_k + 1) BI): x (and a) [BT, BI]."""
+        em = self.em
+        em.line("o_k = i_k * BI + tl.arange(0, BI)")
+        em.line("m_tk = m_t[:, None] & (o_k < I)[None, :]")
+        em.line("o_tk = r_t[:, None] * I + o_k[None, :]")
+        em.line("b_x = tl.load(x + o_tk, mask=m_tk, other=0.0)")
+        if load_a:
+            em.line("b_a = tl.load(a + o_tk, mask=m_tk, other=0.0)")
+
+    def value_tile(self, load_d: bool) -> None:
+        """Output channels [i_o BO, (i_o + 1) BO): δ (and dout) [BT, BO]."""
+        em = self.em
+        em.line("o_v = i_o * BO + tl.arange(0, BO)")
+        em.line("m_v = o_v < O")
+        em.line("m_tv = m_t[:, None] & m_v[None, :]")
+        em.line("o_tv = r_t[:, None] * O + o_v[None, :]")
+        if load_d:
+            em.line("b_d = tl.load(d + o_tv, mask=m_tv, other=0.0)  # δ [BT, BO]")
+
+    def weight_tile(self) -> None:
+        self.em.line("o_w = o_c * (I * O) + o_k[:, None] * O + o_v[None, :]  # tile (i_k, i_o) of this chunk's weights")
+        self.em.line("m_kv = (o_k < I)[:, None] & m_v[None, :]")
+
+    def tile(self, state: str) -> str:
+        """The [BI, BO] tile (i_k, i_o) of this chunk's start weights `state` (after `weight_tile`)."""
+        return f"tl.load({state} + o_w, mask=m_kv, other=0.0)"
+
+    def bias_row(self, bias: str) -> str:
+        return f"tl.load({bias} + o_c * O + o_v, mask=m_v, other=0.0)[None, :]"
+
+    def read_fwd_kernel(self) -> None:
+        em = self.em
+        sizes = ("T, NT, I: tl.constexpr, O: tl.constexpr, C: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, "
+                 "BO: tl.constexpr,\n        BIAS: tl.constexpr, DOT: tl.constexpr")
+        self.jit('"I", "O", "BT", "BI", "BO", "BIAS"', "T")
+        extra = " + f_t (x_t M_0 (+ μ_0))" if self.momentum else ""
+        self.head("dual_read_fwd_kernel", f"{self.read_args()}out,", sizes,
+                  "Program (i_o, i_t, i_bh): output channels [i_o BO, (i_o + 1) BO) of one layer's product for\n"
+                  "chunk i_t's tokens, each at its own weights, in dual form:\n"
+                  f"  out_t = b_t (x_t W_0 (+ β_0)){extra} - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j.\n"
+                  "x, a [B, H, T, I]; d (δ) [B, H, T, O]; the chunk-start weights w" +
+                  (", m" if self.momentum else "") + " [B, H, NT, I, O] and biases wb" +
+                  (", mb" if self.momentum else "") + " [B, H, NT, O]\n(BIAS); out [B, H, T, O].")
+        with em.indent():
+            self.read_prologue(block_o=True)
+            terms = " + ".join(f"b_{coef}[:, None] * b_x{state}" for state, _, coef in self.weights())
+            em.line(f"b_o = {terms} - {self.dot('b_G * b_S', 'b_d')}")
+            em.line("tl.store(out + o_tv, b_o, mask=m_tv)")
+
+    def read_bwd_kernel(self) -> None:
+        em, mom = self.em, self.momentum
+        sizes = ("T, NT, I: tl.constexpr, O: tl.constexpr, C: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, "
+                 "BO: tl.constexpr,\n        BIAS: tl.constexpr, DOT: tl.constexpr")
+        grads = "dx, da, dd, dw, dwb, " + ("dm, dmb, " if mom else "") + "dGr, dbr" + (", dfr" if mom else "")
+        self.jit('"I", "O", "BT", "BI", "BO", "BIAS"', "T")
+        self.head("dual_read_bwd_kernel", f"{self.read_args()}dout, {grads},", sizes,
+                  "Program (i_t, i_bh): ∂/∂ every input of dual_read_fwd_kernel over chunk i_t, from dout = ∂/∂out;\n"
+                  "the weights' and biases' per chunk, G's as a [BT, BT] block (zero outside the chunk).")
+        with em.indent():
+            self.read_prologue(block_o=False)
+            em.line("b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # ∂/∂(G ⊙ S)")
+            for _, _, coef in self.weights():
+                em.line(f"b_d{coef} = tl.zeros([BT], dtype=tl.float32)")
+            em.line("# per block of output channels: ∂/∂δ, ∂/∂ the biases, the read coefficients and G ⊙ S")
+            with em.indent("for i_o in range(0, tl.cdiv(O, BO)):"):
+                self.value_tile(load_d=True)
+                em.line("b_do = tl.load(dout + o_tv, mask=m_tv, other=0.0)")
+                for state, _, _ in self.weights():
+                    em.line(f"b_x{state} = tl.zeros([BT, BO], dtype=tl.float32)")
+                with em.indent("for i_k in range(0, tl.cdiv(I, BI)):"):
+                    self.key_tile(load_a=False)
+                    self.weight_tile()
+                    for state, _, _ in self.weights():
+                        em.line(f"b_x{state} += {self.dot('b_x', self.tile(state))}")
+                for state, bias, coef in self.weights():
+                    with em.indent("if BIAS:"):
+                        em.line(f"b_x{state} += {self.bias_row(bias)}")
+                        em.line(f"tl.store(d{bias} + o_c * O + o_v, tl.sum(b_{coef}[:, None] * b_do, 0), mask=m_v)")
+                    em.line(f"b_d{coef} += tl.sum(b_do * b_x{state}, 1)")
+                em.line(f"b_dP -= {self.dot('b_do', 'tl.trans(b_d)')}")
+                em.line(f"tl.store(dd + o_tv, -{self.dot('tl.trans(b_G * b_S)', 'b_do')}, mask=m_tv)")
+            em.line("b_dS = b_dP * b_G")
+            em.line("# per block of input channels: ∂/∂x, ∂/∂a and the chunk-start weights' tiles")
+            with em.indent("for i_k in range(0, tl.cdiv(I, BI)):"):
+                self.key_tile(load_a=True)
+                em.line(f"b_dx = {self.dot('b_dS', 'b_a')}")
+                em.line(f"tl.store(da + o_tk, {self.dot('tl.trans(b_dS)', 'b_x')}, mask=m_tk)")
+                with em.indent("for i_o in range(0, tl.cdiv(O, BO)):"):
+                    self.value_tile(load_d=False)
+                    em.line("b_do = tl.load(dout + o_tv, mask=m_tv, other=0.0)")
+                    self.weight_tile()
+                    for state, _, coef in self.weights():
+                        em.line(f"b_do{state} = b_{coef}[:, None] * b_do")
+                        em.line(f"b_dx += {self.dot(f'b_do{state}', f'tl.trans({self.tile(state)})')}")
+                        em.line(f"tl.store(d{state} + o_w, {self.dot('tl.trans(b_x)', f'b_do{state}')}, mask=m_kv)")
+                em.line("tl.store(dx + o_tk, b_dx, mask=m_tk)")
+            em.line("m_tt = m_t[:, None] & m_t[None, :]")
+            em.line("tl.store(dGr + o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :], tl.where(m_tt, b_dP * b_S, 0.0))")
+            for _, _, coef in self.weights():
+                em.line(f"tl.store(d{coef} + r_t, b_d{coef}, mask=m_t)")
+
+    def read_function(self) -> None:
+        em, mom = self.em, self.momentum
+        args = "x, a, d, w, wb, " + ("m, mb, " if mom else "") + "Gr, br" + (", fr" if mom else "")
+        with em.indent("class _DualRead(torch.autograd.Function):"):
+            em.line('"""One layer\'s product of every token at its own weights (dual_read kernels): x, a [B, H, T, I],')
+            em.line("d [B, H, T, O], the chunk-start weights [B, H, NT, I, O] and biases [B, H, NT, O] (or None),")
+            em.line('the coefficients from _Coefficients; `dot` the matmuls\' precision. -> [B, H, T, O] fp32."""')
+            em.gap(1)
+            em.line("@staticmethod")
+            with em.indent(f"def forward(ctx, dot, {args}):"):
+                em.line(f"ctx.save_for_backward({args})")
+                em.line("ctx.dot = dot")
+                em.line(f"return _read(dot, {args}, None)")
+            em.gap(1)
+            em.line("@staticmethod")
+            with em.indent("def backward(ctx, dout):"):
+                em.line("return (None, *_read(ctx.dot, *ctx.saved_tensors, dout.contiguous()))")
+        em.gap()
+        with em.indent(f"def _read(dot, {args}, dout):"):
+            em.line('"""dual_read_fwd_kernel\'s output (dout None), or the gradients of its inputs (None for a missing bias)."""')
+            em.line("B, H, T, I = x.shape")
+            em.line("NT, O = w.shape[2], w.shape[-1]")
+            em.line("BT = max(16, triton.next_power_of_2(CHUNK))")
+            em.line("BI, BO = (min(max(16, triton.next_power_of_2(n)), BV_MAX) for n in (I, O))  # channel blocks")
+            em.line("sizes = dict(I=I, O=O, C=CHUNK, BT=BT, BI=BI, BO=BO, BIAS=wb is not None, DOT=dot)")
+            em.line(f"inputs = ({args})")
+            em.line("# a missing bias (None) is passed as a tensor the kernels never touch without BIAS")
+            with em.indent("if dout is None:"):
+                em.line("out = torch.empty(B, H, T, O, dtype=torch.float32, device=x.device)")
+                em.line("dual_read_fwd_kernel[(triton.cdiv(O, BO), NT, B * H)](")
+                em.line("    *(w if t is None else t for t in inputs), out, T, NT, **sizes)")
+                em.line("return out")
+            em.line("grads = [None if t is None else torch.empty_like(t) for t in inputs]")
+            em.line("dual_read_bwd_kernel[(NT, B * H)](*(w if t is None else t for t in inputs), dout,")
+            em.line("                                  *(grads[3] if t is None else t for t in grads), T, NT, **sizes)")
+            em.line("return grads")
+        em.gap()
+        with em.indent("def _dual_layer(dot, buffers, inputs, deltas, coefficients):"):
+            em.line('"""The `layer` hook of memory_forward that reads every token at its own weights (_DualRead):')
+            em.line("buffers: the chunk-start optimizer buffers per state tensor [B, H, NT, ...]; inputs, deltas per")
+            em.line('layer [B, H, T, I|O] (a_j, δ_j of every chunk); coefficients (G, b' +
+                    (", f" if mom else "") + ') for the reads."""')
+            with em.indent("def layer(i, x, W, bias):"):
+                if mom:
+                    em.line("w, c = LAYERS[i]")
+                    em.line("momenta = buffers[w], None if c is None else buffers[c]")
+                    em.line("return _DualRead.apply(dot, x.contiguous(), inputs[i], deltas[i], W, bias, *momenta, "
+                            "*coefficients)")
+                else:
+                    em.line("return _DualRead.apply(dot, x.contiguous(), inputs[i], deltas[i], W, bias, *coefficients)")
+            em.line("return layer")
+
+    # ---- the op ------------------------------------------------------------------------------
+    def public(self) -> None:
+        em, lv, mom = self.em, self.lv, self.momentum
+        kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
+        with em.indent(f"def {ident(lv.name, 'level')}(q, k, v, *, {kw}initial_state=None, "
+                       "output_final_state=False):"):
+            common.public_head(em, lv, f"({', '.join(comment(n) for n in self.state_names())}) as the reference's")
+            em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
+            em.line("state = tuple(s.to(torch.float32) for s in state)")
+            em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
+            em.line('dot = "ieee" if q.dtype == torch.float32 else "tf32"  # the kernels\' matmul precision')
+            em.line("qh, kh, vh = (x.transpose(1, 2).to(torch.float32).contiguous() for x in (q, k, v))  # [B, H, T, D]")
+            unused = [g for g in lv.gates if g not in self.gates]
+            if unused:
+                em.line(f"# gate(s) {comment(', '.join(unused))}: not read by this level's rule")
+            for g in self.gates:
+                em.line(f"{ident(g, 'gh')} = {ident(g, 'g')}.transpose(1, 2).to(torch.float32).contiguous()  "
+                        f"# gate {comment(g)} [B, H, T]")
+            names = [n for n, _ in self.outputs()]
+            em.line(f"{where(lv.algorithm.span) or '#'} {comment(lv.algorithm.describe())}: the scans' coefficients")
+            em.line(f"{', '.join(names)} = _Coefficients.apply(kh, {', '.join(ident(g, 'gh') for g in self.gates)})")
+            bias = [f"{ident(g, 'gh')}[..., None].split(CHUNK, 2)" for g in self.bias_gates]
+            em.line("chunks = zip(" + ", ".join(["kh.split(CHUNK, 2)", "vh.split(CHUNK, 2)", "gc.split(CHUNK, 2)"] +
+                                                (["hc.split(CHUNK, 2)"] if mom else []) +
+                                                ["bl.unbind(2)"] + (["fl.unbind(2)", "ml.unbind(2)"] if mom else []) +
+                                                bias) + ")")
+            em.line("starts, inputs, deltas = [], [[] for _ in LAYERS], [[] for _ in LAYERS]")
+            bias_c = [f"{ident(g, 'go')}_c" for g in self.bias_gates]
+            row = ["k_c", "v_c", "gc_c"] + (["hc_c"] if mom else []) + ["bl_c"] + (["fl_c", "ml_c"] if mom else [])
+            with em.indent(f"for {', '.join(row + bias_c)} in chunks:"):
+                em.line(f"{where(lv.span)} level {comment(lv.name)}, one chunk: k_c [B, H, L, K], v_c [B, H, L, V]")
+                em.line("starts.append(params + buffers)  # the state entering it")
+                span = where((lv.bias.inner or lv.bias).span) or "#"
+                em.line(f"a, d = _layer_grads(params, k_c, v_c{''.join(', ' + b for b in bias_c)})  "
+                        f"{span} per layer at W_0")
+                with em.indent("for i in range(len(LAYERS)):"):
+                    em.line("inputs[i].append(a[i])")
+                    em.line("deltas[i].append(d[i])")
+                em.line("# row L - 1 of the coefficients: the state carried on")
+                if mom:
+                    em.line("params, buffers = (_carried((params, buffers), (bl_c, fl_c), gc_c, a, d),")
+                    em.line("                   _carried((buffers,), (ml_c,), hc_c, a, d))")
+                else:
+                    em.line("params = _carried((params,), (bl_c,), gc_c, a, d)")
+            em.line("starts = [torch.stack(s, 2) for s in zip(*starts)]  # per state tensor [B, H, NT, ...]")
+            em.line("inputs, deltas = [torch.cat(x, 2) for x in inputs], [torch.cat(x, 2) for x in deltas]")
+            coefficients = "(Gr, br, fr)" if mom else "(Gr, br)"
+            em.line(f"layer = _dual_layer(dot, starts[N_PARAMS:], inputs, deltas, {coefficients})")
+            em.line("o = memory_forward(starts[:N_PARAMS], qh, layer=layer)  # [B, H, T, V], each token at its own weights")
+            em.line("return o.transpose(1, 2).to(v.dtype), (_pack(params + buffers) if output_final_state else None)")

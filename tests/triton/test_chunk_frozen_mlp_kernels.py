@@ -1,0 +1,110 @@
+"""Chunked Triton kernels of the frozen-gradient family with an MLP memory (codegen/
+triton_chunk_frozen_mlp.py: Triton scans, bias map and dual-form reads beside PyTorch matmuls) against
+the reference loop: outputs, final states and the gradients of every input (q, k, v, gates, initial
+state). Over the shipped Titans level (depth 2, expand 4, residual, momentum, decay), the other
+shipped levels it takes (biases and a layer norm in ttt_mlp, Huber in yaad, no residual in
+deep_transformer), a gated MLP with a norm-type bias, reads before the write, and every frozen
+design-space point with a depth-2 MLP; for T = 1, 63, 100, head dims 16 and 32, gradient chunks that
+divide neither 63 nor 100.
+
+Each case runs the op in mode='triton' (the level has no fused recurrent kernels, so it picks these at
+every length). Precision as in test_fused_recurrent: fp32 against the float64 reference on the same
+inputs, relative error <= 1e-4; bf16 inputs (fp32 states) 2e-2.
+
+On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) Titans runs three (head
+dim, T, chunk), the other shipped levels one each, and the design space a fixed sample in which
+every bias and every (retention, algorithm) appears, one (head dim, T, chunk) each."""
+from __future__ import annotations
+
+import torch
+import pytest
+
+from nlc.derive.rules import derive
+from nlc.lower import check
+from nlc.plan import plan
+
+from ..ops.design_space import chunked_points, spec_text
+from .test_chunk_frozen_kernels import _compile, _design_program
+from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
+
+LENGTHS, DIMS, CHUNKS = (1, 63, 100), (16, 32), (5, 16, 24)
+CPU_SIZES = ((16, 100, 16), (32, 63, 5), (16, 1, 24))  # (head dim, T, chunk)
+SHIPPED = {"ttt_mlp": "d_head", "yaad": "d_head", "deep_transformer": "d_head"}  # spec -> its head-dim param
+
+
+def _design():
+    """(id, spec text) of every frozen-family design point with a depth-2 MLP memory."""
+    return [(name, text) for name, text in chunked_points(("mlp2",), ("chunk",))
+            if plan(derive(check(text)[0])["memory"], 5).family == "frozen"]
+
+
+def _sample(design):
+    """A fixed sample: each point that brings a bias or a (retention, algorithm) not yet seen."""
+    seen, out = set(), []
+    for name, text in design:
+        _, bias, retention, algorithm, _ = name.split("-")
+        keys = {("bias", bias), ("rule", retention, algorithm)}
+        if not keys <= seen:
+            seen |= keys
+            out.append((name, text))
+    return out
+
+
+DESIGN = _design()
+CPU_DESIGN = _sample(DESIGN)
+TITANS_CASES = [(d, t, c) for d in DIMS for t in LENGTHS for c in CHUNKS] if GPU else list(CPU_SIZES)
+SHIPPED_CASES = [(s, d, t, c) for s in SHIPPED for d in DIMS for t, c in ((63, 5), (100, 16))] if GPU else \
+    [(s, *CPU_SIZES[i]) for i, s in enumerate(SHIPPED)]
+DESIGN_CASES = [(n, text, d, t, c) for n, text in DESIGN for d in DIMS for t, c in ((100, 24), (63, 5))] \
+    if GPU else [(n, text, *CPU_SIZES[i % 3]) for i, (n, text) in enumerate(CPU_DESIGN)]
+
+
+def _titans(dim, chunk):
+    return _compile(SPECS / "titans.nl", heads=HEADS, d_head=dim, chunk=chunk)
+
+
+@pytest.mark.parametrize("dim,T,chunk", TITANS_CASES, ids=[f"D{d}-T{t}-C{c}" for d, t, c in TITANS_CASES])
+def test_titans_mlp_memory_matches_the_reference(dim, T, chunk):
+    _compare(_titans(dim, chunk).op("memory"), T)
+
+
+@pytest.mark.parametrize("stem,dim,T,chunk", SHIPPED_CASES,
+                         ids=[f"{s}-D{d}-T{t}-C{c}" for s, d, t, c in SHIPPED_CASES])
+def test_shipped_mlp_levels_match_the_reference(stem, dim, T, chunk):
+    text = (SPECS / f"{stem}.nl").read_text()
+    assert "chunk_start(chunk)" in text, stem  # the gradient chunk is the `chunk` parameter
+    program = _compile(SPECS / f"{stem}.nl", heads=HEADS, chunk=chunk, **{SHIPPED[stem]: dim})
+    _compare(program.op("memory"), T)
+
+
+@pytest.mark.parametrize("name,text,dim,T,chunk", DESIGN_CASES,
+                         ids=[f"{n}-D{d}-T{t}-C{c}" for n, _, d, t, c in DESIGN_CASES])
+def test_design_space_matches_the_reference(name, text, dim, T, chunk):
+    _compare(_design_program(text, dim, chunk).op("memory"), T)
+
+
+def test_gated_mlp_with_biases_reading_before_the_write():
+    """A gated MLP with biases (three layers, two on the same input), ||e|| in the bias, rows of the
+    coefficients shifted by one token (read before)."""
+    text = spec_text("mlp2", "huber_norm", "decay", "momentum", "chunk")
+    text = text.replace("mlp(depth = 2, expand = 1)", "mlp(depth = 2, expand = 2, gated = true, bias = true)")
+    text = text.replace("chunk_start(2)", "chunk_start(2)\n  read before")
+    _compare(_design_program(text, 16, 5).op("memory"), 63)
+
+
+def test_bf16_inputs_with_an_fp32_state():
+    _compare(_titans(32, 16).op("memory"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
+
+
+def test_every_mlp_point_has_kernels_and_triton_mode_runs_them():
+    """Every frozen design point with a depth-2 MLP gets the MLP kernels; the level has no fused
+    recurrent ones, so mode='triton' runs them at every length."""
+    assert len(DESIGN) >= 40
+    assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
+    for name, text in DESIGN:
+        assert "def dual_read_fwd_kernel(" in _compile(text).sources["level_memory_triton_chunk.py"], name
+    op = _titans(16, 16).op("memory")
+    for T in (1, 16, 100):
+        assert op.pick("triton", T, torch.device(DEVICE)).__module__.endswith("level_memory_triton_chunk")

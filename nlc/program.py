@@ -131,6 +131,15 @@ class Program:
             watch(layer)
         return layer
 
+    def init_from_mlp(self, layer: torch.nn.Module, level: str, mlp) -> None:
+        """Set `layer`'s learned initial state of `level` to a pretrained MLP (an nn.Module or its
+        nn.Linear layers, input side first), the same for every head: Nested Learning's ad-hoc
+        stacking (MATH.md §4.2). See `nlc.pretrained.init_level_from_mlp`."""
+        from .pretrained import init_level_from_mlp
+        if level not in self.plans:
+            raise ValueError(f"no level {level!r}; levels: {', '.join(self.plans)}")
+        init_level_from_mlp(layer, self.module(f"level_{level}"), level, mlp)
+
     def model(self, vocab_size: int, layers: int | None = None, mode: str = "auto") -> torch.nn.Module:
         """A causal language model, token ids [B, T] -> logits [B, T, vocab_size], stacking `layers`
         fresh layers (default: the spec's `layers` parameter, else 2; see `nlc.model.LanguageModel`)."""

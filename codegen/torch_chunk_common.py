@@ -66,22 +66,49 @@ def render_scan_coefficients(em: Emitter, lv: ir.Level, coeffs: dict, heads: dic
 
 
 def render_scan_helpers(em: Emitter) -> None:
-    """`_decay_products(a)` and `_by_chunk(x)`: products of per-token factors within each chunk."""
+    """`_decay_products(a)` (with `_Segments`, its [L, L] part and hand-derived backward) and
+    `_by_chunk(x)`: products of per-token factors within each chunk."""
     em.block('''
+class _Segments(torch.autograd.Function):
+    """seg[..., t, i] = exp(sum_{i<r<=t} log_a[..., r]) for i <= t, 0 above the diagonal; from
+    log_a [..., L]. Its backward is the exact derivative in three passes over [..., L, L] (autograd
+    through the masked cumsum would take about ten and keep every intermediate):
+    d log_a[r] = sum_{t>=r} sum_{i<r} (dseg ∘ seg)[t, i]; a sign folded into seg afterwards is
+    constant, so dseg ∘ seg may use the signed seg as well."""
+
+    @staticmethod
+    def forward(ctx, log_a):
+        L = log_a.shape[-1]
+        lower = torch.ones(L, L, dtype=torch.bool, device=log_a.device).tril()
+        steps = torch.where(lower.tril(-1), log_a[..., :, None], 0.0)  # [t, i] = log a_t where t > i
+        seg = steps.cumsum_(-2).exp_().masked_fill_(~lower, 0.0)
+        ctx.save_for_backward(seg)
+        return seg
+
+    @staticmethod
+    def backward(ctx, dseg):
+        (seg,) = ctx.saved_tensors
+        x = dseg * seg
+        # [t, r] = sum_{i<r} x[t, i], as a sum of its own terms (all carry the factor a_r, which may
+        # be tiny: an inclusive sum minus x[t, r] would bury them under round-off)
+        before = torch.nn.functional.pad(x[..., :-1], (1, 0)).cumsum_(-1)
+        upper = torch.ones(seg.shape[-2:], dtype=torch.bool, device=seg.device).triu(1)
+        return before.masked_fill_(upper, 0.0).sum(-2)  # sum over t >= r
+
+
 def _decay_products(a):
     """Products of a per-token factor a [..., L] within each chunk (MATH.md §3.4, in log space):
     run [..., L]: run[t] = prod_{r<=t} a_r;  seg [..., L, L]: seg[t, i] = prod_{i<r<=t} a_r for i <= t,
     0 above the diagonal. Each entry of seg sums the logs of its own segment only (no ratio of running
     products, so nothing cancels); log 0 is clamped to log(tiny) and signs are carried apart, so a
     factor may be 1, tiny or negative and everything stays finite."""
-    L = a.shape[-1]
     log_a = torch.log(a.abs().clamp_min(torch.finfo(a.dtype).tiny))
     sign = (1 - 2 * (a < 0).to(a.dtype)).cumprod(-1)  # prod_{r<=t} sign(a_r), exactly ±1
     run = torch.exp(log_a.cumsum(-1)) * sign
-    lower = torch.ones(L, L, dtype=torch.bool, device=a.device).tril()
-    steps = log_a[..., :, None].masked_fill(~lower.tril(-1), 0.0)  # [t, i] = log a_t where t > i
-    seg = torch.exp(steps.cumsum(-2)).masked_fill(~lower, 0.0)
-    return run, seg * sign[..., :, None] * sign[..., None, :]
+    seg = _Segments.apply(log_a)
+    if bool((a < 0).any()):
+        seg = seg * (sign[..., :, None] * sign[..., None, :])
+    return run, seg
 
 
 def _by_chunk(x):

@@ -14,6 +14,8 @@ reference op's signature, state layout and return convention.
 """
 from __future__ import annotations
 
+import sympy
+
 import nlc
 from nlc import ir
 from nlc.derive import symbols as S
@@ -50,26 +52,39 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
             raise NotImplementedError(
                 f"level {lv.name!r}: the frozen chunked form needs scalar gates in the {role} "
                 f"coefficient; {', '.join(vector)} is per channel")
+    scaled = sympy.sympify(plan.scale) != 1
+    if not scaled:
+        del coeffs["scale"]  # c_t = 1: no factor to carry
+    linear = _linear(lv.memory)
     em = Emitter()
     _header(em, rules, plan, coeffs, model, file)
     em.line("import torch")
     em.line()
-    em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
+    if linear:
+        em.line("from nlc.runtime.frozen_linear import frozen_linear")
+        em.line()
+        em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, output_grad")
+    else:
+        em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")
-    em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
+    if not linear:
+        em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
     em.gap()
     render_scan_helpers(em)
     em.gap()
-    _render_coefficients(em, momentum)
+    _render_coefficients(em, momentum, scaled)
     if lv.read == "before":
         em.gap()
         _render_shift(em)
+    if linear:
+        em.gap()
+        _render_linear_op(em, rules, coeffs, momentum)
+        return em.text()
     em.gap()
     render_product(em)
-    if not _linear(lv.memory):
-        em.gap()
-        render_layer_grads(em)
+    em.gap()
+    render_layer_grads(em)
     em.gap()
     _render_dual_layer(em, momentum)
     em.gap()
@@ -100,18 +115,19 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
         em.line(f"  {key:<10} {comment(value)}")
     em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
     em.line(f"  a_t = {show(coeffs['decay'])}   (retention: factor on the old state)")
-    em.line(f"  c_t = {show(coeffs['scale'])}   (retention: factor on the step)")
+    em.line(f"  c_t = {show(plan.scale)}   (retention: factor on the step)")
     em.line(f"  lr_t = {show(coeffs['lr'])}")
     if momentum:
         em.line(f"  beta_t = {show(coeffs['beta'])}")
     em.line()
     em.line("Within a chunk (positions t = 0..L-1, W_0 and M_0 the state entering it) every gradient is")
-    em.line("taken at W_0, so all of them come at once. The memory is a chain of layers (LAYERS), each a")
-    em.line("product h @ W (+ b); token j's gradient of a layer's weight is u_j = a_j ⊗ δ_j (of its bias,")
-    em.line("δ_j), a_j the layer's input and δ_j = dℓ/d(layer output) at W_0, all from one pass")
     if _linear(lv.memory):
-        em.line("(a linear memory: a = K, δ = dY = output_grad(M(W_0; K), V)). The recurrence")
+        em.line("taken at W_0, so all of them come at once: the memory is linear, M(W; x) = x W, and token j's")
+        em.line("gradient is u_j = k_j ⊗ δ_j, δ = output_grad(K W_0, V) = dℓ/dy at W_0. The recurrence")
     else:
+        em.line("taken at W_0, so all of them come at once. The memory is a chain of layers (LAYERS), each a")
+        em.line("product h @ W (+ b); token j's gradient of a layer's weight is u_j = a_j ⊗ δ_j (of its bias,")
+        em.line("δ_j), a_j the layer's input and δ_j = dℓ/d(layer output) at W_0, all from one pass")
         em.line("(`_layer_grads`: a forward at W_0 and one vjp). The recurrence")
     if momentum:
         em.line("  M_t = beta_t M_{t-1} - lr_t u_t,    W_t = a_t W_{t-1} + c_t M_t")
@@ -128,6 +144,18 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
         em.line("  G[t, j] = P[t, j] c_j lr_j")
         em.line("  W_t = b_t W_0 - sum_j G[t, j] u_j")
     read = "W_t (read after write)" if lv.read == "after" else "W_{t-1}, W_{-1} = W_0 (read before write)"
+    if _linear(lv.memory):
+        extra = " + f_t q_t M_0" if momentum else ""
+        em.line(f"The read o_t = q_t W uses {read}, and never builds it:")
+        em.line(f"  o_t = b_t q_t W_0{extra} - sum_j G[t, j] (q_t·k_j) δ_j")
+        em.line("(rows of b, f, G shifted by one token for read before). Row L-1 of the same coefficients is")
+        em.line("the state carried to the next chunk; a short last chunk is L < CHUNK. FrozenLinear")
+        em.line("(nlc/runtime/frozen_linear.py) runs the chunks in order and differentiates them by hand (its")
+        em.line("backward: matmuls per chunk in reverse, the bias's vjp from output_grad).")
+        em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; the state is the")
+        em.line(f"reference's: {comment(', '.join(_state_names(lv)))}.")
+        em.line('"""')
+        return
     em.line(f"The read o_t = M(.; q_t) uses {read}, and never builds it: memory_forward")
     em.line("runs over the chunk's queries with each layer in dual form (`_dual_layer`, MATH.md §3.5), X the")
     em.line("layer's inputs at the read [L, I], A = (a_j) [L, I], Δ = (δ_j) [L, O]:")
@@ -145,27 +173,29 @@ def _state_names(lv: ir.Level) -> list[str]:
     return names + ([f"M_{n}" for n in names] if lv.algorithm.kind == "momentum" else [])
 
 
-def _render_coefficients(em: Emitter, momentum: bool) -> None:
+def _render_coefficients(em: Emitter, momentum: bool, scaled: bool) -> None:
+    """`_coefficients`; without `c` (and its products) where the retention's step factor c_t is 1."""
+    c, cm = ("c, ", "P * c[..., None, :]") if scaled else ("", "P")
     if momentum:
-        em.block('''
-def _coefficients(a, c, lr, beta):
+        em.block(f'''
+def _coefficients(a, {c}lr, beta):
     """Closed-form scan coefficients of each chunk, all [..., L] or [..., L, L]:
     W_t = b_t W_0 + f_t M_0 - sum_j G[t, j] u_j  and  M_t = m_t M_0 - sum_j H[t, j] u_j, with
-    G = P N, N[i, j] = c_i Pm[i, j] lr_j, f = P (c * m), H[t, j] = Pm[t, j] lr_j (stable P·N form)."""
+    H[i, j] = Pm[i, j] lr_j, G = P diag(c) H, f = P (c * m) (stable P·N form, N = diag(c) H)."""
     b, P = _decay_products(a)
     m, Pm = _decay_products(beta)
-    G = P @ (c[..., :, None] * Pm * lr[..., None, :])
-    f = (P @ (c * m)[..., None])[..., 0]
     H = Pm * lr[..., None, :]
+    G = ({cm}) @ H
+    f = (P @ ({"c * m" if scaled else "m"})[..., None])[..., 0]
     return b, f, G, m, H
 ''')
     else:
-        em.block('''
-def _coefficients(a, c, lr):
+        em.block(f'''
+def _coefficients(a, {c}lr):
     """Closed-form scan coefficients of each chunk: W_t = b_t W_0 - sum_j G[t, j] u_j with
     b [..., L] and G[t, j] = P[t, j] c_j lr_j [..., L, L]."""
     b, P = _decay_products(a)
-    return b, P * (c * lr)[..., None, :]
+    return b, P * ({"c * lr" if scaled else "lr"})[..., None, :]
 ''')
 
 
@@ -187,13 +217,15 @@ def _dual_layer(buffers, inputs, deltas, b, f, G):
     W_t = b_t W_0 + f_t M_0 - sum_j G[t, j] a_j ⊗ δ_j (biases: δ_j alone), without building them:
       x_t W_t (+ β_t) = b_t (x_t W_0 (+ β_0)) + f_t (x_t M_0 (+ μ_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j.
     buffers: M_0 per state tensor; inputs, deltas from _layer_grads; b, f [B, H, L]; G [B, H, L, L]."""
+    minus_G = -G  # the sign on the [L, L] factor: no full-size negation, forward or backward
+
     def layer(i, x, W, bias):
         w, c = LAYERS[i]
         scores = x @ inputs[i].transpose(-1, -2)  # [B, H, L, L]: x_t·a_j
         if bias is not None:
             scores = scores + 1.0
-        out = b[..., None] * _product(x, W, bias) - (scores * G) @ deltas[i]
-        return out + f[..., None] * _product(x, buffers[w], None if c is None else buffers[c])
+        out = torch.addcmul((scores * minus_G) @ deltas[i], b[..., None], _product(x, W, bias))
+        return torch.addcmul(out, f[..., None], _product(x, buffers[w], None if c is None else buffers[c]))
     return layer
 ''')
     else:
@@ -203,11 +235,13 @@ def _dual_layer(inputs, deltas, b, G):
     W_t = b_t W_0 - sum_j G[t, j] a_j ⊗ δ_j (biases: δ_j alone), without building them:
       x_t W_t (+ β_t) = b_t (x_t W_0 (+ β_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j.
     inputs, deltas from _layer_grads; b [B, H, L]; G [B, H, L, L]."""
+    minus_G = -G  # the sign on the [L, L] factor: no full-size negation, forward or backward
+
     def layer(i, x, W, bias):
         scores = x @ inputs[i].transpose(-1, -2)  # [B, H, L, L]: x_t·a_j
         if bias is not None:
             scores = scores + 1.0
-        return b[..., None] * _product(x, W, bias) - (scores * G) @ deltas[i]
+        return torch.addcmul((scores * minus_G) @ deltas[i], b[..., None], _product(x, W, bias))
     return layer
 ''')
 
@@ -218,14 +252,20 @@ def _carried(starts, scales, row, inputs, deltas):
     """A state after the chunk's last token, per state tensor: sum_s scales[s] X_s - sum_j row[j] u_j,
     u_j = a_j ⊗ δ_j for a layer's weight and δ_j for its bias. starts: tuples X_s of state tensors
     [B, H, ...]; scales: [B, H] each; row [B, H, L]; inputs, deltas per layer [B, H, L, I|O]."""
-    steps = [None] * N_PARAMS
+    minus_row = -row[..., :, None]  # [B, H, L, 1]: the sign on the small factor
+    carried = [None] * N_PARAMS
     for (w, c), a, d in zip(LAYERS, inputs, deltas):
-        d = row[..., :, None] * d  # [B, H, L, O]: row[j] δ_j
-        steps[w] = a.transpose(-1, -2) @ d
+        # -sum_j row[j] a_j ⊗ δ_j, the row on the narrower of a [B, H, L, I] and δ [B, H, L, O]
+        if a.shape[-1] < d.shape[-1]:
+            carried[w] = (minus_row * a).transpose(-1, -2) @ d
+        else:
+            carried[w] = a.transpose(-1, -2) @ (minus_row * d)
         if c is not None:
-            steps[c] = d.sum(-2)
-    return tuple(sum(s.reshape(s.shape + (1,) * (x[i].dim() - 2)) * x[i] for s, x in zip(scales, starts)) - u
-                 for i, u in enumerate(steps))
+            carried[c] = (minus_row * d).sum(-2)
+    for i in range(N_PARAMS):
+        for s, x in zip(scales, starts):
+            carried[i] = torch.addcmul(carried[i], s.reshape(s.shape + (1,) * (x[i].dim() - 2)), x[i])
+    return tuple(carried)
 ''')
 
 
@@ -235,6 +275,7 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
     bias_gates = ir.gate_names(rules.bias.grad)
     with em.indent(op_signature(lv)):
         render_op_inputs(em, rules, coeffs)
+        em.line("qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # one copy, none per chunk matmul")
         render_scan_coefficients(em, lv, coeffs, heads)
         names = "b, f, G, m, H" if momentum else "b, G"
         em.line("# the scan coefficients depend on the gates alone: those of every chunk at once, unbound into")
@@ -257,14 +298,38 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
                 em.line("b_c, G_c = b[n][..., :L], G[n][..., :L, :L]  # this chunk's rows")
             bias_args = "".join(f", {g}_c" for g in bias_gates_h)
             span = where((lv.bias.inner or lv.bias).span) or "#"
-            if _linear(lv.memory):
-                em.line(f"dy = output_grad(memory_forward(params, k_c), v_c{bias_args})  {span} dℓ/dy at W_0, [B, H, L, V]")
-                em.line("inputs, deltas = (k_c,), (dy,)  # linear memory: u_j = k_j ⊗ dy_j")
-            else:
-                em.line(f"inputs, deltas = _layer_grads(params, k_c, v_c{bias_args})  {span} per layer at W_0")
+            em.line(f"inputs, deltas = _layer_grads(params, k_c, v_c{bias_args})  {span} per layer at W_0")
             _render_chunk(em, lv.read, momentum)
         em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
         em.line("return o, (_pack(params + buffers) if output_final_state else None)")
+
+
+def _render_linear_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
+    """The op of a linear memory: the scan coefficients here, the chunks in FrozenLinear (a forward
+    chunk by chunk and a hand-derived backward, nlc/runtime/frozen_linear.py)."""
+    lv = rules.level
+    heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
+    with em.indent(op_signature(lv)):
+        render_op_inputs(em, rules, coeffs)
+        render_scan_coefficients(em, lv, coeffs, heads)
+        em.line("# the scan coefficients depend on the gates alone: those of every chunk at once,")
+        em.line("# [B, H, NC, CHUNK] or [B, H, NC, CHUNK, CHUNK] (a short last chunk uses its first rows)")
+        chunked = ", ".join(f"_by_chunk({role})" for role in coeffs)
+        em.line(f"{where(lv.algorithm.span) or '#'} {comment(lv.algorithm.describe())}")
+        em.line(f"{'b, f, G, m, H' if momentum else 'b, G'} = _coefficients({chunked})")
+        rows = "b_r, f_r, G_r" if momentum else "b_r, G_r"
+        if lv.read == "after":
+            em.line(f"{rows} = {rows.replace('_r', '')}  # the read's coefficients: W_t (read after write)")
+        else:
+            shifted = ["_previous(b, 1.0, -1)"] + (["_previous(f, 0.0, -1)"] if momentum else [])
+            em.line(f"{rows} = {', '.join(shifted + ['_previous(G, 0.0, -2)'])}  # the read's: W_{{t-1}} (read before)")
+        gates = "".join(f", {ident(g, 'go')}" for g in ir.gate_names(rules.bias.grad))
+        args = "b, f, G, m, H, b_r, f_r, G_r" if momentum else "b, None, G, None, None, b_r, None, G_r"
+        em.line(f"{where(lv.span)} level {comment(lv.name)}: the chunks in order, o [B, H, T, V] and the final state")
+        em.line(f"o, W, M = frozen_linear(CHUNK, output_grad, qh, kh, vh, params[0], "
+                f"{'buffers[0]' if momentum else 'None'}, {args}{gates})")
+        state = "(W, M)" if momentum else "(W,)"
+        em.line(f"return o.transpose(1, 2), (_pack({state}) if output_final_state else None)")
 
 
 def _render_chunk(em: Emitter, read: str, momentum: bool) -> None:

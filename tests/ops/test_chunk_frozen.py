@@ -202,3 +202,51 @@ def test_generated_source_is_readable():
     assert "vmap" not in text and "LAYERS = ((0, None), (1, None))" in text  # dual form, per layer
     assert "def level_memory(q, k, v, *, g_alpha, g_theta, g_eta, initial_state=None, " \
            "output_final_state=False):" in text
+
+
+def test_linear_memories_use_the_hand_derived_backward():
+    """A matrix memory (or a plain depth-1 MLP) runs FrozenLinear; deeper memories the per-layer
+    dual form through autograd; a step factor c_t = 1 is not carried."""
+    matrix = nlc.compile("specs/titans.nl", **SMALL, depth=1).sources["level_memory_chunk.py"]
+    assert "frozen_linear(CHUNK, output_grad" in matrix and "_dual_layer" not in matrix
+    assert "def _coefficients(a, lr, beta):" in matrix
+    deep = nlc.compile("specs/titans.nl", **SMALL, depth=2).sources["level_memory_chunk.py"]
+    assert "frozen_linear" not in deep and "_dual_layer" in deep
+    scaled = MATRIX.format(bias="l2", algorithm=ALGORITHMS[1], read="after", retention="l2(global = 2)")
+    assert "def _coefficients(a, c, lr, beta):" in nlc.compile(scaled).sources["level_memory_chunk.py"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_linear_memory_state_only_and_frozen_inputs(algorithm):
+    """FrozenLinear's backward when only the final state is differentiated (no output gradient)
+    and when the initial state and some inputs do not require gradients."""
+    program = nlc.compile(MATRIX.format(bias="huber(delta = 0.5)", algorithm=algorithm, read="before",
+                                        retention="decay(alpha)"), chunk=4)
+    reference, chunked, _ = chunked_pair(program)
+    q, k, v, values, state, _ = inputs(program, 11, seed=7, lr=0.05)
+    state = tuple(s.detach() for s in state)
+    v = v.detach()
+    gates = {f"g_{n}": x for n, x in values.items()}
+    leaves = [q, k, *values.values()]
+    grads = []
+    for op in (reference, chunked):
+        _, final = op(q, k, v, **gates, initial_state=state, output_final_state=True)
+        final = (final,) if torch.is_tensor(final) else tuple(final)
+        loss = sum((s * torch.linspace(-1, 1, s.numel(), dtype=s.dtype).reshape(s.shape)).sum() for s in final)
+        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))  # q: only in outputs
+    for expected, got in zip(*grads):
+        if expected is None:
+            assert got is None or not got.abs().any()
+        else:
+            torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_segment_products_gradcheck():
+    """The hand-derived backward of the in-chunk segment products (`_Segments` under
+    `_decay_products`), with factors near 1, tiny and negative, against finite differences."""
+    module = nlc.compile("specs/titans.nl", **SMALL, depth=1).module("level_memory_chunk")
+    g = torch.Generator().manual_seed(0)
+    a = 0.2 + 0.8 * torch.rand(2, 3, 6, generator=g, dtype=torch.float64)
+    a[0, 0, 2], a[1, 2, 4], a[0, 1, 1] = 1e-3, -0.7, 1.0
+    a.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: module._decay_products(x), (a,))

@@ -2,7 +2,7 @@
 library's own source (bytes, found on every machine) for the same token budget on CPU, then print
 and plot validation bits per byte and passkey recall side by side.
 
-    .venv/bin/python examples/train_small_models.py                 # ~10-15 min on 2 cores
+    .venv/bin/python examples/train_small_models.py                 # ~40 min on a loaded 2-core machine
     .venv/bin/python examples/train_small_models.py --tokens 400000 --models transformer hope
 
 Each model is trained by `nlc.train.train` (AdamW, cosine schedule, checkpoints) into OUT/<name>/;
@@ -23,14 +23,14 @@ from matplotlib.figure import Figure
 from nlc.train import RunError, TrainConfig, needle_recall, train
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
-WIDTH = {"d_model": 128, "heads": 2}
+WIDTH = {"d_model": 256, "heads": 4}  # 1.1M-2.8M parameters at 2 layers (vocabulary 256)
 # name -> (spec, overrides, learning rate): one width for all; ATLAS and Hope get narrow heads (their
 # MLP memories keep per-token weights, which dominate CPU time and memory at wider heads); Hope
 # diverges at 3e-3 (NaN by step 10), so it trains at 1e-3
 MODELS = {
     "transformer": ("transformer", {}, 3e-3),
     "titans_mac": ("titans_mac", {}, 3e-3),
-    "gated_deltanet": ("gated_deltanet", {"d_key": 32, "d_value": 64}, 3e-3),
+    "gated_deltanet": ("gated_deltanet", {"d_key": 64, "d_value": 128}, 3e-3),
     "atlas": ("atlas", {"d_head": 16, "d_phi": 4}, 3e-3),
     "hope": ("hope", {"d_head": 16}, 1e-3),
 }

@@ -54,7 +54,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     n, g = len(program.levels), len(program.gates)
     print(f"{args.spec}: ok — {n} level{'s' * (n != 1)} ({names}), {g} gate{'s' * (g != 1)}")
     for p in program.plans.values():
-        form = "reference loop" if p.family == "reference" else f"chunk-parallel ({p.family}, chunk {p.chunk})"
+        form = {"reference": "reference loop", "sequential": "sequential (tokens in order)"}.get(
+            p.family, f"chunk-parallel ({p.family}, chunk {p.chunk})")
         print(f"  level {p.level}: {form}: {p.reason}")
         note = per_token_note(program.rules[p.level], p)
         if note:

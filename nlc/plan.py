@@ -285,13 +285,16 @@ def _affine_coefficients(new: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr] | Non
 
 
 def per_token_note(rules: LevelRules, p: KernelPlan) -> str | None:
-    """A note for a level left on the reference loop because its spec asks for gradients at every
-    token's own state: only chunk-start gradients chunk exactly, and switching would change the math."""
+    """A note for a level left on the reference loop or the sequential form because its spec asks for
+    gradients at every token's own state: only chunk-start gradients chunk exactly, and switching
+    would change the math."""
     lv = rules.level
     state_dependent = bool(rules.bias.grad.free_symbols & {S.e, S.r, S.y}) or lv.memory.kind != "matrix"
-    if p.family != "reference" or lv.grad_at == "chunk" or lv.period != 1 or not state_dependent:
+    if p.family not in ("reference", "sequential") or lv.grad_at == "chunk" or lv.period != 1 \
+            or not state_dependent:
         return None
+    runs = "the reference loop" if p.family == "reference" else "the sequential form, token by token"
     return (f"level {lv.name} takes each gradient at the state after the previous token "
-            f"(`gradient {lv.grad_at}`), which no chunk-parallel form computes exactly; it runs the "
-            "reference loop. `gradient chunk_start(C)` would chunk it, with gradients frozen at "
+            f"(`gradient {lv.grad_at}`), which no chunk-parallel form computes exactly; it runs "
+            f"{runs}. `gradient chunk_start(C)` would chunk it, with gradients frozen at "
             "each chunk start: a different rule (MATH.md §3.4)")

@@ -68,8 +68,9 @@ def test_check_notes_per_token_gradients_that_cannot_be_chunked(capsys, tmp_path
     spec.write_text(PER_TOKEN_MLP.format(gradient=""))
     code, out, _ = run(capsys, "check", spec)
     assert code == 0
-    assert "level memory: reference loop" in out
+    assert "level memory: sequential (tokens in order)" in out
     assert "note: level memory takes each gradient at the state after the previous token" in out
+    assert "it runs the sequential form, token by token" in out
     assert "`gradient chunk_start(C)` would chunk it" in out
     spec.write_text(PER_TOKEN_MLP.format(gradient="gradient chunk_start(4)"))
     code, out, _ = run(capsys, "check", spec)

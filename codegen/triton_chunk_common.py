@@ -103,6 +103,22 @@ def imports(em: Emitter, lv: ir.Level, names: str) -> None:
     em.gap()
 
 
+def load_rows(name: str, dim: str, fp32: bool = True) -> str:
+    """A chunk's rows of a [B, T, H, dim] tensor (rows r_t, mask m_t): [BT, BK] (dim K) or [BT, BV]
+    (dim V, block i_v), in fp32 unless `fp32` is False."""
+    o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
+    cast = ".to(tl.float32)" if fp32 else ""
+    return (f"tl.load({name} + r_t[:, None] * {dim} + {o}[None, :], "
+            f"mask=m_t[:, None] & {m}[None, :], other=0.0){cast}")
+
+
+def store_rows(name: str, dim: str, value: str) -> str:
+    """Store `value` into a chunk's rows of a [B, T, H, dim] tensor, in the tensor's dtype."""
+    o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
+    return (f"tl.store({name} + r_t[:, None] * {dim} + {o}[None, :], "
+            f"{value}.to({name}.dtype.element_ty), mask=m_t[:, None] & {m}[None, :])")
+
+
 def launch_configuration(em: Emitter) -> None:
     """The generated file's launch settings (results do not depend on them): value channels per
     program, the interpreter switch, the autotuning configurations and the matmul operand types."""
@@ -175,16 +191,10 @@ class Kernels:
         em.line("r_t = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # row of each token in [B, T, H, ...]")
 
     def load(self, name: str, dim: str, fp32: bool = True) -> str:
-        """A chunk's rows of a [B, T, H, dim] tensor: [BT, BK] (dim K) or [BT, BV] (dim V, block i_v)."""
-        o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
-        cast = ".to(tl.float32)" if fp32 else ""
-        return (f"tl.load({name} + r_t[:, None] * {dim} + {o}[None, :], "
-                f"mask=m_t[:, None] & {m}[None, :], other=0.0){cast}")
+        return load_rows(name, dim, fp32)
 
     def store(self, name: str, dim: str, value: str) -> str:
-        o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
-        return (f"tl.store({name} + r_t[:, None] * {dim} + {o}[None, :], "
-                f"{value}.to({name}.dtype.element_ty), mask=m_t[:, None] & {m}[None, :])")
+        return store_rows(name, dim, value)
 
     def load_tokens(self) -> None:
         """b_g, b_gb (as needed) and b_beta of the chunk's tokens."""

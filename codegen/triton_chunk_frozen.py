@@ -258,14 +258,10 @@ def suffix_sums(b_x):
         em.line("i_last = tl.minimum(T - i_t * C, C) - 1  # the chunk's last token")
 
     def load(self, name: str, dim: str) -> str:
-        o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
-        return (f"tl.load({name} + r_t[:, None] * {dim} + {o}[None, :], "
-                f"mask=m_t[:, None] & {m}[None, :], other=0.0).to(tl.float32)")
+        return common.load_rows(name, dim)
 
     def store(self, name: str, dim: str, value: str) -> str:
-        o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
-        return (f"tl.store({name} + r_t[:, None] * {dim} + {o}[None, :], "
-                f"{value}.to({name}.dtype.element_ty), mask=m_t[:, None] & {m}[None, :])")
+        return common.store_rows(name, dim, value)
 
     def per_chunk(self) -> str:
         """Offset of chunk i_t's state of (batch, head) in [B, NT, H, K, V]."""

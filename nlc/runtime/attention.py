@@ -41,6 +41,14 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if not (self.window or self.block or self.persistent or extra_k is not None):
             return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        if self.block and not self.window and T > self.block:
+            return self._blockwise(q, k, v, extra_k, extra_v, offset).transpose(1, 2)
+        return self._masked(q, k, v, extra_k, extra_v, offset).transpose(1, 2)
+
+    def _masked(self, q, k, v, extra_k, extra_v, offset: int) -> torch.Tensor:
+        """Every query against every key under one [T, T] mask (plus the extra and persistent keys).
+        q, k [B, H, T, K]; v [B, H, T, V]; extra_k, extra_v [B, T, H, *] or None -> [B, H, T, V]."""
+        B, _, T, _ = q.shape
         pos = torch.arange(offset, offset + T, device=q.device)
         mask = pos[None, :] <= pos[:, None]  # [T query, T key]
         if self.window:
@@ -55,4 +63,36 @@ class Attention(nn.Module):
             k = torch.cat([self.persistent_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([self.persistent_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
             mask = torch.cat([mask.new_ones(T, self.persistent), mask], dim=1)
-        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def _blockwise(self, q, k, v, extra_k, extra_v, offset: int) -> torch.Tensor:
+        """Attention inside aligned blocks, one block at a time in a batch of blocks: O(T · block)
+        memory instead of a [T, T] mask. q, k [B, H, T, K]; v [B, H, T, V]; extra_k, extra_v
+        [B, T, H, *] or None -> [B, H, T, V]. Padding fills the first block before `offset` and the
+        last block after T; a pad query sees only its own (zero) key, so no row is empty."""
+        B, H, T, _ = q.shape
+        L = self.block
+        head = offset % L
+        n = -(-(head + T) // L)  # blocks
+        tail = n * L - head - T
+
+        def blocks(x):  # [B, H, T, D] -> [B, H, n, L, D]
+            x = torch.nn.functional.pad(x, (0, 0, head, tail))
+            return x.reshape(B, H, n, L, x.shape[-1])
+
+        q, k, v = blocks(q), blocks(k), blocks(v)
+        i = torch.arange(L, device=q.device)
+        real = (torch.arange(n * L, device=q.device) >= head).reshape(n, L)  # [n, L] keys that exist
+        mask = (i[None, :] <= i[:, None]) & real[:, None, :]  # [n, L query, L key]
+        mask = mask | (~real[:, :, None] & (i[None, :] == i[:, None]))  # a pad query sees itself
+        if extra_k is not None:  # keys (extra_0, k_0, extra_1, k_1, ...): pair s shares key s's mask
+            k = torch.stack([blocks(extra_k.transpose(1, 2)), k], dim=4).flatten(3, 4)
+            v = torch.stack([blocks(extra_v.transpose(1, 2)), v], dim=4).flatten(3, 4)
+            mask = mask.repeat_interleave(2, dim=2)
+        if self.persistent:
+            k = torch.cat([self.persistent_k.to(k.dtype)[:, None].expand(B, -1, n, -1, -1), k], dim=3)
+            v = torch.cat([self.persistent_v.to(v.dtype)[:, None].expand(B, -1, n, -1, -1), v], dim=3)
+            mask = torch.cat([mask.new_ones(n, L, self.persistent), mask], dim=2)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, n, L, V]
+        return out.reshape(B, H, n * L, -1)[:, :, head:head + T]
+

@@ -85,3 +85,24 @@ def test_segment_checks(change, message):
 def test_recall_errors(text, message):
     with pytest.raises(nlc.SpecError, match=message):
         nlc.compile(text)
+
+
+
+@pytest.mark.parametrize("offset, T, persistent, extra", [
+    (0, 13, 0, False), (0, 16, 2, True), (3, 13, 0, True), (5, 20, 3, False), (8, 9, 1, True)])
+def test_blockwise_attention_equals_the_masked_form(offset, T, persistent, extra):
+    """Block attention runs block by block for T > block (no [T, T] mask); it equals the one-mask
+    form in outputs and in the gradients of every input and parameter, whatever the offset."""
+    torch.manual_seed(0)
+    att = Attention(2, 4, 3, block=4, persistent=persistent).double()
+    inputs = [torch.randn(2, T, 2, d, dtype=torch.float64, requires_grad=True) for d in (4, 4, 3, 4, 3)]
+    q, k, v, ek, ev = inputs
+    extra_k, extra_v = (ek, ev) if extra else (None, None)
+    leaves = [q, k, v, *((ek, ev) if extra else ()), *att.parameters()]
+    t = lambda x: x.transpose(1, 2)  # noqa: E731 - [B, T, H, D] <-> [B, H, T, D]
+    got = att(q, k, v, extra_k, extra_v, offset=offset)
+    want = t(att._masked(t(q), t(k), t(v), extra_k, extra_v, offset))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -41,8 +41,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if not (self.window or self.block or self.persistent or extra_k is not None):
             return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-        if self.block and not self.window and T > self.block:
-            return self._blockwise(q, k, v, extra_k, extra_v, offset).transpose(1, 2)
+        if bool(self.block) != bool(self.window) and T > (self.block or self.window):
+            return self._local(q, k, v, extra_k, extra_v, offset).transpose(1, 2)
         return self._masked(q, k, v, extra_k, extra_v, offset).transpose(1, 2)
 
     def _masked(self, q, k, v, extra_k, extra_v, offset: int) -> torch.Tensor:
@@ -65,29 +65,36 @@ class Attention(nn.Module):
             mask = torch.cat([mask.new_ones(T, self.persistent), mask], dim=1)
         return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def _blockwise(self, q, k, v, extra_k, extra_v, offset: int) -> torch.Tensor:
-        """Attention inside aligned blocks, one block at a time in a batch of blocks: O(T · block)
-        memory instead of a [T, T] mask. q, k [B, H, T, K]; v [B, H, T, V]; extra_k, extra_v
-        [B, T, H, *] or None -> [B, H, T, V]. Padding fills the first block before `offset` and the
-        last block after T; a pad query sees only its own (zero) key, so no row is empty."""
+    def _local(self, q, k, v, extra_k, extra_v, offset: int) -> torch.Tensor:
+        """Attention in blocks of L = block (or window) queries, each against its own keys (block) or
+        its own and the previous block's (window): O(T · L) memory instead of a [T, T] mask.
+        q, k [B, H, T, K]; v [B, H, T, V]; extra_k, extra_v [B, T, H, *] or None -> [B, H, T, V].
+        Padding fills the first block before `offset` (so blocks align with positions // block) and
+        the last one after T; a pad query sees only its own (zero) key, so no row is empty."""
         B, H, T, _ = q.shape
-        L = self.block
+        L = self.block or self.window
         head = offset % L
         n = -(-(head + T) // L)  # blocks
         tail = n * L - head - T
+        back = 1 if self.window else 0  # earlier blocks whose keys a block sees
 
-        def blocks(x):  # [B, H, T, D] -> [B, H, n, L, D]
-            x = torch.nn.functional.pad(x, (0, 0, head, tail))
-            return x.reshape(B, H, n, L, x.shape[-1])
+        def blocks(x, keys=False):  # [B, H, T, D] -> [B, H, n, L, D], or [B, H, n, (1 + back) L, D]
+            x = torch.nn.functional.pad(x, (0, 0, head + back * L * keys, tail))
+            x = x.reshape(B, H, n + back * keys, L, x.shape[-1])
+            return torch.cat([x[:, :, j:j + n] for j in range(back + 1)], dim=3) if keys else x
 
-        q, k, v = blocks(q), blocks(k), blocks(v)
-        i = torch.arange(L, device=q.device)
-        real = (torch.arange(n * L, device=q.device) >= head).reshape(n, L)  # [n, L] keys that exist
-        mask = (i[None, :] <= i[:, None]) & real[:, None, :]  # [n, L query, L key]
-        mask = mask | (~real[:, :, None] & (i[None, :] == i[:, None]))  # a pad query sees itself
+        u = torch.arange(n * L, device=q.device).reshape(n, L)  # a query's index in the padded run
+        w = torch.cat([u - (back - j) * L for j in range(back + 1)], dim=1)  # its block's keys
+        real = (w >= head) & (w < head + T)
+        mask = real[:, None, :] & (w[:, None, :] <= u[:, :, None])  # [n, L query, keys]
+        if self.window:
+            mask = mask & (w[:, None, :] > u[:, :, None] - self.window)
+        pad = (u < head) | (u >= head + T)
+        mask = mask | (pad[:, :, None] & (w[:, None, :] == u[:, :, None]))  # a pad query sees itself
+        q, k, v = blocks(q), blocks(k, keys=True), blocks(v, keys=True)
         if extra_k is not None:  # keys (extra_0, k_0, extra_1, k_1, ...): pair s shares key s's mask
-            k = torch.stack([blocks(extra_k.transpose(1, 2)), k], dim=4).flatten(3, 4)
-            v = torch.stack([blocks(extra_v.transpose(1, 2)), v], dim=4).flatten(3, 4)
+            k = torch.stack([blocks(extra_k.transpose(1, 2), keys=True), k], dim=4).flatten(3, 4)
+            v = torch.stack([blocks(extra_v.transpose(1, 2), keys=True), v], dim=4).flatten(3, 4)
             mask = mask.repeat_interleave(2, dim=2)
         if self.persistent:
             k = torch.cat([self.persistent_k.to(k.dtype)[:, None].expand(B, -1, n, -1, -1), k], dim=3)
@@ -95,4 +102,3 @@ class Attention(nn.Module):
             mask = torch.cat([mask.new_ones(n, L, self.persistent), mask], dim=2)
         out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, n, L, V]
         return out.reshape(B, H, n * L, -1)[:, :, head:head + T]
-

@@ -88,13 +88,15 @@ def test_recall_errors(text, message):
 
 
 
+@pytest.mark.parametrize("kind", ["block", "window"])
 @pytest.mark.parametrize("offset, T, persistent, extra", [
     (0, 13, 0, False), (0, 16, 2, True), (3, 13, 0, True), (5, 20, 3, False), (8, 9, 1, True)])
-def test_blockwise_attention_equals_the_masked_form(offset, T, persistent, extra):
-    """Block attention runs block by block for T > block (no [T, T] mask); it equals the one-mask
-    form in outputs and in the gradients of every input and parameter, whatever the offset."""
+def test_local_attention_equals_the_masked_form(kind, offset, T, persistent, extra):
+    """Block and sliding-window attention run in blocks of queries for T > block or window (no
+    [T, T] mask); they equal the one-mask form in outputs and in the gradients of every input and
+    parameter, whatever the offset."""
     torch.manual_seed(0)
-    att = Attention(2, 4, 3, block=4, persistent=persistent).double()
+    att = Attention(2, 4, 3, **{kind: 4}, persistent=persistent).double()
     inputs = [torch.randn(2, T, 2, d, dtype=torch.float64, requires_grad=True) for d in (4, 4, 3, 4, 3)]
     q, k, v, ek, ev = inputs
     extra_k, extra_v = (ek, ev) if extra else (None, None)

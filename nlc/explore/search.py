@@ -215,17 +215,22 @@ def work(run: Run, worker: int = 0, deadline: float | None = None) -> None:
         if goal is not None and sum(_claimed(study)) >= goal:
             study.stop()
 
-    while goal is not None:
+    def optimize():
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        study.optimize(_objective(run, program, space, goal), timeout=timeout, callbacks=[enough],
+                       catch=(TrialFailed,), gc_after_trial=True)
+
+    if goal is None:
+        optimize()
+    while goal is not None:  # until the goal: trials still running may belong to dead workers
         optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed and re-queued
         done, running = _claimed(study)
         if done >= goal or (deadline is not None and time.time() >= deadline):
             return
         if done + running < goal:
-            break
-        time.sleep(storage.heartbeat()[0])
-    timeout = None if deadline is None else max(0.0, deadline - time.time())
-    study.optimize(_objective(run, program, space, goal), timeout=timeout, callbacks=[enough],
-                   catch=(TrialFailed,), gc_after_trial=True)
+            optimize()
+        else:
+            time.sleep(storage.heartbeat()[0])
 
 
 def _worker_main(run: Run, worker: int, deadline: float | None) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import time
 import warnings
 from pathlib import Path
 
 MAX_RETRY = 3
+SCHEMA_ATTEMPTS = 5  # processes opening a new database at once: all but one retry once it exists
 # seconds between heartbeats and before a silent trial counts as dead ("interval,grace")
 HEARTBEAT_ENV = "NLC_EXPLORE_HEARTBEAT"
 DEFAULT_HEARTBEAT = (10, 30)
@@ -58,15 +60,23 @@ def open_storage(storage_url: str):
     """An RDBStorage with heartbeats and re-queueing of dead trials."""
     import optuna
 
+    import sqlalchemy.exc
+
     interval, grace = heartbeat()
     engine = {"connect_args": {"timeout": 120}} if storage_url.startswith("sqlite") else \
         {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = _RequeueUnrecorded(max_retry=MAX_RETRY)
-        return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine,
-                                          heartbeat_interval=interval, grace_period=grace,
-                                          heartbeat_stale_trial_callback=retry)
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine,
+                                                  heartbeat_interval=interval, grace_period=grace,
+                                                  heartbeat_stale_trial_callback=retry)
+            except sqlalchemy.exc.IntegrityError:  # another process stamped the new schema first
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def serialize_claims(study, lock: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+
 from nlc import SpecError
 from nlc.derive.rules import derive
 from nlc.lower import check
@@ -85,3 +87,25 @@ def chunked_points(memories, schedules):
         checked, _ = check(text)
         if plan(derive(checked)["memory"], 5).family in CHUNKED_FAMILIES:
             yield name, text
+
+
+def op_inputs(op, T, seed, step=1.0):
+    """float64 inputs of a level op at B=2: unit-norm q, k, Gaussian v, every gate drawn in its test
+    range (`gate_range`; step-size gates `eta` scaled by `step`) and half the default state."""
+    g = torch.Generator().manual_seed(seed)
+    lv = op.level
+    unit = lambda d: torch.nn.functional.normalize(
+        torch.randn(2, T, lv.heads, d, generator=g, dtype=torch.float64), dim=-1)
+    q, k = unit(lv.d_key), unit(lv.d_key)
+    v = torch.randn(2, T, lv.heads, lv.d_value, generator=g, dtype=torch.float64)
+    gates = {}
+    for name in op.gates:
+        axis = lv.gate_axes[name]
+        tail = () if axis == "scalar" else ((lv.d_key,) if axis == "key" else (lv.d_value,))
+        a, b = gate_range(name)
+        gates[name] = a + (b - a) * torch.rand(2, T, lv.heads, *tail, generator=g, dtype=torch.float64)
+        if name == "eta":
+            gates[name] = step * gates[name]
+    state = op.initial_state(2)
+    state = tuple(0.5 * s for s in state)
+    return q, k, v, gates, state

@@ -9,30 +9,15 @@ import torch
 
 import nlc
 
-from .design_space import TEMPLATE, gate_range
+from .design_space import TEMPLATE, op_inputs
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 TOL = dict(rtol=1e-9, atol=1e-10)
 
 
-def _inputs(op, T, seed):
-    """Unit-norm q, k, Gaussian v, gates in their test ranges and half the default state, float64."""
-    g = torch.Generator().manual_seed(seed)
-    lv = op.level
-    unit = lambda d: torch.nn.functional.normalize(
-        torch.randn(2, T, lv.heads, d, generator=g, dtype=torch.float64), dim=-1)
-    q, k = unit(lv.d_key), unit(lv.d_key)
-    v = torch.randn(2, T, lv.heads, lv.d_value, generator=g, dtype=torch.float64)
-    gates = {}
-    for name in op.gates:
-        lo, hi = gate_range(name)
-        gates[name] = lo + (hi - lo) * torch.rand(2, T, lv.heads, generator=g, dtype=torch.float64)
-    return q, k, v, gates, tuple(0.5 * s for s in op.initial_state(2))
-
-
 def _run(op, T, mode, seed=0):
     """Outputs, final state and the gradients of every input (q, k, v, gates, initial state)."""
-    q, k, v, gates, state = _inputs(op, T, seed)
+    q, k, v, gates, state = op_inputs(op, T, seed)
     leaves = [x.requires_grad_() for x in (q, k, v, *gates.values(), *state)]
     o, final = op(q, k, v, **gates, initial_state=tuple(state), output_final_state=True, mode=mode)
     final = (final,) if torch.is_tensor(final) else final
@@ -85,7 +70,7 @@ def test_memories_equal_reference(memory, rule):
 def _shared_run(op, T, mode):
     """Outputs, final state and gradients when q and k are two views of one tensor (the layer passes
     `query = key` so): the read before the write reuses the gradient's forward."""
-    q, _, v, gates, state = _inputs(op, T, seed=3)
+    q, _, v, gates, state = op_inputs(op, T, seed=3)
     x = q.detach().requires_grad_()
     q, k = x.view_as(x), x.view_as(x)
     leaves = [v.requires_grad_(), *(g.requires_grad_() for g in gates.values()),
@@ -109,7 +94,7 @@ def test_gradcheck():
     op = nlc.compile(_point(memory="mlp(depth = 2, expand = 1, bias = true)",
                             bias="huber(delta = delta, form = mixture)",
                             retention="l2(global = 2)")).op("memory")
-    q, k, v, gates, state = _inputs(op, 6, seed=1)
+    q, k, v, gates, state = op_inputs(op, 6, seed=1)
     names = list(gates)
 
     def f(q, k, v, *rest):
@@ -124,7 +109,7 @@ def test_gradcheck():
 def test_two_pieces_equal_the_whole(cut):
     """The per-token form needs no alignment: any cut, including one inside a CHUNK segment."""
     op = nlc.compile(SPECS / "hope.nl", d_model=8, heads=1, d_head=8, chunk=4).op("cms_fast")
-    q, k, v, gates, state = _inputs(op, 13, seed=2)
+    q, k, v, gates, state = op_inputs(op, 13, seed=2)
 
     def part(lo, hi, start):
         return op(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], initial_state=start, output_final_state=True,

@@ -14,7 +14,7 @@ import nlc
 from nlc.program import CHUNKED_FAMILIES
 from nlc.runtime.dispatch import pick
 
-from .design_space import chunked_points, gate_range
+from .design_space import chunked_points, op_inputs
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 LENGTHS = (1, 63, 100, 257)
@@ -38,27 +38,6 @@ SHIPPED = [(p.stem, name) for p in sorted(SPECS.glob("*.nl"))
                                                           nlc.compile(p).params else {})))]
 
 
-def _inputs(op, T, seed, step=1.0):
-    """Inputs with step-size gates (`eta`) scaled by `step`."""
-    g = torch.Generator().manual_seed(seed)
-    lv = op.level
-    unit = lambda d: torch.nn.functional.normalize(
-        torch.randn(2, T, lv.heads, d, generator=g, dtype=torch.float64), dim=-1)
-    q, k = unit(lv.d_key), unit(lv.d_key)
-    v = torch.randn(2, T, lv.heads, lv.d_value, generator=g, dtype=torch.float64)
-    gates = {}
-    for name in op.gates:
-        axis = lv.gate_axes[name]
-        tail = () if axis == "scalar" else ((lv.d_key,) if axis == "key" else (lv.d_value,))
-        a, b = gate_range(name)
-        gates[name] = a + (b - a) * torch.rand(2, T, lv.heads, *tail, generator=g, dtype=torch.float64)
-        if name == "eta":
-            gates[name] = step * gates[name]
-    state = op.initial_state(2)
-    state = tuple(0.5 * s for s in state)
-    return q, k, v, gates, state
-
-
 STEPS = (1.0, 0.1, 0.01)
 TOL = dict(rtol=1e-9, atol=1e-10)
 
@@ -70,7 +49,7 @@ def _stable_inputs(op, T, seed, steps=STEPS):
     it diverges at every step size tried (test_design_space.DIVERGENT): compare on the first half of
     the tokens before its first non-finite output instead."""
     for step in steps:
-        q, k, v, gates, state = _inputs(op, T, seed, step)
+        q, k, v, gates, state = op_inputs(op, T, seed, step)
         o, _ = op(q, k, v, **gates, initial_state=state, mode="reference")
         finite = torch.isfinite(o).flatten(2).all(-1).all(0)
         if finite.all():

@@ -29,14 +29,20 @@ class LanguageModel(nn.Module):
         self.head.weight = self.embed.weight
         nn.init.normal_(self.embed.weight, std=d_model ** -0.5)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] (long) -> logits [B, T, vocab_size]."""
+    def forward(self, ids: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] (long) -> logits [B, T, vocab_size]; with `scored` (bool [B, T]), only the
+        logits at its True positions, [N, vocab_size] in row-major order: a task that scores a few
+        positions (MQAR's answers) skips the head's cost everywhere else."""
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"ids: expected a [B, T] long tensor, got {tuple(ids.shape)} {ids.dtype}")
-        if self.teach:
+        if scored is not None and (scored.shape != ids.shape or scored.dtype != torch.bool):
+            raise ValueError(f"scored: expected a bool tensor of shape {tuple(ids.shape)}, got "
+                             f"{tuple(scored.shape)} {scored.dtype}")
+        if self.teach:  # the teach signal needs every position's logits
             from .runtime import teach
-            return teach.run(self, ids)[0]
+            logits = teach.run(self, ids)[0]
+            return logits if scored is None else logits[scored]
         x = self.embed(ids)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x if scored is None else x[scored]))

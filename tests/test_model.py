@@ -36,3 +36,23 @@ def test_bad_ids_are_named(program):
     model = program.model(vocab_size=11)
     with pytest.raises(ValueError, match=r"ids: expected a \[B, T\] long tensor"):
         model(torch.zeros(2, 3, 4))
+
+
+def test_scored_positions_only(program):
+    """`scored` gives the full logits at its True positions, and their gradients."""
+    torch.manual_seed(0)
+    model = program.model(vocab_size=11, layers=2)
+    ids = torch.randint(0, 11, (3, 17))
+    scored = torch.rand(3, 17) < 0.3
+    full = model(ids)
+    part = model(ids, scored)
+    assert part.shape == (int(scored.sum()), 11)
+    torch.testing.assert_close(part, full[scored], rtol=0, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), model.embed.weight)[0] for out in (full[scored], part)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_scored_mask_is_named(program):
+    model = program.model(vocab_size=11)
+    with pytest.raises(ValueError, match=r"scored: expected a bool tensor of shape \(2, 3\)"):
+        model(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))

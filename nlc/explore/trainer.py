@@ -47,10 +47,10 @@ def evaluate(model, data: TaskData, batch: int = 64, device: str = "cpu") -> dic
     counts = torch.zeros(len(data.slice_names))
     for i in range(0, len(data.inputs), batch):
         ids, targets, slices = (t[i:i + batch] for t in (data.inputs, data.targets, data.slices))
-        right = (model(ids.to(device)).argmax(-1).cpu() == targets).float()
         scored = slices >= 0
-        hits.index_add_(0, slices[scored], right[scored])
-        counts.index_add_(0, slices[scored], torch.ones_like(right[scored]))
+        right = (model(ids.to(device), scored.to(device)).argmax(-1).cpu() == targets[scored]).float()
+        hits.index_add_(0, slices[scored], right)
+        counts.index_add_(0, slices[scored], torch.ones_like(right))
     model.train()
     return {name: float(h / c) if c else float("nan")
             for name, h, c in zip(data.slice_names, hits, counts)}
@@ -81,9 +81,9 @@ def train(program, task: Task, cfg: TrainConfig,
         idx = perm[cursor:cursor + min(cfg.batch, len(perm))]
         cursor += len(idx)
         start = time.perf_counter()
-        logits = model(data.inputs[idx].to(cfg.device))
-        loss = F.cross_entropy(logits.flatten(0, 1), data.targets[idx].to(cfg.device).flatten(),
-                               ignore_index=IGNORE)
+        targets = data.targets[idx].to(cfg.device)
+        scored = targets != IGNORE  # logits only where the loss looks
+        loss = F.cross_entropy(model(data.inputs[idx].to(cfg.device), scored), targets[scored])
         loss_value = loss.detach().item()
         first = loss_value if first is None else first
         if not math.isfinite(loss_value) or loss_value > 10 * first + 10:

@@ -191,7 +191,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UsageError(f"no study.db in {out} (pass --storage URL for a server)")
     try:
         for folder in report(out, args.storage):
-            print(f"wrote {folder}/: results.csv, results.json, pareto.png, effects.png, best/")
+            print(f"wrote {folder}/: results.csv, results.json, pareto.png|svg, effects.png|svg, best/")
     except ValueError as err:
         raise UsageError(str(err)) from None
     return 0

@@ -64,8 +64,8 @@ def report(out: Path, storage_url: str | None = None, console=None) -> list[Path
         _write_tables(folder, table)
         ok = [r for r in table if r["status"] == "ok"]
         if ok:
-            _plot_pareto(folder / "pareto.png", ok, axes)
-            _plot_effects(folder / "effects.png", ok, axes)
+            _plot_pareto(folder / "pareto", ok, axes)
+            _plot_effects(folder / "effects", ok, axes)
             _write_best(folder / "best", ok)
         folders.append(folder)
     return folders
@@ -142,9 +142,7 @@ def _plot_pareto(path: Path, ok: list[dict], axes: list[str]) -> None:
     ax.set_xlabel("training tokens/s (this machine)")
     ax.set_ylabel("accuracy (mean over slices)")
     ax.set_title("accuracy vs speed; marker area ~ state size; red: Pareto front")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_effects(path: Path, ok: list[dict], axes: list[str]) -> None:
@@ -164,8 +162,15 @@ def _plot_effects(path: Path, ok: list[dict], axes: list[str]) -> None:
         ax.set_xticks(range(len(choices)), choices, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"accuracy by {axis}")
         ax.set_ylim(0, 1.02)
+    _save(fig, path)
+
+
+def _save(fig, stem: Path) -> None:
+    """Write a figure as stem.png and stem.svg."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix), dpi=110)
     plt.close(fig)
 
 

@@ -45,8 +45,9 @@ def test_grid_runs_each_point_once_and_reports(tiny_spec, tmp_path, capsys):
     rows = json.loads((folder / "results.json").read_text())
     assert len(rows) == 3 and rows[0]["accuracy"] >= rows[-1]["accuracy"]
     assert (folder / "results.csv").read_text().startswith("trial,status,bias,accuracy")
-    for plot in ("pareto.png", "effects.png"):
-        assert (folder / plot).read_bytes()[:4] == b"\x89PNG"
+    for plot in ("pareto", "effects"):
+        assert (folder / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+        assert b"<svg" in (folder / f"{plot}.svg").read_bytes()[:1000]
     best = sorted((folder / "best").glob("*.nl"))
     assert best, "the best points are written out"
     for path in best:

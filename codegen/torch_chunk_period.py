@@ -7,7 +7,7 @@ with gradients that do not depend on the state at all, the level runs in units o
 forward), and the unit's steps reach its end state through one gradient of the unit's weighted loss
 at the frozen weights (a single vjp, no per-token weights), with closed-form scan coefficients.
 
-The module it renders imports the reference module's memory (`memory_forward`, `memory_grads`),
+The module it renders imports the reference module's memory (`memory_forward`; one vjp per unit),
 bias (`output_grad`) and state helpers, and defines `CHUNK` (the unit), `PERIOD`, and the op
 `level_<name>` with the reference op's signature, state layout and return convention.
 """
@@ -57,9 +57,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     _header(em, rules, plan, coeffs, frozen_at, model, file)
     em.line("import torch")
     em.line()
-    em.line(f"from .{ident(lv.name, 'level')} import (N_PARAMS, _pack, initial_state, memory_forward, "
-            "memory_grads,")
-    em.line("    output_grad)")
+    em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {unit}  # tokens per unit: reads of a unit see one committed state")
     em.line(f"PERIOD = {period}  # update every PERIOD tokens: reads see the state at the last boundary")
@@ -242,8 +240,9 @@ def _render_unit(em: Emitter, rules: LevelRules, coeffs, momentum: bool, frozen_
     target = self_target(lv, "v_c", at)
     if target != "v_c":
         em.line(f"target = {target}  # self-generated targets M(v_j) at the gradient state")
-    em.line(f"dy = output_grad(memory_forward({at}, k_c), {'target' if target != 'v_c' else 'v_c'}{bias_args})  "
-            f"{where((lv.bias.inner or lv.bias).span) or '#'} dℓ/dy {note}, [B, H, L, V]")
+    em.line(f"y_k, pullback = torch.func.vjp(lambda *p: memory_forward(p, k_c), *{at})  # M(k_j) {note}")
+    em.line(f"dy = output_grad(y_k, {'target' if target != 'v_c' else 'v_c'}{bias_args})  "
+            f"{where((lv.bias.inner or lv.bias).span) or '#'} dℓ/dy, [B, H, L, V]")
     if lv.read == "before" and not own:
         em.line("outputs.append(memory_forward(committed, q_c))  # read before write: the committed state")
     elif lv.read == "after":
@@ -253,13 +252,13 @@ def _render_unit(em: Emitter, rules: LevelRules, coeffs, momentum: bool, frozen_
     em.line(f"{where(lv.algorithm.span) or '#'} {comment(lv.algorithm.describe())}: the unit's steps in closed form")
     if momentum:
         em.line(f"b, f, G, m, H = _end_coefficients({chunked})")
-        em.line(f"u_G = memory_grads({at}, k_c, G[..., None] * dy)  # sum_j G_j u_j, per state tensor")
-        em.line(f"u_H = memory_grads({at}, k_c, H[..., None] * dy)  # sum_j H_j u_j")
+        em.line("u_G = pullback(G[..., None] * dy)  # sum_j G_j u_j, per state tensor")
+        em.line("u_H = pullback(H[..., None] * dy)  # sum_j H_j u_j")
         em.line("params = tuple(_times(b, W) + _times(f, M) - g for W, M, g in zip(params, buffers, u_G))")
         em.line("buffers = tuple(_times(m, M) - h for M, h in zip(buffers, u_H))")
     else:
         em.line(f"b, g = _end_coefficients({chunked})")
-        em.line(f"steps = memory_grads({at}, k_c, g[..., None] * dy)  # sum_j g_j u_j, per state tensor")
+        em.line("steps = pullback(g[..., None] * dy)  # sum_j g_j u_j, per state tensor")
         em.line("params = tuple(_times(b, W) - s for W, s in zip(params, steps))")
     with em.indent("if end % PERIOD == 0:"):
         em.line("committed = params  # commit: reads see the update from here on")

@@ -137,14 +137,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _task_arg(text: str) -> tuple[str, object]:
-    """Parse `--task-arg k=v`: v a number, or a comma list of numbers (`kv_pairs=16,32,64`)."""
+    """Parse `--task-arg k=v`: v a number, a comma list of numbers (`kv_pairs=16,32,64`), or else a
+    string (`path=corpus.txt`)."""
     key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
         items = [_number(x.strip()) for x in value.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{key.strip()}: {value!r} is not a number or a list") from None
-    if not sep or not key.strip().isidentifier():
-        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER[,NUMBER...], got {text!r}")
+        return key.strip(), value
     return key.strip(), items[0] if len(items) == 1 else tuple(items)
 
 
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explore", parents=[spec], help="search a spec's design space on a task")
     p.add_argument("--task", default="mqar", help="mqar, forgetting_mqar, in_context_recall, "
-                   "noisy_recall, fuzzy_recall, selective_copying, compression, memorization")
+                   "noisy_recall, fuzzy_recall, selective_copying, compression, memorization, or text "
+                   "(next-byte prediction on a local file: --task-arg path=FILE)")
     p.add_argument("--task-arg", action="append", default=[], type=_task_arg, metavar="K=V",
                    help="task difficulty, e.g. seq_len=256 or kv_pairs=16,32,64 (repeatable)")
     p.add_argument("--out", required=True, help="run folder (SQLite storage, report)")

@@ -23,7 +23,7 @@ def rows(study) -> list[dict]:
         if not storage.recorded(t) or "copy_of" in record:  # a sampler's repeat of a point
             continue
         row = {"trial": t.number, "status": t.user_attrs["status"], **t.user_attrs.get("point", {})}
-        for key in ("accuracy", "tokens_per_s", "state_size", "params", "lr", "seconds"):
+        for key in ("accuracy", "test_bits", "tokens_per_s", "state_size", "params", "lr", "seconds"):
             row[key] = record.get(key)
         row.update({f"acc[{k}]": v for k, v in record.get("slices", {}).items()})
         row["error"] = record.get("error", "") or ("" if row["status"] != "pruned" else "pruned")
@@ -99,12 +99,12 @@ def _print(console, name: str, table: list[dict], axes: list[str]) -> None:
 
     slices = sorted({k for r in table for k in r if k.startswith("acc[")})
     t = Table(title=f"{name}: {sum(r['status'] == 'ok' for r in table)} ok of {len(table)} trials")
-    for col in ["#", *axes, "accuracy", *slices, "tokens/s", "state", "params", "lr", "status"]:
+    for col in ["#", *axes, "accuracy", *slices, "test bits", "tokens/s", "state", "params", "lr", "status"]:
         t.add_column(col, justify="right" if col not in axes and col != "status" else "left")
     for rank, r in enumerate(table, 1):
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error'][:60]}"
         t.add_row(str(rank), *[str(r.get(a, "")) for a in axes], _fmt(r["accuracy"]),
-                  *[_fmt(r.get(s)) for s in slices], _fmt(r["tokens_per_s"]),
+                  *[_fmt(r.get(s)) for s in slices], _fmt(r["test_bits"]), _fmt(r["tokens_per_s"]),
                   _fmt(r["state_size"]), _fmt(r["params"]), _fmt(r["lr"]), status)
     console.print(t)
 

@@ -1,5 +1,6 @@
-"""Synthetic sequence tasks, generated locally from a seed (MATH.md §6): MQAR (Zoology), a forgetting
-variant, and MAD's six tasks. Every task is a causal-LM problem on token ids:
+"""Sequence tasks, generated locally from a seed (MATH.md §6): MQAR (Zoology), a forgetting variant,
+MAD's six tasks, and byte-level language modelling on a local text file (`text`). Every task is a
+causal-LM problem on token ids:
 
     inputs  [N, T] long    the sequence the model reads
     targets [N, T] long    the next-token targets the training loss uses (-100: no loss there)
@@ -7,7 +8,8 @@ variant, and MAD's six tasks. Every task is a causal-LM problem on token ids:
                            -1 elsewhere; accuracy is reported per slice (a difficulty setting)
 
 `make(name, seed=..., **difficulty)` builds the train and test splits (test from seed + 1;
-memorization's key -> value map comes from its own `table_seed` and is shared by both). Difficulty
+memorization's key -> value map comes from its own `table_seed` and is shared by both; `text` draws
+its test windows from the file's held-out end). Difficulty
 arguments and defaults are each generator's keyword arguments; `describe()` lists them.
 """
 from __future__ import annotations
@@ -255,14 +257,41 @@ def memorization(rng, n, *, vocab=256, seq_len=64, keys=64, table_seed=0):
     return rows, ["recall"]
 
 
+# ---- language modelling on a local text file ------------------------------------------------------
+def text(rng, n, *, path="", seq_len=256, val_fraction=0.05, vocab=256, split="train"):
+    """Next-byte prediction on a local file or folder (`nlc.train.data.read_bytes`): n windows of
+    seq_len + 1 bytes at random offsets of the first 1 - val_fraction of the bytes (split "train") or
+    of the rest ("test"); the loss and the score (slice `next_byte`) at every position."""
+    from nlc.train.data import read_bytes
+
+    if vocab != 256:
+        raise ValueError(f"text is byte-level: its vocabulary is 256, got vocab={vocab}")
+    if not path:
+        raise ValueError("text needs path=FILE (a local text file or folder)")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"text needs 0 < val_fraction < 1, got {val_fraction}")
+    raw = np.frombuffer(read_bytes(path), dtype=np.uint8).astype(np.int64)
+    cut = int(len(raw) * (1 - val_fraction))
+    part = raw[:cut] if split == "train" else raw[cut:]
+    if len(part) <= seq_len + 1:
+        raise ValueError(f"text: the {split} part of {path} holds {len(part)} bytes, too few for "
+                         f"windows of {seq_len + 1} (val_fraction={val_fraction})")
+    everywhere = _scored(seq_len, np.arange(seq_len))
+    starts = rng.integers(0, len(part) - seq_len, size=n)
+    rows = [(*_shifted(part[s:s + seq_len + 1], slice(None)), everywhere) for s in starts]
+    return rows, ["next_byte"]
+
+
 GENERATORS = {f.__name__: f for f in (mqar, forgetting_mqar, in_context_recall, noisy_recall,
-                                      fuzzy_recall, selective_copying, compression, memorization)}
+                                      fuzzy_recall, selective_copying, compression, memorization,
+                                      text)}
+SPLIT = "split"  # a generator keyword that make() sets ("train" or "test"), not a difficulty
 
 
 def describe() -> dict[str, dict]:
     """Each task's difficulty arguments and their defaults."""
     return {name: {k: p.default for k, p in inspect.signature(f).parameters.items()
-                   if p.kind is p.KEYWORD_ONLY} for name, f in GENERATORS.items()}
+                   if p.kind is p.KEYWORD_ONLY and k != SPLIT} for name, f in GENERATORS.items()}
 
 
 def check(name: str, difficulty: dict) -> dict:
@@ -280,9 +309,10 @@ def check(name: str, difficulty: dict) -> dict:
 def make(name: str, *, seed: int = 0, train: int = 2000, test: int = 500, **difficulty) -> Task:
     """The train and test splits of one task (test drawn from seed + 1)."""
     settings = check(name, difficulty)
-    splits = []
-    for split_seed, count in ((seed, train), (seed + 1, test)):
-        rows, names = GENERATORS[name](np.random.default_rng(split_seed), count, **difficulty)
+    generator, splits = GENERATORS[name], []
+    for split, split_seed, count in (("train", seed, train), ("test", seed + 1, test)):
+        split_arg = {SPLIT: split} if SPLIT in inspect.signature(generator).parameters else {}
+        rows, names = generator(np.random.default_rng(split_seed), count, **difficulty, **split_arg)
         splits.append(_data(rows, names))
     return Task(name, int(settings["vocab"]), splits[0], splits[1],
                 {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})

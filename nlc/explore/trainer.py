@@ -40,20 +40,25 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, data: TaskData, batch: int = 64, device: str = "cpu") -> dict[str, float]:
-    """Accuracy of argmax predictions at the scored positions, per slice name."""
+def evaluate(model, data: TaskData, batch: int = 64, device: str = "cpu") -> tuple[dict[str, float], float]:
+    """Accuracy of argmax predictions at the scored positions, per slice name, and the mean
+    cross-entropy there in bits per token (for `text`: bits per byte)."""
     model.eval()
     hits = torch.zeros(len(data.slice_names))
     counts = torch.zeros(len(data.slice_names))
+    nats = 0.0
     for i in range(0, len(data.inputs), batch):
         ids, targets, slices = (t[i:i + batch] for t in (data.inputs, data.targets, data.slices))
         scored = slices >= 0
-        right = (model(ids.to(device), scored.to(device)).argmax(-1).cpu() == targets[scored]).float()
+        logits = model(ids.to(device), scored.to(device)).float().cpu()
+        right = (logits.argmax(-1) == targets[scored]).float()
+        nats += float(F.cross_entropy(logits, targets[scored], reduction="sum"))
         hits.index_add_(0, slices[scored], right)
         counts.index_add_(0, slices[scored], torch.ones_like(right))
     model.train()
-    return {name: float(h / c) if c else float("nan")
-            for name, h, c in zip(data.slice_names, hits, counts)}
+    per_slice = {name: float(h / c) if c else float("nan")
+                 for name, h, c in zip(data.slice_names, hits, counts)}
+    return per_slice, nats / max(1.0, float(counts.sum())) / math.log(2)
 
 
 def train(program, task: Task, cfg: TrainConfig,
@@ -61,8 +66,9 @@ def train(program, task: Task, cfg: TrainConfig,
     """Train `program.model(...)` on `task` and evaluate on its test split.
 
     checkpoint(i, accuracy) is called at evaluation i of `cfg.evals` (it may raise, e.g. to
-    prune). Returns accuracy (mean over slices), per-slice accuracy, final loss, training tokens/s
-    and the parameter count. Raises Diverged on a non-finite or exploding loss."""
+    prune). Returns accuracy (mean over slices), per-slice accuracy, the test cross-entropy at the
+    scored positions in bits per token, final training loss, training tokens/s and the parameter
+    count. Raises Diverged on a non-finite or exploding loss."""
     torch.manual_seed(cfg.seed)
     model = program.model(task.vocab_size, cfg.layers, cfg.mode).to(cfg.device)
     cuda = torch.device(cfg.device).type == "cuda"
@@ -74,7 +80,7 @@ def train(program, task: Task, cfg: TrainConfig,
     eval_at = {round(cfg.steps * (i + 1) / cfg.evals) - 1: i for i in range(cfg.evals)}
     first = loss_value = None
     tokens, busy = 0, 0.0
-    per_slice = {}
+    per_slice, bits = {}, float("nan")
     for step in range(cfg.steps):
         if cursor + cfg.batch > len(perm):
             perm, cursor = torch.randperm(len(data.inputs), generator=order), 0
@@ -98,10 +104,10 @@ def train(program, task: Task, cfg: TrainConfig,
         busy += time.perf_counter() - start
         tokens += data.inputs[idx].numel()
         if step in eval_at:
-            per_slice = evaluate(model, task.test, device=cfg.device)
+            per_slice, bits = evaluate(model, task.test, device=cfg.device)
             if checkpoint is not None:
                 checkpoint(eval_at[step], _mean(per_slice))
-    return {"accuracy": _mean(per_slice), "slices": per_slice, "loss": loss_value,
+    return {"accuracy": _mean(per_slice), "slices": per_slice, "test_bits": bits, "loss": loss_value,
             "tokens_per_s": tokens / busy if busy else float("nan"),
             "params": sum(p.numel() for p in model.parameters())}
 

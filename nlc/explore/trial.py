@@ -97,4 +97,5 @@ def run(spec_source: str, file: str, space, point: dict[str, str], settings: Set
     if best is None:
         return {**record, "status": "failed", "error": "; ".join(r["error"] for r in sweep)}
     return {**record, "status": "ok", "lr": best["lr"], "accuracy": best["accuracy"],
-            "slices": best["slices"], "tokens_per_s": best["tokens_per_s"], "params": best["params"]}
+            "slices": best["slices"], "test_bits": best["test_bits"], "tokens_per_s": best["tokens_per_s"],
+            "params": best["params"]}

@@ -121,3 +121,23 @@ def test_trials_train_on_cuda(tiny_spec, tmp_path):
     assert explore(tiny_spec, out, "--trials", "1", "--device", "cuda") == 0
     (trial,) = [t for t in trials(out) if t.state == optuna.trial.TrialState.COMPLETE]
     assert 0.0 <= trial.user_attrs["record"]["accuracy"] <= 1.0
+
+
+def test_text_task_explores_byte_level_language_modelling(tiny_spec, tmp_path, capsys):
+    """`--task text --task-arg path=FILE`: next-byte accuracy and test bits per byte, per point."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "text_run"
+    args = ["explore", str(tiny_spec), "--task", "text", "--task-arg", f"path={corpus}",
+            "--task-arg", "seq_len=32", "--steps", "6", "--batch", "8", "--lrs", "0.003",
+            "--train-examples", "32", "--test-examples", "8", "--layers", "1", "--quiet",
+            "--threads", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    records = [t.user_attrs["record"] for t in trials(out)]
+    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
+    for r in records:
+        assert set(r["slices"]) == {"next_byte"} and r["task_args"]["path"] == str(corpus)
+        assert 0 < r["test_bits"] < 16, "cross-entropy in bits per byte, below a few times log2(256)"
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    assert "test bits" in capsys.readouterr().out

@@ -1,4 +1,6 @@
-"""The synthetic tasks: MQAR as Zoology generates it, the forgetting variant, MAD's six tasks."""
+"""The tasks: MQAR as Zoology generates it, the forgetting variant, MAD's six tasks, byte-level text."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,10 @@ from nlc.explore import tasks
 from nlc.explore.tasks import IGNORE
 
 ALL = sorted(tasks.GENERATORS)
+CORPUS = Path(__file__).resolve().parents[2] / "grammar" / "README.md"  # any local text
 SMALL = {"mqar": dict(vocab=512, seq_len=128, kv_pairs=(8, 16)),
-         "forgetting_mqar": dict(vocab=512, seq_len=128, kv_pairs=(8, 16))}
+         "forgetting_mqar": dict(vocab=512, seq_len=128, kv_pairs=(8, 16)),
+         "text": dict(path=str(CORPUS), seq_len=64)}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -104,3 +108,34 @@ def test_unknown_task_or_setting_is_an_error():
         tasks.make("mqar", kv=3)
     with pytest.raises(ValueError, match="4 \\* kv_pairs <= seq_len"):
         tasks.make("mqar", vocab=512, seq_len=64, kv_pairs=32, train=1, test=1)
+
+
+def test_text_windows_predict_the_next_byte_from_their_own_split(tmp_path):
+    """Train windows from the first 90% of the bytes, test windows from the last 10%; every position
+    is scored with the next byte as its target."""
+    raw = bytes(np.random.default_rng(0).integers(0, 256, size=5000, dtype=np.uint8))
+    corpus = tmp_path / "corpus.bin"
+    corpus.write_bytes(raw)
+    t = tasks.make("text", seed=0, train=20, test=10, path=str(corpus), seq_len=40, val_fraction=0.1)
+    assert t.vocab_size == 256 and t.train.slice_names == ("next_byte",)
+    assert (t.train.slices == 0).all() and (t.test.slices == 0).all()
+    cut = int(len(raw) * 0.9)
+    for data, part in ((t.train, raw[:cut]), (t.test, raw[cut:])):
+        for ids, targets in zip(data.inputs, data.targets):
+            window = bytes(ids.tolist()) + bytes([int(targets[-1])])
+            assert window in part, "each window is a run of its split's bytes"
+            assert torch.equal(targets[:-1], ids[1:]), "targets are the next bytes"
+
+
+def test_text_settings_are_checked(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="text needs path=FILE"):
+        tasks.make("text", train=1, test=1)
+    with pytest.raises(ValueError, match="its vocabulary is 256"):
+        tasks.make("text", path=str(small), vocab=512, train=1, test=1)
+    with pytest.raises(ValueError, match="too few for windows of 65"):
+        tasks.make("text", path=str(small), seq_len=64, train=1, test=1)
+    with pytest.raises(FileNotFoundError, match="no data file or folder"):
+        tasks.make("text", path=str(tmp_path / "missing.txt"), train=1, test=1)
+    assert "split" not in tasks.describe()["text"], "make() sets the split, not the user"

@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("grid", "tpe", "nsga2"), default="grid")
     p.add_argument("--space", help="which space of the spec (default: the first)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--trials", type=int, help="stop after this many finished trials")
+    p.add_argument("--trials", type=int, help="stop after this many points are recorded (a sampler's "
+                   "return to a recorded point reuses its record and does not count)")
     p.add_argument("--budget", help="start no trial after this long, e.g. 2h, 45m")
     p.add_argument("--steps", type=int, default=400, help="training steps per learning rate")
     p.add_argument("--batch", type=int, default=32)

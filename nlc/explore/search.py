@@ -11,6 +11,7 @@ same command against the same --storage URL."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -21,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..space import parse_range
 from . import points, storage, tasks, trial
 from .trial import Settings
 
@@ -116,23 +118,32 @@ def open_study(run: Run, worker: int = 0):
     return study, program, space
 
 
+def counted(t) -> bool:
+    """A trial that counts toward the run's goal: it ran to an end and recorded a point of its own (a
+    sampler's return to a recorded point is kept as a copy of that record and not counted)."""
+    return storage.recorded(t) and "copy_of" not in t.user_attrs.get("record", {})
+
+
 def finished(study) -> int:
-    """Trials that ran to an end (ok, failed or pruned); killed ones are re-queued, not counted."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if storage.recorded(t))
+    """Points recorded (ok, failed or pruned); killed trials are re-queued, copies not counted."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
 
 
 def target(run: Run, space) -> int | None:
-    """How many finished trials end the run: --trials, and at most the grid's size."""
+    """How many recorded points end the run: --trials, and at most the points there are (a grid's
+    valid points; every point of the product for a sampler, when no axis is a continuous range)."""
     if run.sampler == "grid":
         return min(run.trials or len(space.valid), len(space.valid))
-    return run.trials
+    if run.trials is None or any(parse_range(c) for _, choices in space.axes for c in choices):
+        return run.trials
+    return min(run.trials, math.prod(len(choices) for _, choices in space.axes))
 
 
 def _claimed(study) -> tuple[int, int]:
-    """(finished, running) trial counts."""
+    """(recorded points, running trials)."""
     from optuna.trial import TrialState
     trials = study.get_trials(deepcopy=False)
-    return (sum(1 for t in trials if storage.recorded(t)),
+    return (sum(1 for t in trials if counted(t)),
             sum(1 for t in trials if t.state == TrialState.RUNNING))
 
 
@@ -143,16 +154,15 @@ def _surplus(study, t, goal: int | None) -> bool:
     if goal is None:
         return False
     trials = study.get_trials(deepcopy=False)
-    ahead = sum(1 for o in trials if storage.recorded(o) or
+    ahead = sum(1 for o in trials if counted(o) or
                 (o.state == TrialState.RUNNING and o.number < t.number))
     return ahead >= goal
 
 
 def _recorded_point(study, point: dict):
-    """An earlier trial that trained this very point to the end (ok or failed), if any."""
-    return next((t for t in study.get_trials(deepcopy=False) if storage.recorded(t)
-                 and t.user_attrs["status"] != "pruned" and t.user_attrs.get("point") == point
-                 and "copy_of" not in t.user_attrs["record"]), None)
+    """An earlier trial that recorded this very point to the end (ok, failed or invalid), if any."""
+    return next((t for t in study.get_trials(deepcopy=False) if counted(t)
+                 and t.user_attrs["status"] != "pruned" and t.user_attrs.get("point") == point), None)
 
 
 def _objective(run: Run, program, space, goal: int | None):
@@ -166,10 +176,10 @@ def _objective(run: Run, program, space, goal: int | None):
         t.set_user_attr("point", point)
         why = points.invalid_reason(space, point)
         earlier = _recorded_point(t.study, point)
-        if why is not None:
-            record = {"point": point, "status": "failed", "error": f"invalid point: {why}"}
-        elif earlier is not None:  # a sampler came back to a point: training is deterministic
+        if earlier is not None:  # a sampler came back to a point: checks and training are deterministic
             record = {**earlier.user_attrs["record"], "copy_of": earlier.number}
+        elif why is not None:
+            record = {"point": point, "status": "failed", "error": f"invalid point: {why}"}
         else:
             def checkpoint(step, accuracy):
                 if run.sampler == "tpe":

@@ -61,7 +61,8 @@ def test_failures_are_recorded_not_raised(tiny_spec, tmp_path):
     out = tmp_path / "tpe"
     assert explore(spec, out, "--sampler", "tpe", "--trials", "6", "--lrs", "1e9") == 0
     done = trials(out)
-    assert len(done) == 6
+    recorded = [t for t in done if "copy_of" not in t.user_attrs["record"]]
+    assert len(recorded) == 4, "--trials 6 stops at the 4 points of the space, each recorded once"
     assert all(t.state == optuna.trial.TrialState.FAIL for t in done)
     errors = {t.user_attrs["record"]["error"].split(":")[0] for t in done}
     assert errors <= {"invalid point", "diverged"} and len(errors) == 2
@@ -70,11 +71,16 @@ def test_failures_are_recorded_not_raised(tiny_spec, tmp_path):
 
 
 def test_a_sampler_coming_back_to_a_point_reuses_its_record(tiny_spec, tmp_path):
+    """Copies do not count toward --trials: 2 trials are 2 distinct points trained; 5 (more than the
+    space's 3 points) train each point once and stop."""
     out = tmp_path / "tpe"
+    assert explore(tiny_spec, out, "--sampler", "tpe", "--trials", "2") == 0
+    trained = [t for t in trials(out) if "copy_of" not in t.user_attrs["record"]]
+    assert len({t.user_attrs["point"]["bias"] for t in trained}) == len(trained) == 2
     assert explore(tiny_spec, out, "--sampler", "tpe", "--trials", "5") == 0
     done = trials(out)
     trained = [t for t in done if "copy_of" not in t.user_attrs["record"]]
-    assert len(done) == 5 and len(trained) == len({t.user_attrs["point"]["bias"] for t in done})
+    assert sorted(t.user_attrs["point"]["bias"] for t in trained) == ["dot", "l2", "lp(p = 3)"]
     for t in done:
         if t not in trained:
             first = done[t.user_attrs["record"]["copy_of"]]

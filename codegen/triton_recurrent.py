@@ -220,7 +220,7 @@ class _Renderer:
         a = "b_h"
         if self.retained and not x.state_free:
             em.line(f"b_a = {self.tile(x.retain.subs(S.s, 0))}" +
-                    c(f"{where(lv.retention.span)} A_t: the retained state".strip()))
+                    c(f"{where(lv.retention.span) or '#'} A_t: the retained state".strip()))
             a = "b_a"
         if not x.state_free:
             em.line(f"b_y = tl.sum({a} * b_k[:, None], 0)" + c("# [BV]: y_t = A_t^T k_t"))
@@ -229,10 +229,10 @@ class _Renderer:
         if x.norm:
             em.line("b_norm = tl.sqrt(tl.sum(b_e * b_e))")
             em.line("b_r = tl.maximum(b_norm, 1e-12)" + c("# r_t = ||e_t||, clamped as the reference does"))
-        em.line(f"b_d = {self.vec(x.grad)}" + c(f"{where(lv.bias.span)} [BV]: d_t = dℓ/dy".strip()))
+        em.line(f"b_d = {self.vec(x.grad)}" + c(f"{where(lv.bias.span) or '#'} [BV]: d_t = dℓ/dy".strip()))
         if x.implicit:
             em.line("b_n = tl.sum(b_k * b_k)" + c("# n = ||k_t||^2"))
-        em.line(f"b_lr = {self.tile(x.lr)}" + c(f"{where(lv.algorithm.span)} lr_t".strip()))
+        em.line(f"b_lr = {self.tile(x.lr)}" + c(f"{where(lv.algorithm.span) or '#'} lr_t".strip()))
         em.line("b_u = b_k[:, None] * b_d[None, :]" + c("# [BK, BV]: u_t = k_t d_t^T, the bias gradient"))
         if self.momentum:
             em.line(f"{new_m} = {_times(self.tile(x.beta), 'b_m')} - b_lr * b_u" +
@@ -241,7 +241,7 @@ class _Renderer:
         else:
             em.line("b_s = -b_lr * b_u" + c("# s_t = -lr_t u_t"))
         em.line(f"{new} = {self.tile(x.retain)}" +
-                c(f"{where(lv.retention.span)} S_t = R(S_(t-1), s_t)".strip()))
+                c(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t)".strip()))
 
     def forward_kernel(self) -> None:
         em = self.em

@@ -156,6 +156,31 @@ def test_location_comments_point_at_real_spec_text(shipped, stem):
                 assert src[col - 1:].startswith(f"level {name}"), (stem, file, line, col, src)
 
 
+def test_defaulted_fields_leave_no_bare_comment_text():
+    """A level that leaves `retention` to its default has no span to point at: the generated lines
+    that would cite it still carry their comment marker (the fuzzer found `b_h = (b_s + b_h)  S_t =
+    ...` in the fused recurrent Triton kernels)."""
+    program = nlc.compile("""model m
+param d_model = 16
+param heads = 2
+gate beta[heads] = sigmoid(linear(x))
+let q[heads, 8] = l2norm(linear(x))
+let k[heads, 8] = l2norm(linear(x))
+let v[heads, 8] = linear(x)
+level memory {
+  memory matrix
+  bias l2
+  algorithm gd(lr = beta)
+}
+output = x + linear(memory)
+""")
+    assert "level_memory_triton.py" in program.sources
+    for file, text in program.sources.items():
+        ast.parse(text, filename=file)
+        for line in text.splitlines():
+            assert "S_t = R(" not in line or "#" in line or line.startswith("  "), (file, line)
+
+
 @pytest.mark.parametrize("stem", [p.stem for p in SPECS])
 def test_level_modules_define_the_runtime_interface(shipped, stem):
     _, program = shipped[stem]

@@ -273,7 +273,7 @@ def text(rng, n, *, path="", seq_len=256, val_fraction=0.05, vocab=256, split="t
     raw = np.frombuffer(read_bytes(path), dtype=np.uint8).astype(np.int64)
     cut = int(len(raw) * (1 - val_fraction))
     part = raw[:cut] if split == "train" else raw[cut:]
-    if len(part) <= seq_len + 1:
+    if len(part) < seq_len + 1:
         raise ValueError(f"text: the {split} part of {path} holds {len(part)} bytes, too few for "
                          f"windows of {seq_len + 1} (val_fraction={val_fraction})")
     everywhere = _scored(seq_len, np.arange(seq_len))

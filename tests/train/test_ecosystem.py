@@ -81,7 +81,8 @@ def _ddp_worker(rank, world, init, config, results):
     in_loop = _gather_equal(torch.cat([p.detach().flatten() for p in trained.parameters()]), world)
     if rank == 0:
         results.put((*direct, in_loop))
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks done with gloo before either tears it down (a rank that exits
+    dist.destroy_process_group()  # early has been seen to abort in gloo's teardown under load)
 
 
 def test_ddp_on_two_cpu_processes(config, tmp_path):

@@ -9,8 +9,8 @@ causal-LM problem on token ids:
 
 `make(name, seed=..., **difficulty)` builds the train and test splits (test from seed + 1;
 memorization's key -> value map comes from its own `table_seed` and is shared by both; `text` draws
-its test windows from the file's held-out end). Difficulty
-arguments and defaults are each generator's keyword arguments; `describe()` lists them.
+its test windows from the file's held-out end). Difficulty arguments and defaults are each
+generator's keyword arguments; `describe()` lists them.
 """
 from __future__ import annotations
 

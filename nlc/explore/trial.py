@@ -33,7 +33,8 @@ class Settings:
 
 
 @functools.lru_cache(maxsize=4)
-def _task(settings_json: str) -> tasks.Task:
+def task_of(settings_json: str) -> tasks.Task:
+    """The run's task, made once per process (ValueError for an unknown task or a bad setting)."""
     s = Settings.from_json(settings_json)
     return tasks.make(s.task, seed=s.train.seed, train=s.train_examples, test=s.test_examples,
                       **s.task_args)
@@ -65,7 +66,7 @@ def run(spec_source: str, file: str, space, point: dict[str, str], settings: Set
 
     text = points.source(spec_source, file, space, point)
     record = {"point": point, "spec": text, "seed": settings.train.seed, "versions": versions(),
-              "task": settings.task, "task_args": _task(settings.to_json()).settings}
+              "task": settings.task, "task_args": task_of(settings.to_json()).settings}
     start = time.perf_counter()
     try:
         program = nlc.compile(text, **settings.overrides)
@@ -74,7 +75,7 @@ def run(spec_source: str, file: str, space, point: dict[str, str], settings: Set
     record["plans"] = {p.level: p.family for p in program.plans.values()}
     record["state_size"] = state_size(program, settings.train.layers or
                                       int(program.params.get("layers", 2)))
-    task = _task(settings.to_json())
+    task = task_of(settings.to_json())
     sweep, best = [], None
     evals = settings.train.evals
     for i, lr in enumerate(settings.lrs):

@@ -1,6 +1,7 @@
 """`nlc explore` and `nlc report` end to end on a tiny space: grid, TPE with invalid points, NSGA-II,
 failed trials recorded, worker processes, and the report's files."""
 import json
+import re
 
 import optuna
 import pytest
@@ -119,6 +120,18 @@ def test_budget_parses(text, seconds):
 def test_a_cuda_device_without_cuda_is_a_usage_error(tiny_spec, tmp_path, capsys):
     assert explore(tiny_spec, tmp_path / "run", "--device", "cuda") == 2
     assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("kv_pairs=2;4", "invalid literal for int"),                   # a string where numbers belong
+    ("kv_pairs=64", "mqar needs 4 \\* kv_pairs <= seq_len"),       # a number out of range
+    ("pairs=2", "task mqar has no setting pairs"),
+])
+def test_a_bad_task_setting_stops_the_run_before_any_trial(tiny_spec, tmp_path, capsys, setting, message):
+    out = tmp_path / "run"
+    assert explore(tiny_spec, out, "--task-arg", setting) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (out / "study.db").exists() or not trials(out)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")

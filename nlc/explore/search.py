@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..space import parse_range
-from . import points, storage, trial
+from . import points, storage, tasks, trial
 from .trial import Settings
 
 SAMPLERS = ("grid", "tpe", "nsga2")
@@ -261,7 +261,8 @@ def _die_with_parent() -> None:
 
 def explore(run: Run, progress: bool = True) -> None:
     """Run (or resume) the search with `run.workers` processes, showing progress with an ETA."""
-    trial.task_of(run.settings.to_json())  # a bad task setting stops the run here, not in every trial
+    s = run.settings  # one example of each split: a bad task setting stops the run here, not every trial
+    tasks.make(s.task, seed=s.train.seed, train=1, test=1, **s.task_args)
     study, _, space = open_study(run)  # create the study (and queue the grid) before any worker
     deadline = None if run.budget_s is None else time.time() + run.budget_s
     stop = threading.Event()

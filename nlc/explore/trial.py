@@ -33,8 +33,7 @@ class Settings:
 
 
 @functools.lru_cache(maxsize=4)
-def task_of(settings_json: str) -> tasks.Task:
-    """The run's task, made once per process (ValueError for an unknown task or a bad setting)."""
+def _task(settings_json: str) -> tasks.Task:
     s = Settings.from_json(settings_json)
     return tasks.make(s.task, seed=s.train.seed, train=s.train_examples, test=s.test_examples,
                       **s.task_args)
@@ -66,7 +65,7 @@ def run(spec_source: str, file: str, space, point: dict[str, str], settings: Set
 
     text = points.source(spec_source, file, space, point)
     record = {"point": point, "spec": text, "seed": settings.train.seed, "versions": versions(),
-              "task": settings.task, "task_args": task_of(settings.to_json()).settings}
+              "task": settings.task, "task_args": _task(settings.to_json()).settings}
     start = time.perf_counter()
     try:
         program = nlc.compile(text, **settings.overrides)
@@ -75,7 +74,7 @@ def run(spec_source: str, file: str, space, point: dict[str, str], settings: Set
     record["plans"] = {p.level: p.family for p in program.plans.values()}
     record["state_size"] = state_size(program, settings.train.layers or
                                       int(program.params.get("layers", 2)))
-    task = task_of(settings.to_json())
+    task = _task(settings.to_json())
     sweep, best = [], None
     evals = settings.train.evals
     for i, lr in enumerate(settings.lrs):

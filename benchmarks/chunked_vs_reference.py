@@ -1,6 +1,7 @@
 """Speed of each shipped spec's layer: the chunk-parallel form (mode='auto') against the reference
 per-token loop, forward and forward+backward, in one run on this machine. Prints a table and writes
-JSON. Peers (titans-pytorch, nested-learning, fla) are not compared here yet.
+JSON. The peers (titans-pytorch, nested-learning, fla) are in `peers.py`. A call slower than
+`--budget` seconds is timed once, its warm-up being the measurement.
 
     python benchmarks/chunked_vs_reference.py --length 1024 --json benchmarks/chunked_vs_reference.json
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
+import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -29,9 +33,14 @@ def overrides(program_params: dict, args) -> dict:
     return out
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `repeats` runs after one warm-up (best-of: the machine is shared)."""
+def timed(fn, repeats: int, budget: float) -> float:
+    """Best wall time of `repeats` runs after one warm-up (best-of: the machine is shared). A
+    warm-up slower than `budget` seconds is the measurement: such a call is not repeated."""
+    start = time.perf_counter()
     fn()
+    best = time.perf_counter() - start
+    if best >= budget:
+        return best
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -40,7 +49,9 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def measure(layer, x, repeats: int) -> dict:
+def measure(layer, x, repeats: int, budget: float) -> dict:
+    """tokens/s forward (no_grad) and forward+backward; a mode that fails (out of memory under the
+    address-space cap, mostly) is None, with the error under "errors"."""
     def forward():
         with torch.no_grad():
             layer(x)
@@ -49,9 +60,24 @@ def measure(layer, x, repeats: int) -> dict:
         layer.zero_grad(set_to_none=True)
         layer(x).pow(2).mean().backward()
 
-    tokens = x.shape[0] * x.shape[1]
-    return {"forward_tok_s": tokens / timed(forward, repeats),
-            "train_tok_s": tokens / timed(forward_backward, repeats)}
+    tokens, out = x.shape[0] * x.shape[1], {}
+    for key, fn in (("forward_tok_s", forward), ("train_tok_s", forward_backward)):
+        out[key] = None
+        try:
+            out[key] = tokens / timed(fn, repeats, budget)
+        except (MemoryError, RuntimeError) as error:  # under the cap, allocations fail this way
+            out.setdefault("errors", {})[key] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        layer.zero_grad(set_to_none=True)
+        gc.collect()  # outside the handler: the traceback's frames hold the failed call's tensors
+    return out
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def cell(value, fmt: str) -> str:
+    return "failed".rjust(len(format(1.0, fmt))) if value is None else format(value, fmt)
 
 
 def main() -> None:
@@ -65,18 +91,26 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=20.0,
+                        help="a warm-up slower than this many seconds is the measurement")
+    parser.add_argument("--memory-limit-gib", type=float, default=round(0.75 * physical_gib(), 1),
+                        help="address-space cap: a form that needs more is reported out of memory")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cap = int(args.memory_limit_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     rows = []
     for name in args.specs:
         base = nlc.compile(SPECS / f"{name}.nl")
         program = nlc.compile(SPECS / f"{name}.nl", **overrides(base.params, args))
         plans = {p.level: p.family for p in program.plans.values()}
-        if set(plans.values()) == {"reference"}:
-            print(f"{name:18s} no chunk-parallel level: skipped ({program.dump('plans')})", flush=True)
-            rows.append({"spec": name, "plans": plans, "skipped": "no chunk-parallel level"})
+        why = ("no memory level" if not plans else
+               "no chunk-parallel level" if set(plans.values()) == {"reference"} else None)
+        if why:
+            print(f"{name:18s} {why}: skipped", flush=True)
+            rows.append({"spec": name, "plans": plans, "skipped": why})
             continue
         torch.manual_seed(0)
         chunked = program.layer(mode="auto")
@@ -84,25 +118,37 @@ def main() -> None:
         reference.load_state_dict(chunked.state_dict())
         x = torch.randn(args.batch, args.length, program.d_model)
         row = {"spec": name, "plans": plans,
-               "chunked": measure(chunked, x, args.repeats),
-               "reference": measure(reference, x, 1)}
-        row["speedup_forward"] = row["chunked"]["forward_tok_s"] / row["reference"]["forward_tok_s"]
-        row["speedup_train"] = row["chunked"]["train_tok_s"] / row["reference"]["train_tok_s"]
+               "chunked": measure(chunked, x, args.repeats, args.budget),
+               "reference": measure(reference, x, 1, args.budget)}
+        row["speedup_forward"] = ratio(row["chunked"]["forward_tok_s"], row["reference"]["forward_tok_s"])
+        row["speedup_train"] = ratio(row["chunked"]["train_tok_s"], row["reference"]["train_tok_s"])
         rows.append(row)
+        c, r = row["chunked"], row["reference"]
         print(f"{name:18s} {','.join(sorted(set(plans.values()))):18s} "
-              f"fwd {row['chunked']['forward_tok_s']:9.0f} tok/s ({row['speedup_forward']:5.1f}x)  "
-              f"fwd+bwd {row['chunked']['train_tok_s']:9.0f} tok/s ({row['speedup_train']:5.1f}x)",
-              flush=True)
+              f"fwd {cell(c['forward_tok_s'], '9.0f')} tok/s ({cell(row['speedup_forward'], '5.1f')}x)  "
+              f"fwd+bwd {cell(c['train_tok_s'], '9.0f')} tok/s ({cell(row['speedup_train'], '5.1f')}x)  "
+              f"reference fwd+bwd {cell(r['train_tok_s'], '7.0f')} tok/s", flush=True)
+        write(args, rows)
+    write(args, rows, done=True)
 
+
+def physical_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def write(args, rows: list, done: bool = False) -> None:
+    """The JSON so far (after every spec, so a killed run keeps what it measured)."""
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": platform.platform(), "processor": platform.processor(),
-              "torch": torch.__version__, "threads": args.threads,
+              "torch": torch.__version__, "threads": args.threads, "budget_s": args.budget,
+              "memory_limit_gib": args.memory_limit_gib, "complete": done,
               "shape": {"batch": args.batch, "length": args.length, "d_model": args.d_model,
                         "heads": args.heads, "head_dim": args.head_dim, "chunk": args.chunk},
               "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        if done:
+            print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,18 @@ minutes at T = 1024) run only with `--slow` or when named in `--only`.
 Method. Every (row, mode) runs in a fresh Python process (`--worker`), with
 `torch.set_num_threads(threads)`, so one row's allocations and caches never touch another's.
 There: one warm-up call, then up to `--repeats` timed calls (fewer once `--budget` seconds are
-spent); tokens/s = B * T / the best call. A call slower than the budget is not repeated: its
-warm-up is the measurement (`warm_up_only` in the JSON). forward runs under no_grad;
-forward+backward ("train") runs the forward and the backward of mean(out^2), gradients of every
-parameter (layers) or every input (ops).
-Peak memory: before each timed call the worker collects garbage, returns freed heap to the OS
-(glibc `malloc_trim`), and resets the kernel's resident-set high-water mark (VmHWM, by writing 5
-to /proc/self/clear_refs); the call's peak is VmHWM after it minus VmRSS before it: everything the
-call made resident (tensors, autograd graph, Python objects), not what was there before (weights,
-inputs). The row's figure is the largest over its timed calls. Where /proc/self/clear_refs is not
+spent); tokens/s = B * T / the best call. The timed calls run back to back, as the steps of a
+training loop do: the allocator keeps what earlier calls freed. A call slower than the budget is
+not repeated: its warm-up is the measurement (`warm_up_only` in the JSON). forward runs under
+no_grad; forward+backward ("train") runs the forward and the backward of mean(out^2), gradients
+of every parameter (layers) or every input (ops).
+Peak memory is measured on one more call, after the timed ones (on the warm-up where that is the
+only call): the worker collects garbage, returns freed heap to the OS (glibc `malloc_trim`), and
+resets the kernel's resident-set high-water mark (VmHWM, by writing 5 to /proc/self/clear_refs);
+the call's peak is VmHWM after it minus VmRSS before it: everything the call made resident
+(tensors, autograd graph, Python objects), not what was there before (weights, inputs). That call
+is not timed: after the trim it pays a page fault for every page it touches again, which the
+steps of a training loop do not (on this machine that was up to a third of a call's time). Where /proc/self/clear_refs is not
 writable the worker falls back to the growth of ru_maxrss over the process (an upper bound for the
 first call, blind to later ones), and says so in the JSON.
 Each worker runs under an address-space cap (`--memory-limit-gib`, RLIMIT_AS): a row that needs
@@ -136,24 +139,30 @@ def measure(case, mode: str, shape: Shape, repeats: int, budget: float) -> dict:
     fn = case.forward if mode == "forward" else case.train
     meter = PeakMeter()
 
-    def call() -> tuple[float, float]:
-        meter.start()
+    def timed() -> float:
+        gc.collect()
         start = time.perf_counter()
         fn()
-        return time.perf_counter() - start, meter.peak_mib()
+        return time.perf_counter() - start
 
-    warm_seconds, warm_peak = call()
-    if warm_seconds >= budget:  # too slow to repeat: the warm-up is the measurement
-        times, peaks = [warm_seconds], [warm_peak]
+    def metered() -> float:
+        meter.start()
+        fn()
+        return meter.peak_mib()
+
+    meter.start()
+    warm_seconds = timed()
+    warm_up_only = warm_seconds >= budget
+    if warm_up_only:  # too slow to repeat: the warm-up is the measurement
+        times, peak = [warm_seconds], meter.peak_mib()
     else:
-        times, peaks = [], []
+        times = []
         while len(times) < repeats and sum(times) < budget:
-            seconds, peak = call()
-            times.append(seconds)
-            peaks.append(peak)
+            times.append(timed())
+        peak = metered()
     return {"tok_s": shape.batch * shape.length / min(times), "seconds": min(times),
-            "timed_calls": len(times), "warm_up_only": warm_seconds >= budget,
-            "peak_mib": max(peaks), "memory_method": meter.method, "config": case.config}
+            "timed_calls": len(times), "warm_up_only": warm_up_only,
+            "peak_mib": peak, "memory_method": meter.method, "config": case.config}
 
 
 # ---- the driver --------------------------------------------------------------------------------

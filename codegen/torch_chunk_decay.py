@@ -234,9 +234,10 @@ def header(em: Emitter, rules: LevelRules, model: str, file: str, family: str, m
 HELPERS = {
     "_chunks": '''
 def _chunks(x, C, fill=0.0):
-    """[B, T, H, D] -> [B, H, N, C, D] with N = ceil(T / C); the last chunk is padded with `fill`."""
+    """[B, T, H, D] -> [B, H, N, C, D] with N = ceil(T / C); the last chunk is padded with `fill`.
+    Contiguous: padding by nothing returns a strided view, which every batched matmul would copy."""
     x = torch.nn.functional.pad(x.transpose(1, 2), (0, 0, 0, (-x.shape[1]) % C), value=fill)
-    return x.unflatten(2, (-1, C))
+    return x.contiguous().unflatten(2, (-1, C))
 ''',
     "_cumulative": '''
 def _cumulative(a, shift):

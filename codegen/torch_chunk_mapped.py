@@ -19,6 +19,10 @@ copies through memory: on a CPU that measured slower than the reference loop, wh
 tensors stay in cache. Running them token by token also repeats the reference's rounding, which
 these rules amplify (muon's normalisation, the q-norm's inverse scale).
 
+Training would keep every token's weights for the backward pass (O(T) states); each chunk's token loop runs under activation checkpointing instead,
+so its tokens are mapped again in the backward pass (one more forward of the loop) and what is kept
+is the state entering each chunk and the chunk's gradient factors.
+
 dgd with plain gradient steps is the exception: each layer's weights follow a gated delta rule with
 keys and values known at W_0, solved in closed form per chunk (`torch_chunk_mapped_dgd`), which
 never forms a per-token weight copy.
@@ -52,6 +56,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em = Emitter()
     _header(em, rules, plan, model, file)
     em.line("import torch")
+    if not dgd.applies(rules):
+        em.line("import torch.utils.checkpoint")
     em.line()
     imports = ["N_PARAMS", "_pack", "initial_state", "memory_forward", "output_grad"]
     if not dgd.applies(rules):
@@ -148,6 +154,8 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file: 
         em.line("  W_t = retain(W_{t-1}, s_t)")
     read = "W_t (read after write)" if lv.read == "after" else "W_{t-1} (read before write)"
     em.line(f"  o_t = M(.; q_t) at {read}")
+    em.line("With autograd on, each chunk's token loop is checkpointed (`_recomputed`): it runs again in")
+    em.line("the backward pass, and only the state entering each chunk is kept.")
     em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; the state is the")
     em.line(f"reference's: {comment(', '.join(_state_names(rules)))}.")
     em.line('"""')
@@ -171,6 +179,16 @@ def _by_token(x):
     """[B, H, N, ...] -> N tensors [B, H, ...], split once (indexing x[:, :, t] for every token
     instead would fill a zero tensor of the whole chunk per token in the backward)."""
     return x.unbind(2)
+
+
+def _recomputed(tokens, *state):
+    """tokens(*state) -> (o [B, H, L, V], *next state): a chunk's token loop. With autograd on,
+    under activation checkpointing: its per-token weights are made again in the backward pass
+    instead of kept, so training keeps the state entering each chunk and one chunk's tokens at a
+    time, not every token's weights (O(T / CHUNK) states, not O(T))."""
+    if not torch.is_grad_enabled():
+        return tokens(*state)
+    return torch.utils.checkpoint.checkpoint(tokens, *state, use_reentrant=False)
 
 
 def _grads(inputs, deltas):
@@ -247,7 +265,12 @@ def _render_chunk(em: Emitter, rules: LevelRules, coeffs, map_gates, psi_gates) 
     if omega:
         em.line("deltas = [gamma[:, :, lo:end, None] * d for d in deltas]  # gamma_i δ_i, as the reference scales dy")
     em.line("inputs, deltas = [_by_token(a) for a in inputs], [_by_token(d) for d in deltas]  # per layer, per token")
-    _render_token_loop(em, rules, coeffs, map_gates, psi_gates)
+    with em.indent("def tokens(params, buffers, weights, start=start, end=end, lo=lo, inputs=inputs, deltas=deltas):"):
+        em.line("outputs = []")
+        _render_token_loop(em, rules, coeffs, map_gates, psi_gates)
+        em.line("return torch.cat(outputs, dim=2), params, buffers, weights")
+    em.line("o_chunk, params, buffers, weights = _recomputed(tokens, params, buffers, weights)")
+    em.line("outputs.append(o_chunk)  # [B, H, L, V]")
 
 
 def _render_token_loop(em: Emitter, rules: LevelRules, coeffs, map_gates, psi_gates) -> None:

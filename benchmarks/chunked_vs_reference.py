@@ -77,7 +77,8 @@ def ratio(a, b):
 
 
 def cell(value, fmt: str) -> str:
-    return "failed".rjust(len(format(1.0, fmt))) if value is None else format(value, fmt)
+    """A table cell; "-" where the form failed (its error is in the JSON)."""
+    return "-".rjust(len(format(1.0, fmt))) if value is None else format(value, fmt)
 
 
 def main() -> None:

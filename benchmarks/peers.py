@@ -24,9 +24,9 @@ resets the kernel's resident-set high-water mark (VmHWM, by writing 5 to /proc/s
 the call's peak is VmHWM after it minus VmRSS before it: everything the call made resident
 (tensors, autograd graph, Python objects), not what was there before (weights, inputs). That call
 is not timed: after the trim it pays a page fault for every page it touches again, which the
-steps of a training loop do not (on this machine that was up to a third of a call's time). Where /proc/self/clear_refs is not
-writable the worker falls back to the growth of ru_maxrss over the process (an upper bound for the
-first call, blind to later ones), and says so in the JSON.
+steps of a training loop do not (on this machine that was up to a third of a call's time). Where
+/proc/self/clear_refs is not writable the worker falls back to the growth of ru_maxrss over the
+process (an upper bound for the first call, blind to later ones), and says so in the JSON.
 Each worker runs under an address-space cap (`--memory-limit-gib`, RLIMIT_AS): a row that needs
 more memory than the machine has is reported out of memory rather than swapping or waking the
 OOM killer on a shared machine.

@@ -19,9 +19,10 @@ copies through memory: on a CPU that measured slower than the reference loop, wh
 tensors stay in cache. Running them token by token also repeats the reference's rounding, which
 these rules amplify (muon's normalisation, the q-norm's inverse scale).
 
-Training would keep every token's weights for the backward pass (O(T) states); each chunk's token loop runs under activation checkpointing instead,
-so its tokens are mapped again in the backward pass (one more forward of the loop) and what is kept
-is the state entering each chunk and the chunk's gradient factors.
+Training would keep every token's weights for the backward pass (O(T) states); each chunk's token
+loop runs under activation checkpointing instead, so its tokens are mapped again in the backward
+pass (one more forward of the loop) and what is kept is the state entering each chunk and the
+chunk's gradient factors.
 
 dgd with plain gradient steps is the exception: each layer's weights follow a gated delta rule with
 keys and values known at W_0, solved in closed form per chunk (`torch_chunk_mapped_dgd`), which

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from chunked_vs_reference import physical_gib
 from peer_adapters import ROWS, PeerMissing, Shape
 
 MODES = ("forward", "train")
@@ -174,10 +175,6 @@ def cpu_model() -> str:
                          if line.startswith("model name")), platform.processor())
     except OSError:
         return platform.processor()
-
-
-def physical_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def peer_versions() -> dict:

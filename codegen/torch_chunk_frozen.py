@@ -8,6 +8,11 @@ gradient of one layer at W_0 is an outer product a_j ⊗ δ_j of its input and i
 so reads use the dual form layer by layer (matmuls over the chunk's tokens) and never build the
 per-token weights W_t.
 
+An omega window (`bias omega(window = c, gamma) of <bias>`, MATH.md §3.8) stays linear: token t's
+gradient is g_t = sum of gamma_i u_i over its last c tokens, all at W_0, so it is a banded matrix Ω
+[L, P + L] of the chunk's tokens and the P <= c - 1 before it (re-evaluated at W_0, as the reference
+does, never before the call's first token); the scan coefficients become G Ω over those P + L tokens.
+
 The module it renders imports the reference module's memory (`memory_forward`), bias
 (`output_grad`) and state helpers, and defines `CHUNK`, `LAYERS` and the op `level_<name>` with the
 reference op's signature, state layout and return convention.
@@ -19,6 +24,7 @@ import sympy
 import nlc
 from nlc import ir
 from nlc.derive import symbols as S
+from nlc.derive.printer import to_torch
 from nlc.derive.rules import ALGORITHM_TEXT, LevelRules
 from nlc.plan import KernelPlan
 
@@ -42,11 +48,11 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     if lv.memory.kind not in ("matrix", "mlp") or lv.algorithm.kind not in ("gd", "momentum"):
         raise NotImplementedError(f"level {lv.name!r}: {lv.memory.kind} memory with "
                                   f"{lv.algorithm.kind} is not in the frozen family")
-    momentum = lv.algorithm.kind == "momentum"
+    momentum, omega = lv.algorithm.kind == "momentum", lv.bias.kind == "omega"
     coeffs = {"decay": plan.decay, "scale": plan.scale, "lr": rules.lr}
     if momentum:
         coeffs["beta"] = lv.algorithm.args["beta"]
-    for role, expr in coeffs.items():
+    for role, expr in {**coeffs, **({"gamma": lv.bias.args["gamma"]} if omega else {})}.items():
         vector = [g for g in ir.gate_names(expr) if lv.gate_axes[g] != "scalar"]
         if vector:
             raise NotImplementedError(
@@ -55,7 +61,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     scaled = sympy.sympify(plan.scale) != 1
     if not scaled:
         del coeffs["scale"]  # c_t = 1: no factor to carry
-    linear = _linear(lv.memory)
+    linear = _linear(lv.memory) and not omega  # FrozenLinear has no windows
     em = Emitter()
     _header(em, rules, plan, coeffs, model, file)
     em.line("import torch")
@@ -68,6 +74,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")
+    if omega:
+        em.line(f"WINDOW = {int(lv.bias.args['window'])}")
     if not linear:
         em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
     em.gap()
@@ -89,6 +97,9 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     _render_dual_layer(em, momentum)
     em.gap()
     _render_carried(em)
+    if omega:
+        em.gap()
+        _render_window_helpers(em)
     em.gap()
     _render_op(em, rules, coeffs, momentum)
     return em.text()
@@ -143,8 +154,13 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
     else:
         em.line("  G[t, j] = P[t, j] c_j lr_j")
         em.line("  W_t = b_t W_0 - sum_j G[t, j] u_j")
+    if lv.bias.kind == "omega":
+        em.line("The omega window puts g_t = sum_i Ω[t, i] u_i in the place of u_t, with Ω[t, i] = gamma_i =")
+        em.line(f"{show(lv.bias.args['gamma'])} for the WINDOW tokens i up to t (up to WINDOW - 1 of them before the chunk,")
+        em.line("re-evaluated at W_0, none before the call's first token), so each G (and H) above is G Ω, over")
+        em.line("the chunk's tokens and those before it (`_window`).")
     read = "W_t (read after write)" if lv.read == "after" else "W_{t-1}, W_{-1} = W_0 (read before write)"
-    if _linear(lv.memory):
+    if _linear(lv.memory) and lv.bias.kind != "omega":
         extra = " + f_t q_t M_0" if momentum else ""
         em.line(f"The read o_t = q_t W uses {read}, and never builds it:")
         em.line(f"  o_t = b_t q_t W_0{extra} - sum_j G[t, j] (q_t·k_j) δ_j")
@@ -271,12 +287,18 @@ def _carried(starts, scales, row, inputs, deltas):
 
 def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
     lv = rules.level
+    omega = lv.bias.kind == "omega"
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
     bias_gates = ir.gate_names(rules.bias.grad)
+    gamma = sympy.sympify(lv.bias.args["gamma"]) if omega else None
     with em.indent(op_signature(lv)):
-        render_op_inputs(em, rules, coeffs)
+        render_op_inputs(em, rules, coeffs, ir.gate_names(gamma) if omega else ())
         em.line("qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # one copy, none per chunk matmul")
         render_scan_coefficients(em, lv, coeffs, heads)
+        if omega:
+            text = f"{to_torch(gamma, heads)}[..., None]" if gamma.free_symbols else \
+                f"torch.full_like(kh[..., :1], {to_torch(gamma, heads)})"
+            em.line(f"gamma = {text}  {where(lv.bias.span) or '#'} gamma_i, the window's weight of token i, [B, H, T, 1]")
         names = "b, f, G, m, H" if momentum else "b, G"
         em.line("# the scan coefficients depend on the gates alone: those of every chunk at once, unbound into")
         em.line("# tuples over the NC chunks of [B, H, CHUNK] or [B, H, CHUNK, CHUNK] (a short last chunk uses its")
@@ -284,24 +306,55 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
         chunked = ", ".join(f"_by_chunk({role})" for role in coeffs)
         em.line(f"{where(lv.algorithm.span) or '#'} {comment(lv.algorithm.describe())}")
         em.line(f"{names} = (x.unbind(2) for x in _coefficients({chunked}))")
-        bias_gates_h = [ident(g, "go") for g in bias_gates]
-        split = ", ".join(f"{x}.split(CHUNK, 2)" for x in ["qh", "kh", "vh", *bias_gates_h])
+        rows = ["kh", "vh", *(ident(g, "go") for g in bias_gates)] + (["gamma"] if omega else [])
+        split = ", ".join(f"{x}.split(CHUNK, 2)" for x in ["qh", *rows])
         em.line(f"chunks = zip({split})  # [B, H, L, D] each")
+        if omega:
+            em.line(f"tail = ({', '.join(f'{x}[:, :, :0]' for x in rows)},)  "
+                    "# the tokens before a chunk its windows reach")
         em.line("outputs = []")
-        with em.indent(f"for n, ({', '.join(['q_c', 'k_c', 'v_c', *(f'{g}_c' for g in bias_gates_h)])}) "
-                       "in enumerate(chunks):"):
+        chunk_rows = [f"{x[0]}_c" if x in ("kh", "vh") else f"{x}_c" for x in rows]
+        with em.indent(f"for n, ({', '.join(['q_c', *chunk_rows])}) in enumerate(chunks):"):
             em.line(f"{where(lv.span)} level {comment(lv.name)}, chunk n: q_c, k_c [B, H, L, K], v_c [B, H, L, V]")
             em.line("L = k_c.shape[2]  # CHUNK, or fewer in a short last chunk")
+            G_c = "G[n][..., :L, :L]"
+            if omega:
+                window_rows = [r[:-2] + "_w" for r in chunk_rows]
+                em.line(f"({', '.join(window_rows)}), tail = _with_tail(tail, ({', '.join(chunk_rows)}))  "
+                        "# the window's P + L tokens")
+                em.line(f"window = _window(gamma_w, L)  {where(lv.bias.span) or '#'} Ω [B, H, L, P + L]: "
+                        "g_t = sum_i Ω[t, i] u_i")
+                G_c, chunk_rows = f"{G_c} @ window", window_rows
             if momentum:
-                em.line("b_c, f_c, G_c = b[n][..., :L], f[n][..., :L], G[n][..., :L, :L]  # this chunk's rows")
+                em.line(f"b_c, f_c, G_c = b[n][..., :L], f[n][..., :L], {G_c}  # this chunk's rows")
             else:
-                em.line("b_c, G_c = b[n][..., :L], G[n][..., :L, :L]  # this chunk's rows")
-            bias_args = "".join(f", {g}_c" for g in bias_gates_h)
+                em.line(f"b_c, G_c = b[n][..., :L], {G_c}  # this chunk's rows")
+            args = ", ".join(chunk_rows[:-1] if omega else chunk_rows)  # gamma is in the window
             span = where((lv.bias.inner or lv.bias).span) or "#"
-            em.line(f"inputs, deltas = _layer_grads(params, k_c, v_c{bias_args})  {span} per layer at W_0")
-            _render_chunk(em, lv.read, momentum)
+            em.line(f"inputs, deltas = _layer_grads(params, {args})  {span} per layer at W_0")
+            _render_chunk(em, lv.read, momentum, omega)
         em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
         em.line("return o, (_pack(params + buffers) if output_final_state else None)")
+
+
+def _render_window_helpers(em: Emitter) -> None:
+    em.block('''
+def _with_tail(tail, chunk):
+    """Per tensor, the chunk's rows [B, H, L, D] after the up to WINDOW - 1 rows before it (tail
+    [B, H, P, D]) -> (rows [B, H, P + L, D] each, the next chunk's tail)."""
+    rows = tuple(torch.cat([t, x], dim=2) for t, x in zip(tail, chunk))
+    N = rows[0].shape[2]
+    return rows, tuple(x[:, :, max(N - (WINDOW - 1), 0):] for x in rows)
+
+
+def _window(gamma, L):
+    """The omega windows Ω [B, H, L, N] of a chunk's last L tokens among N: Ω[t, i] = gamma_i when
+    token i is one of the WINDOW tokens up to token t (which is N - L + t), else 0. gamma [B, H, N, 1]."""
+    N = gamma.shape[2]
+    t = torch.arange(N - L, N, device=gamma.device)[:, None]
+    i = torch.arange(N, device=gamma.device)
+    return gamma.transpose(-1, -2) * ((i <= t) & (i > t - WINDOW))
+''')
 
 
 def _render_linear_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
@@ -332,7 +385,7 @@ def _render_linear_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) ->
         em.line(f"return o.transpose(1, 2), (_pack({state}) if output_final_state else None)")
 
 
-def _render_chunk(em: Emitter, read: str, momentum: bool) -> None:
+def _render_chunk(em: Emitter, read: str, momentum: bool, omega: bool) -> None:
     rows = "b_c, f_c, G_c" if momentum else "b_c, G_c"
     if read == "after":
         what = "W_t (read after write)"
@@ -346,6 +399,7 @@ def _render_chunk(em: Emitter, read: str, momentum: bool) -> None:
     if momentum:
         em.line("params, buffers = (")
         em.line("    _carried((params, buffers), (b_c[..., L - 1], f_c[..., L - 1]), G_c[..., L - 1, :], inputs, deltas),")
-        em.line("    _carried((buffers,), (m[n][..., L - 1],), H[n][..., L - 1, :L], inputs, deltas))")
+        H_row = "(H[n][..., L - 1:L, :L] @ window)[..., 0, :]" if omega else "H[n][..., L - 1, :L]"
+        em.line(f"    _carried((buffers,), (m[n][..., L - 1],), {H_row}, inputs, deltas))")
     else:
         em.line("params = _carried((params,), (b_c[..., L - 1],), G_c[..., L - 1, :], inputs, deltas)")

@@ -8,13 +8,14 @@ Families recognised here:
 - delta:  S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T — the l2 bias on a matrix memory with
           gd and a scalar decay, the error at the decayed or the old state, b_t over key or value
           channels; and the implicit l2 step (DeltaNet, Gated DeltaNet, Longhorn), WY/UT chunked.
-- frozen: gradients frozen at the chunk start (`gradient chunk_start(C)`), any bias, gd or momentum
-          under a scalar affine retention: linear scans within the chunk (Titans, TTT, Miras by GD).
+- frozen: gradients frozen at the chunk start (`gradient chunk_start(C)`), any bias (omega windows
+          too: banded sums of them), gd or momentum under a scalar affine retention: linear scans within
+          the chunk (Titans, TTT, Miras by GD, OmegaNet).
 - mapped: gradients frozen at the chunk start on a matrix or MLP memory, where what turns them into
           weights is not one affine scan of W (MATH.md §3.6 family 4, §3.7, §3.8): accumulators
-          W = psi(A) (lq, ftrl), KL's softmax, elastic's threshold, dgd, muon, omega windows. The
-          gradients (and omega's window sums) come for the whole chunk at once; the per-token maps,
-          which touch every weight anyway, run token by token (Moneta, Memora, ATLAS, Hope).
+          W = psi(A) (lq, ftrl), KL's softmax, elastic's threshold, dgd, muon (with or without omega
+          windows). The gradients (and window sums) come for the whole chunk at once; the per-token
+          maps, which touch every weight anyway, run token by token (Moneta, Memora, ATLAS, Hope).
 - period: `update every P` (MATH.md §4.1-4.2, the CMS): reads see the state at the last period
           boundary; gradients frozen at chunk starts that nest with P (or state-free), gd or momentum
           under a scalar affine retention: units of min(C, P) tokens, one batched read and one
@@ -100,8 +101,10 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
         return _period(rules, affine)
     if lv.retention.kind == "implicit" and lv.grad_at == "current":
         return _implicit(rules, chunk)
-    if affine is None or lv.bias.kind == "omega" or lv.algorithm.kind == "muon":
+    if affine is None or lv.algorithm.kind == "muon":
         return _mapped(rules, affine)
+    if lv.bias.kind == "omega":
+        return _omega(rules, affine)
     decay, scale = affine
     scalar_decay = all(lv.gate_axes[g] == "scalar" for g in ir.gate_names(decay))
     state_free = not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
@@ -134,6 +137,22 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
     if lv.grad_at == "current":
         return _sequential(rules, affine, chunk)
     return reference("no chunked family fits this rule yet (reference recurrent form)")
+
+
+def _omega(rules: LevelRules, affine) -> KernelPlan:
+    """An omega window under an affine retention: frozen when its gradients are frozen at chunk starts
+    (the window sums are a banded matrix of the chunk's gradients, so the scans stay linear), with gd
+    or momentum and per-head scalar gates; otherwise what the mapped family says."""
+    lv, (decay, scale) = rules.level, affine
+    coefficients = [decay, scale, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0)),
+                    lv.bias.args["gamma"]]
+    scalar = all(lv.gate_axes[g] == "scalar" for c in coefficients for g in ir.gate_names(c))
+    if (lv.grad_at == "chunk" and lv.grad_chunk > 1 and lv.algorithm.kind in ("gd", "momentum") and scalar
+            and lv.memory.kind in ("matrix", "mlp") and lv.target != "self"
+            and not (decay.is_number and decay <= 0)):
+        return KernelPlan(lv.name, "frozen", lv.grad_chunk, "omega windows of gradients frozen at the "
+                          "chunk start: banded sums, then linear scans within a chunk", decay, scale)
+    return _mapped(rules, affine)
 
 
 def _sequential(rules: LevelRules, affine, chunk: int) -> KernelPlan:

@@ -250,3 +250,58 @@ def test_segment_products_gradcheck():
     a[0, 0, 2], a[1, 2, 4], a[0, 1, 1] = 1e-3, -0.7, 1.0
     a.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: module._decay_products(x), (a,))
+
+
+OMEGA_GATES = ("gate theta[heads] = sigmoid(linear(x))\n"
+               "gate gamma[heads] = sigmoid(linear(x))\n"
+               "gate delta[heads] = softplus(linear(x))")
+# (memory, bias, algorithm, read, retention): windows narrower and wider than the chunk (4), a
+# constant and a gated gamma, a bias gate inside the window, layer biases
+OMEGA_POINTS = [
+    ("matrix", "omega(window = 3, gamma = gamma) of l2", ALGORITHMS[0], "after", "decay(alpha)"),
+    ("matrix", "omega(window = 6, gamma = 0.5) of huber(delta = 0.5)", ALGORITHMS[1], "before",
+     "l2(global = 2)"),
+    ("mlp(depth = 1, bias = true)", "omega(window = 1, gamma = gamma) of l2", ALGORITHMS[0], "before", "none"),
+    ("mlp(depth = 2, expand = 2, bias = true)", "omega(window = 2, gamma = gamma) of lp(p = 3)",
+     ALGORITHMS[1], "after", "decay(alpha)"),
+    ("mlp(depth = 2, expand = 2)", "omega(window = 9, gamma = gamma) of huber(delta = delta, form = mixture)",
+     ALGORITHMS[0], "after", "decay(alpha)"),
+]
+
+
+def omega_spec(memory, bias, algorithm, read, retention):
+    text = mlp_spec(memory, bias=bias, algorithm=algorithm, read=read, retention=retention)
+    return text.replace("gate theta[heads] = sigmoid(linear(x))", OMEGA_GATES)
+
+
+@pytest.mark.parametrize("point", OMEGA_POINTS, ids=[f"{p[0]}-{p[1]}".replace(" ", "") for p in OMEGA_POINTS])
+def test_omega_windows(point):
+    """Omega windows are banded sums of the chunk-start gradients: the frozen family, with windows
+    that reach back into the previous chunks (re-evaluated at this chunk's start) and sequences shorter
+    than a window."""
+    program = nlc.compile(omega_spec(*point))
+    assert program.plans["memory"].family == "frozen", program.plans["memory"].reason
+    assert "_window(gamma_w, L)" in program.sources["level_memory_chunk.py"]
+    compare(program, lengths=(1, 3, 7, 33), seed=len(point[1]), lr=0.05)
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_omeganet(chunk):
+    compare(nlc.compile("specs/omeganet.nl", d_model=8, heads=2, chunk=chunk), lengths=(1, 7, 33, 50),
+            seed=chunk, lr=0.1)
+
+
+@pytest.mark.parametrize("rule,family", [
+    ("algorithm muon(lr = eta, beta = theta, steps = 3)", "mapped"),
+    ("algorithm ftrl(lr = eta)", "mapped"),
+    ("algorithm gd(lr = eta)\n  gradient current", "reference"),
+])
+def test_omega_windows_outside_the_frozen_family(rule, family):
+    """Muon and FTRL keep the mapped family's per-token maps; gradients at every token's state stay
+    on the reference loop."""
+    text = omega_spec("mlp(depth = 2, expand = 2)", "omega(window = 3, gamma = gamma) of l2",
+                      "gd(lr = eta)", "after", "decay(alpha)")
+    text = text.replace("algorithm gd(lr = eta)", rule)
+    if "gradient current" in rule:
+        text = text.replace("  gradient chunk_start(chunk)\n", "")
+    assert nlc.compile(text).plans["memory"].family == family

@@ -20,9 +20,13 @@ The family takes a matrix memory or a plain MLP chain (any depth, expand, activa
 relu | tanh, layer biases, a residual; not gated, no layer norm), any bias but omega (the bias's own
 derivative comes from autograd over one token's [V] vectors; l2's is written out), gd under an
 elementwise affine retention w = a·w0 + c·s with per-head scalar gates (none, decay, l2), read
-before or after the write. Everything else stays on the reference loop (nlc/plan.py says why).
+before or after the write, and a nested level (`init from`) that restarts from its source's state
+every RESTART tokens (the backward's replay segments start at restarts). Everything else stays on
+the reference loop (nlc/plan.py says why).
 """
 from __future__ import annotations
+
+import math
 
 import sympy
 
@@ -36,6 +40,7 @@ from nlc.plan import KernelPlan, sequential_unsupported
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import op_signature, render_op_inputs, show
+from .torch_reference import nesting_keywords
 
 # act'(z) and act''(z) of each activation, as generated source over a pre-activation z
 _SLOPES = {
@@ -69,7 +74,10 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line()
     em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
     em.line()
-    em.line(f"CHUNK = {int(plan.chunk)}  # tokens between the copies of the state kept for the backward pass")
+    em.line(f"CHUNK = {copies_every(rules, plan)}  # tokens between the copies of the state kept for the "
+            "backward pass" + ("" if lv.init_from is None else " (divides RESTART)"))
+    if lv.init_from is not None:
+        em.line(f"RESTART = {lv.restart}  # restart from level {comment(lv.init_from)}'s state every RESTART tokens")
     em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
     em.line(f"RESIDUAL = {bool(lv.memory.kind == 'mlp' and lv.memory.residual)}  # y = x + chain(x)")
     em.line(f"READ_AFTER = {lv.read == 'after'}  # the read sees W_t (else W_{{t-1}}, before the write)")
@@ -80,10 +88,17 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.gap()
     _render_bias_vjp(em, l2)
     em.gap()
-    _render_function(em)
+    _render_function(em, lv.init_from is not None)
     em.gap()
     _render_op(em, rules, decay, step)
     return em.text()
+
+
+def copies_every(rules: LevelRules, plan: KernelPlan) -> int:
+    """Tokens between the state copies the backward replays from: the plan's chunk, or for a nested
+    level a divisor of its restart period, so that every restart starts a replayed segment."""
+    lv = rules.level
+    return int(plan.chunk) if lv.init_from is None else math.gcd(int(plan.chunk), lv.restart)
 
 
 def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, decay, step, model: str, file: str) -> None:
@@ -104,7 +119,11 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, decay, step, model
     em.line("  δ_i = dℓ/dz_i by one sweep back over the layers at W,   u_i = a_i ⊗ δ_i (bias: δ_i)")
     em.line("  W_i ← a_t W_i − eta_t a_i ⊗ δ_i   in place (baddbmm)")
     em.line("Backward (_Sequential): the exact adjoint of each token in reverse, W_{t-1} replayed from copies")
-    em.line(f"of the state every CHUNK = {int(plan.chunk)} tokens, O(T·d) saved vectors and O(CHUNK) states.")
+    em.line(f"of the state every CHUNK = {copies_every(rules, plan)} tokens, O(T·d) saved vectors and O(CHUNK) states.")
+    if lv.init_from is not None:
+        em.line(f"Nested: at every token j·RESTART (j >= 1) the state restarts from level {comment(lv.init_from)}'s")
+        em.line("(`restart_states`, entry j - 1); in the backward pass the cotangent of the state at a restart")
+        em.line("goes to that entry, none to the state before it.")
     em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; the state is the")
     em.line(f"reference's: {comment(', '.join(n for n, _, _ in torch_arch.param_layout(lv)))}.")
     em.line('"""')
@@ -215,8 +234,23 @@ def _bias_vjp(y, v, gates, ddy):
 ''')
 
 
-def _render_function(em: Emitter) -> None:
-    em.block('''
+def _render_function(em: Emitter, nested: bool) -> None:
+    """`_Sequential` (_FUNCTION): a line that starts `#@nested ` belongs to a nested level (`init from`:
+    its restarts) only, a line that ends `  #@flat` to any other level only."""
+    lines = []
+    for line in _FUNCTION.splitlines():
+        if line.startswith("#@nested "):
+            if nested:
+                lines.append(line[len("#@nested "):])
+        elif line.endswith("  #@flat"):
+            if not nested:
+                lines.append(line[:-len("  #@flat")])
+        else:
+            lines.append(line)
+    em.block("\n".join(lines))
+
+
+_FUNCTION = '''
 def _row0(x, extra):
     """x [B, H, N, D] with `extra` [B, H, 1, D] added to its first row (the gradient's row)."""
     if extra is None:
@@ -244,16 +278,23 @@ class _Sequential(torch.autograd.Function):
     forward(shared, n_gates, decay, step, qh, kh, vh, *gates, *state): shared: q and k are the same
     memory (a read before the write then reuses the gradient's forward); decay, step: numbers or
     [B, H, T]; qh, kh [B, H, T, K], vh [B, H, T, V]; the bias's n_gates gates [B, H, T, 1|K|V]; the
-    initial state tensors [B, H, ...]. Returns o [B, H, T, V] and the final state tensors."""
+    initial state tensors [B, H, ...]. Returns o [B, H, T, V] and the final state tensors."""  #@flat
+#@nested     initial state tensors [B, H, ...], then the restart states [B, J, H, ...] (none: no restarts).
+#@nested     Returns o [B, H, T, V] and the final state tensors."""
 
     @staticmethod
     def forward(ctx, shared, n_gates, decay, step, qh, kh, vh, *rest):
         gates = rest[:n_gates]
-        params = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest[n_gates:])
+        params = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest[n_gates:])  #@flat
+#@nested         params = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest[n_gates:n_gates + N_PARAMS])
+#@nested         restarts = rest[n_gates + N_PARAMS:]  # [B, J, H, ...] each, or none
         T = kh.shape[2]
         two = not READ_AFTER and not shared  # the read's query rides as a second row of the forward
         copies, saved, outputs = [], [], []
         for t in range(T):
+#@nested             if restarts and t > 0 and t % RESTART == 0:  # W_{t-1} is restart state t // RESTART - 1
+#@nested                 for p, r in zip(params, restarts):
+#@nested                     p.copy_(r[:, t // RESTART - 1])
             if t % CHUNK == 0:
                 copies.append(tuple(p.clone() for p in params))  # W_{t-1}, for the backward's replay
             x = kh[:, :, t:t + 1] if not two else torch.cat([kh[:, :, t:t + 1], qh[:, :, t:t + 1]], 2)
@@ -272,6 +313,7 @@ class _Sequential(torch.autograd.Function):
                 read_in, read_slopes = [a[:, :, -1:] for a in inputs], [tuple(x[:, :, -1:] for x in s) for s in slopes]
             saved.append((grad_in, grad_slopes, deltas, backs, y0, read_in, read_slopes))
         ctx.shared, ctx.n_gates, ctx.copies, ctx.saved = shared, n_gates, copies, saved
+#@nested         ctx.restart_shapes = [r.shape for r in restarts]
         ctx.coefficients = tuple(c if not torch.is_tensor(c) else None for c in (decay, step))
         ctx.save_for_backward(vh, *gates, *(c for c in (decay, step) if torch.is_tensor(c)))
         return (torch.cat(outputs, 2),) + params
@@ -286,6 +328,7 @@ class _Sequential(torch.autograd.Function):
         K = ctx.saved[0][0][0].shape[-1]
         dq, dk, dv = vh.new_zeros(vh.shape[:3] + (K,)), vh.new_zeros(vh.shape[:3] + (K,)), torch.zeros_like(vh)
         dgates = [torch.zeros_like(g) for g in gates]
+#@nested         drestarts = [vh.new_zeros(shape) for shape in ctx.restart_shapes]
         ddecay = torch.zeros_like(decay) if need_decay else None
         dstep = torch.zeros_like(step) if need_step else None
         T = vh.shape[2]
@@ -348,9 +391,14 @@ class _Sequential(torch.autograd.Function):
                     _add_outer(dW[w], dW[w], left, right, a_t, 1.0)
                     if b is not None:
                         _add_outer(dW[b], dW[b], None, dz, a_t, 1.0)
+#@nested             if drestarts and start > 0 and start % RESTART == 0:  # W_{start-1} was a restart state:
+#@nested                 for d, w in zip(drestarts, dW):  # its cotangent is that state's, none flows on
+#@nested                     d[:, start // RESTART - 1] = w
+#@nested                     w.zero_()
             del states
-        return (None, None, ddecay, dstep, dq, dk, dv, *dgates, *dW)
-''')
+#@nested         return (None, None, ddecay, dstep, dq, dk, dv, *dgates, *dW, *drestarts)
+        return (None, None, ddecay, dstep, dq, dk, dv, *dgates, *dW)  #@flat
+'''
 
 
 def _render_op(em: Emitter, rules: LevelRules, decay, step) -> None:
@@ -358,7 +406,9 @@ def _render_op(em: Emitter, rules: LevelRules, decay, step) -> None:
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
     coeffs = {role: e for role, e in (("decay", decay), ("step", step)) if e.free_symbols}
     bias_gates = [ident(g, "go") for g in ir.gate_names(rules.bias.grad)]
-    with em.indent(op_signature(lv)):
+    # the reference op's signature, with restart_states for a nested level
+    signature = op_signature(lv).replace("initial_state=None", nesting_keywords(lv) + "initial_state=None", 1)
+    with em.indent(signature):
         render_op_inputs(em, rules, coeffs)
         em.line("# per-token coefficients: numbers, or [B, H, T] tensors")
         for role, expr, span, what in (("decay", decay, lv.retention.span, "a_t, on the old state"),
@@ -367,6 +417,7 @@ def _render_op(em: Emitter, rules: LevelRules, decay, step) -> None:
             em.line(f"{role} = {text}  {where(span) or '#'} {what}")
         em.line(f"{where(lv.span)} level {comment(lv.name)}: the tokens in order")
         gates = "".join(f"{g}, " for g in bias_gates)
+        restarts = ", *(restart_states or ())" if lv.init_from is not None else ""
         em.line(f"o, *final = _Sequential.apply(_aliased(qh, kh), {len(bias_gates)}, decay, step, qh, kh, vh, "
-                f"{gates}*params)")
+                f"{gates}*params{restarts})")
         em.line("return o.transpose(1, 2), (_pack(tuple(final)) if output_final_state else None)")

@@ -53,10 +53,11 @@ class KernelPlan:
     exact: bool = True   # equals the reference to round-off
 
 
-# Chunked families that compute self-generated targets (`value self(...)`) and nested levels
-# (`init from(...)`: restarts, and the period states their sources export) exactly.
+# Chunked families that compute self-generated targets (`value self(...)`), the restarts of nested
+# levels (`init from(...)`) and the period states their sources export, exactly.
 SELF_TARGET_FAMILIES = ("period", "mapped")
-NESTED_FAMILIES = ("period",)
+RESTART_FAMILIES = ("period", "sequential")
+EXPORT_FAMILIES = ("period",)
 
 
 def plan(rules: LevelRules, chunk: int) -> KernelPlan:
@@ -75,10 +76,10 @@ def plan(rules: LevelRules, chunk: int) -> KernelPlan:
     elif lv.target == "self" and p.family not in SELF_TARGET_FAMILIES:
         why = (f"its self-generated target M({lv.value}) reads the state, which the {p.family} "
                "chunked form does not compute (the period family and the reference loop do)")
-    elif lv.init_from is not None and p.family not in NESTED_FAMILIES:
+    elif lv.init_from is not None and p.family not in RESTART_FAMILIES:
         why = (f"nested: it restarts from level {lv.init_from}'s state every {lv.restart} tokens, "
-               f"which the {p.family} chunked form does not do (the period family does)")
-    elif lv.initialises and p.family not in NESTED_FAMILIES:
+               f"which the {p.family} chunked form does not do (the period and sequential families do)")
+    elif lv.initialises and p.family not in EXPORT_FAMILIES:
         why = (f"nested: {', '.join(lv.initialises)} restart(s) from its state at its period "
                f"boundaries, which the {p.family} chunked form does not export (the period family does)")
     else:

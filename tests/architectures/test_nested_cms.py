@@ -2,6 +2,7 @@
 every boundary of L's period. The reference ops and the period family's chunked forms against an
 independent float64 lockstep loop (outputs, final states, gradients), gradcheck, restart timing, the
 level graph's "initialises" edge, located errors, and the shipped cms_nested spec."""
+import math
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,49 @@ BAD = [
 @pytest.mark.parametrize("name, text, message, line, column", BAD, ids=[b[0] for b in BAD])
 def test_bad_specs_give_located_errors(name, text, message, line, column):
     assert_located(text, message, line, column)
+
+
+# mid as the fastest CMS level: a gd step every token at its own state (the sequential family)
+SEQUENTIAL = NESTED.replace("param grad = 4\n", "param grad = 4\nparam chunk = 4\n").replace(
+    "algorithm momentum(lr = lr_mid, beta = 0.5)\n  update every 4\n  gradient chunk_start(grad)\n  read before",
+    "algorithm gd(lr = lr_mid)\n  update every 1\n  gradient chunk_start(1)\n  read READ")
+
+
+def _sequential_composed(program, form):
+    """slow's op (period family, or reference), then mid's restarting from slow's period states."""
+    slow, mid = _ops(program, form)
+
+    def run(xs, vs, vm, W1, W2):
+        o, _, periods = slow(xs, xs, vs, initial_state=(W1, W2), output_period_states=True)
+        return mid(o, o, vm, initial_state=(W1, W2), restart_states=periods, output_final_state=True)
+    return run
+
+
+@pytest.mark.parametrize("read", ["before", "after"])
+@pytest.mark.parametrize("chunk", [3, 4, 16])
+def test_sequential_level_restarts_as_the_reference(read, chunk):
+    """A nested level updated every token runs the sequential form with its restarts (copies for the
+    backward's replay every gcd(chunk, 8) tokens): outputs, final state and every gradient, the restart
+    states' through slow's period states, equal the reference."""
+    program = nlc.compile(SEQUENTIAL.replace("READ", read), chunk=chunk)
+    assert [program.plans[n].family for n in ("slow", "mid")] == ["period", "sequential"]
+    assert f"CHUNK = {math.gcd(chunk, 8)} " in program.sources["level_mid_chunk.py"]
+    for T in (1, 8, 9, 21, 33):
+        leaves = _inputs(T, T)
+        got = _grads(_sequential_composed(program, "chunk"), leaves)
+        want = _grads(_sequential_composed(program, "reference"), leaves)
+        _same(got, want)
+
+
+def test_sequential_level_restarts_exactly_at_the_source_period():
+    """With lr 0 the read at token t is M(restart_states[t // 8 - 1]) from token 8 on."""
+    _, mid = _ops(nlc.compile(SEQUENTIAL.replace("READ", "before"), lr_mid=0, chunk=4), "chunk")
+    xs, _, vm, W1, W2 = _inputs(27, 1)
+    g = torch.Generator().manual_seed(2)
+    restart = (torch.randn(2, 3, 1, 3, 6, generator=g, dtype=torch.float64),
+               torch.randn(2, 3, 1, 6, 3, generator=g, dtype=torch.float64))
+    o, _ = mid(xs, xs, vm, initial_state=(W1, W2), restart_states=restart)
+    for t in range(27):
+        state = (W1, W2) if t < 8 else tuple(r[:, t // 8 - 1] for r in restart)
+        want = _mlp(*state, xs[:, t][:, :, None])[:, :, 0]
+        torch.testing.assert_close(o[:, t], want, rtol=1e-12, atol=1e-12)

@@ -17,6 +17,12 @@ ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": oper
               "**": operator.pow}
 
 
+# What the functional op of a level (`Program.op`, nlc/runtime/op.py) takes by keyword besides its
+# gates, which it takes by their spec names: no gate may have one of these names.
+OP_KEYWORDS = ("q", "k", "v", "mode", "initial_state", "output_final_state", "restart_states",
+               "output_period_states")
+
+
 @dataclass(frozen=True)
 class Choice:
     """One resolved option of a level: `huber(delta = d, form = norm)` -> kind 'huber', args.

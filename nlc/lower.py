@@ -188,6 +188,9 @@ class _Lowering(LevelFields, OptimizerFields, BlockShapes):
     def _gates(self, decls) -> None:
         for d in decls:
             try:
+                if d.name in ir.OP_KEYWORDS:
+                    self._fail(f"a gate named '{d.name}', which a level's op takes as a keyword", d.span,
+                               f"a gate name other than {', '.join(ir.OP_KEYWORDS)}")
                 shape = self._dims(d.shape, d.span) if d.shape else (int(self.params["heads"]),)
                 if shape[0] != int(self.params["heads"]) or len(shape) > 2:
                     self._fail(f"gate '{d.name}' has shape {list(shape)}", d.span,

@@ -81,6 +81,9 @@ TABLE = [
      12, 3, "did you mean 'retention'?"),
     ("unknown_granularity", sub(l7="gate alpha[heads] per tokn = sigmoid(linear(x))"), {},
      ["unknown gate granularity 'tokn'"], 7, 19, "did you mean 'token'?"),
+    ("gate_named_like_an_op_keyword", sub(l8="gate mode[heads] = sigmoid(linear(x))",
+                                          l13="  algorithm gd(lr = mode)"), {},
+     ["a gate named 'mode', which a level's op takes as a keyword", "other than q, k, v, mode"], 8, 1, None),
     # ---- missing and duplicate declarations ---------------------------------------------------
     ("missing_model", sub(l1=""), {}, ["no model"], 1, 1, None),
     ("missing_d_model", sub(l2=""), {}, ["no parameter 'd_model'"], 1, 1, "d_model and heads"),

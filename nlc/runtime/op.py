@@ -12,6 +12,9 @@ class LevelOp:
     """op(q, k, v, *, <gates by spec name>, initial_state=None, output_final_state=False,
     mode='reference') -> (o [B, T, H, V], final_state or None).
     q, k: [B, T, H, K]; v: [B, T, H, V]; scalar gates [B, T, H]; vector gates [B, T, H, K or V].
+    Nested levels (MATH.md §4.2) take what the reference op takes: a level with `init from(L)`
+    restart_states (L's period states, a tuple of [B, J, H, ...]); a level others restart from
+    output_period_states=True, which returns its period states third.
     mode: reference (the per-token loop), chunk (the chunk-parallel form), auto (the Triton
     kernels on CUDA tensors where the level has them, else chunk-parallel for sequences of at least
     one chunk where the level has one), triton (the level's generated Triton kernels, `triton`:
@@ -28,8 +31,19 @@ class LevelOp:
         self.state_names = module.STATE
 
     def __call__(self, q, k, v, *, initial_state=None, output_final_state=False,
-                 mode="reference", **gates):
+                 mode="reference", restart_states=None, output_period_states=False, **gates):
         lv = self.level
+        nesting = {}
+        if restart_states is not None:
+            if lv.init_from is None:
+                raise TypeError(f"level {lv.name!r} restarts from no other level's state (no `init from`): "
+                                "restart_states is not one of its arguments")
+            nesting["restart_states"] = tuple(restart_states)
+        if output_period_states:
+            if not lv.initialises:
+                raise TypeError(f"no level restarts from level {lv.name!r}'s state: it has no period "
+                                "states to output")
+            nesting["output_period_states"] = True
         B, T = _check("q", q, 4, None, None, (lv.heads, lv.d_key))
         _check("k", k, 4, B, T, (lv.heads, lv.d_key))
         _check("v", v, 4, B, T, (lv.heads, lv.d_value))
@@ -65,7 +79,7 @@ class LevelOp:
             _same_device(q.device, **{f"initial_state {n}": x for n, x in zip(self.state_names, state)})
         function = self.pick(mode, T, q.device)
         return function(q, k, v, **kwargs, initial_state=initial_state,
-                        output_final_state=output_final_state)
+                        output_final_state=output_final_state, **nesting)
 
     def pick(self, mode: str, T: int, device):
         """The function `mode` runs for T tokens on `device` (see `nlc.runtime.dispatch.pick`)."""

@@ -261,3 +261,20 @@ def test_sequential_level_restarts_exactly_at_the_source_period():
         state = (W1, W2) if t < 8 else tuple(r[:, t // 8 - 1] for r in restart)
         want = _mlp(*state, xs[:, t][:, :, None])[:, :, 0]
         torch.testing.assert_close(o[:, t], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk"])
+def test_program_op_takes_the_nesting_arguments(mode):
+    """Program.op passes restart_states and output_period_states through to the form it runs."""
+    program = nlc.compile(SEQUENTIAL.replace("READ", "after"), chunk=4)
+    slow_op, mid_op = program.op("slow"), program.op("mid")
+    xs, vs, vm, W1, W2 = _inputs(21, 5)
+    o, _, periods = slow_op(xs, xs, vs, initial_state=(W1, W2), output_period_states=True, mode=mode)
+    got = mid_op(o, o, vm, initial_state=(W1, W2), restart_states=periods, output_final_state=True,
+                 mode=mode)
+    want = _sequential_composed(program, mode)(xs, vs, vm, W1, W2)
+    _same([got[0], *got[1]], [want[0], *want[1]])
+    with pytest.raises(TypeError, match="restarts from no other level's state"):
+        slow_op(xs, xs, vs, restart_states=periods)
+    with pytest.raises(TypeError, match="no level restarts from level 'mid'"):
+        mid_op(o, o, vm, output_period_states=True)

@@ -92,7 +92,8 @@ def _nudged(op, inputs):
 def _spread(a, b) -> float:
     """max |a - b| relative to max |b| + 1 (NaN where both are NaN counts as equal)."""
     if b is None:
-        return 0.0 if a is None else float(a.abs().max())
+        return 0.0 if a is None else float(a.detach().abs().max())
+    a, b = a.detach(), b.detach()
     diff = torch.where(a.isnan() & b.isnan(), 0, (a - b).abs()).nan_to_num(float("inf"))
     return float(diff.max() / (b.nan_to_num().abs().max() + 1))
 

@@ -1,5 +1,5 @@
 """Memory architectures as generated PyTorch: forward over a batch of tokens, parameter gradients
-(outer products for a matrix, torch.func.vjp for an MLP), layer inputs, and default initial states.
+(outer products for a matrix, a vjp for an MLP), layer inputs, and default initial states.
 
 A matrix or MLP memory is a chain of layers, each one product h @ W (+ a bias b), with parameter-free
 maps between them (activation, gating, norm, residual). `memory_forward` sends every product through
@@ -115,7 +115,7 @@ def render_grads(em: Emitter, level: ir.Level) -> None:
         elif level.memory.kind == "vector":
             em.line("return ((x * dy).sum(2),)")
         else:
-            em.line("_, pullback = torch.func.vjp(lambda *p: memory_forward(p, x), *params)")
+            em.line("_, pullback = vjp(lambda *p: memory_forward(p, x), *params)")
             em.line("return pullback(dy)")
 
 

@@ -145,6 +145,6 @@ def _layer_grads(params, x, v, *bias_gates):
             return _product(h, W, b) + probes[i]
         return memory_forward(params, x, layer=layer), inputs
     probes = [x.new_zeros(x.shape[:3] + params[w].shape[-1:]) for w, _ in LAYERS]
-    y, pullback, inputs = torch.func.vjp(probed, *probes, has_aux=True)
+    y, pullback, inputs = vjp(probed, *probes, has_aux=True)
     return inputs, pullback(output_grad(y, v, *bias_gates))
 ''')

@@ -71,6 +71,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         em.line()
         em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, output_grad")
     else:
+        em.line("from nlc.runtime.vjp import vjp")
+        em.line()
         em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")

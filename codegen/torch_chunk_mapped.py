@@ -60,6 +60,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     if not dgd.applies(rules):
         em.line("import torch.utils.checkpoint")
     em.line()
+    em.line("from nlc.runtime.vjp import vjp")
+    em.line()
     imports = ["N_PARAMS", "_pack", "initial_state", "memory_forward", "output_grad"]
     if not dgd.applies(rules):
         imports += ["accumulate", "psi"] if rules.accumulator else ["retain"]

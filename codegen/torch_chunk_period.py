@@ -57,6 +57,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     _header(em, rules, plan, coeffs, frozen_at, model, file)
     em.line("import torch")
     em.line()
+    em.line("from nlc.runtime.vjp import vjp")
+    em.line()
     em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {unit}  # tokens per unit: reads of a unit see one committed state")
@@ -240,7 +242,7 @@ def _render_unit(em: Emitter, rules: LevelRules, coeffs, momentum: bool, frozen_
     target = self_target(lv, "v_c", at)
     if target != "v_c":
         em.line(f"target = {target}  # self-generated targets M(v_j) at the gradient state")
-    em.line(f"y_k, pullback = torch.func.vjp(lambda *p: memory_forward(p, k_c), *{at})  # M(k_j) {note}")
+    em.line(f"y_k, pullback = vjp(lambda *p: memory_forward(p, k_c), *{at})  # M(k_j) {note}")
     em.line(f"dy = output_grad(y_k, {'target' if target != 'v_c' else 'v_c'}{bias_args})  "
             f"{where((lv.bias.inner or lv.bias).span) or '#'} dℓ/dy, [B, H, L, V]")
     if lv.read == "before" and not own:

@@ -28,6 +28,9 @@ def render_level(rules: LevelRules, model: str, file: str) -> str:
     em.line()
     em.line("import torch")
     em.line()
+    if lv.memory.kind == "mlp":
+        em.line("from nlc.runtime.vjp import vjp  # torch.func.vjp's contract, under saved-tensor hooks too")
+        em.line()
     em.line(f"HEADS, K, V, HIDDEN = {lv.heads}, {lv.d_key}, {lv.d_value}, {torch_arch.hidden_size(lv)}")
     em.line(f"GATES = {tuple(lv.gates)!r}")
     em.line(f"STATE = {tuple(state_names)!r}")

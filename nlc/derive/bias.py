@@ -2,7 +2,7 @@
 
 A bias is either coordinate-separable, ℓ = Σ_j f(e_j, |e_j|), or a function of the error norm,
 ℓ = F(||e||), or the dot product ℓ = -<y, v>. The parameter gradient follows by the chain rule
-through the memory (outer product for a matrix memory, torch.func.vjp for an MLP)."""
+through the memory (outer product for a matrix memory, a vjp for an MLP)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -312,8 +312,8 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
         split = ", ".join(f"{x}.split(CHUNK, 2)" for x in ["qh", *rows])
         em.line(f"chunks = zip({split})  # [B, H, L, D] each")
         if omega:
-            em.line(f"tail = ({', '.join(f'{x}[:, :, :0]' for x in rows)},)  "
-                    "# the tokens before a chunk its windows reach")
+            em.line(f"tail = ({', '.join(f'{x}[:, :, :0]' for x in rows)})  "
+                    "# the tokens before a chunk that its windows reach")
         em.line("outputs = []")
         chunk_rows = [f"{x[0]}_c" if x in ("kh", "vh") else f"{x}_c" for x in rows]
         with em.indent(f"for n, ({', '.join(['q_c', *chunk_rows])}) in enumerate(chunks):"):

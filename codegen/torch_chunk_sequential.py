@@ -320,6 +320,9 @@ class _Sequential(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, *dstate):
+        if torch.is_grad_enabled():  # create_graph=True: a silently wrong second derivative otherwise
+            raise RuntimeError("the sequential form's hand-written backward is not differentiable twice; "
+                               "for second derivatives run the level with mode='reference'")
         vh, *tensors = ctx.saved_tensors
         gates, tensors = tensors[:ctx.n_gates], iter(tensors[ctx.n_gates:])
         decay, step = (c if c is not None else next(tensors) for c in ctx.coefficients)

@@ -91,14 +91,18 @@ def chunk_form(rules: LevelRules, plan: KernelPlan) -> ChunkForm:
     return form
 
 
-def imports(em: Emitter, lv: ir.Level, names: str) -> None:
-    """A kernel file's imports: os, torch, triton and `names` from the level's reference module."""
+def imports(em: Emitter, lv: ir.Level, names: str, runtime: str = "") -> None:
+    """A kernel file's imports: os, torch, triton, the `runtime` line (an import from nlc.runtime) if
+    given, and `names` from the level's reference module."""
     em.line("import os")
     em.line()
     em.line("import torch")
     em.line("import triton")
     em.line("import triton.language as tl")
     em.line()
+    if runtime:
+        em.line(runtime)
+        em.line()
     em.line(f"from .{ident(lv.name, 'level')} import {names}")
     em.gap()
 
@@ -785,6 +789,9 @@ class Kernels:
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, do, dht):"):
+                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
+                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
+                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
                 n = len(f.gates)
                 em.line("q, k, v, *rest, h0 = ctx.saved_tensors")
                 if f.gates:

@@ -145,9 +145,9 @@ class _Kernels:
             kernel()
         return em.text()
 
-    def preamble(self, names: str) -> None:
-        """The imports (`names` from the level's reference module) and CHUNK."""
-        common.imports(self.em, self.lv, names)
+    def preamble(self, names: str, runtime: str = "") -> None:
+        """The imports (`names` from the level's reference module, the `runtime` import line) and CHUNK."""
+        common.imports(self.em, self.lv, names, runtime)
         self.em.line(f"CHUNK = {int(self.plan.chunk)}  # tokens per gradient chunk: the spec's "
                 "`gradient chunk_start`, part of the rule")
         self.em.line("AUTO = False  # checked under Triton's interpreter, not yet on a GPU: mode='auto' keeps the "
@@ -674,6 +674,9 @@ def suffix_sums(b_x):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent(f"def backward(ctx, do, {self.states('d', 't')}):"):
+                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
+                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
+                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
                 em.line("q, k, v, *saved = ctx.saved_tensors")
                 for s in (["h", "hm"] if self.momentum else ["h"]):
                     em.line(f"d{s}t = torch.zeros_like(saved[{n}][:, 0]) if d{s}t is None else d{s}t.contiguous()")

@@ -38,7 +38,7 @@ class MlpKernels(_Kernels):
     def text(self) -> str:
         em, lv = self.em, self.lv
         self.header()
-        self.preamble("N_PARAMS, _pack, initial_state, memory_forward")
+        self.preamble("N_PARAMS, _pack, initial_state, memory_forward", "from nlc.runtime.vjp import vjp")
         em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
         common.launch_configuration(em)
         em.gap()
@@ -175,6 +175,9 @@ class MlpKernels(_Kernels):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, *grads):"):
+                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
+                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
+                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
                 em.line("gates, (T, NT, BT) = ctx.saved_tensors, ctx.sizes")
                 em.line("dgates = [torch.empty_like(g) for g in gates]")
                 em.line("B, H = grads[0].shape[:2]")
@@ -244,6 +247,9 @@ class MlpKernels(_Kernels):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, dd):"):
+                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
+                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
+                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
                 em.line("y, v, *gates = ctx.saved_tensors")
                 em.line("dy, dv, dgates = torch.empty_like(y), torch.empty_like(v), [torch.empty_like(g) for g in gates]")
                 em.line("N, V = y.numel() // y.shape[-1], y.shape[-1]")
@@ -416,6 +422,9 @@ class MlpKernels(_Kernels):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, dout):"):
+                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
+                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
+                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
                 em.line("return (None, *_read(ctx.dot, *ctx.saved_tensors, dout.contiguous()))")
         em.gap()
         with em.indent(f"def _read(dot, {args}, dout):"):

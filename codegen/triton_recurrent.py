@@ -511,6 +511,9 @@ class _Renderer:
             em.line("@staticmethod")
             dht = ", ".join(f"d{s}t" for s in states)
             with em.indent(f"def backward(ctx, do, {dht}):"):
+                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
+                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
+                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
                 em.line(f"return fused_recurrent_bwd(*ctx.saved_tensors, do, {dht})")
 
     def public(self) -> None:

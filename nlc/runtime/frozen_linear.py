@@ -83,6 +83,10 @@ class FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dW, dM):
+        if torch.is_grad_enabled():  # create_graph=True: a silently wrong second derivative otherwise
+            raise RuntimeError("the frozen family's linear-memory backward (FrozenLinear) is not "
+                               "differentiable twice; for second derivatives run the level with "
+                               "mode='reference'")
         q, k, v, b, f, G, m, H, b_r, f_r, G_r, Ws, Ms, *gates = ctx.saved_tensors
         chunk, momentum = ctx.chunk, Ms is not None
         T = k.shape[2]

@@ -35,6 +35,7 @@ from nlc.plan import KernelPlan
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_decay import decay_axis, show, step_factors
 from .triton_printer import to_triton
+from .triton_recurrent import first_order_only
 
 
 @dataclass(frozen=True)
@@ -789,9 +790,7 @@ class Kernels:
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, do, dht):"):
-                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
-                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
-                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
+                first_order_only(em)
                 n = len(f.gates)
                 em.line("q, k, v, *rest, h0 = ctx.saved_tensors")
                 if f.gates:

@@ -38,7 +38,7 @@ from . import triton_chunk_common as common
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import show
 from .triton_printer import to_triton
-from .triton_recurrent import diff
+from .triton_recurrent import diff, first_order_only
 
 ROLES = {"a": "the retention's factor on the old state", "c": "its factor on the step",
          "lr": "the learning rate", "beta": "the momentum's factor"}
@@ -674,9 +674,7 @@ def suffix_sums(b_x):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent(f"def backward(ctx, do, {self.states('d', 't')}):"):
-                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
-                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
-                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
+                first_order_only(em)
                 em.line("q, k, v, *saved = ctx.saved_tensors")
                 for s in (["h", "hm"] if self.momentum else ["h"]):
                     em.line(f"d{s}t = torch.zeros_like(saved[{n}][:, 0]) if d{s}t is None else d{s}t.contiguous()")

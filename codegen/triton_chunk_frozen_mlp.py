@@ -28,7 +28,7 @@ from .emitter import comment, ident, where
 from .torch_chunk_common import render_layer_grads, render_product, show
 from .torch_chunk_frozen import _render_carried
 from .triton_chunk_frozen import _Kernels
-from .triton_recurrent import diff
+from .triton_recurrent import diff, first_order_only
 
 
 class MlpKernels(_Kernels):
@@ -175,9 +175,7 @@ class MlpKernels(_Kernels):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, *grads):"):
-                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
-                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
-                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
+                first_order_only(em)
                 em.line("gates, (T, NT, BT) = ctx.saved_tensors, ctx.sizes")
                 em.line("dgates = [torch.empty_like(g) for g in gates]")
                 em.line("B, H = grads[0].shape[:2]")
@@ -247,9 +245,7 @@ class MlpKernels(_Kernels):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, dd):"):
-                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
-                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
-                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
+                first_order_only(em)
                 em.line("y, v, *gates = ctx.saved_tensors")
                 em.line("dy, dv, dgates = torch.empty_like(y), torch.empty_like(v), [torch.empty_like(g) for g in gates]")
                 em.line("N, V = y.numel() // y.shape[-1], y.shape[-1]")
@@ -422,9 +418,7 @@ class MlpKernels(_Kernels):
             em.gap(1)
             em.line("@staticmethod")
             with em.indent("def backward(ctx, dout):"):
-                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
-                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
-                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
+                first_order_only(em)
                 em.line("return (None, *_read(ctx.dot, *ctx.saved_tensors, dout.contiguous()))")
         em.gap()
         with em.indent(f"def _read(dot, {args}, dout):"):

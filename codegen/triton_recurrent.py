@@ -81,6 +81,14 @@ def render(rules: LevelRules, model: str, file: str) -> str:
     return _Renderer(rules, model, file).text()
 
 
+def first_order_only(em: Emitter) -> None:
+    """The first lines of a kernels' autograd.Function backward: refuse create_graph=True, whose
+    second derivative through kernel outputs would silently be wrong."""
+    em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
+    em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
+    em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
+
+
 class _Renderer:
     def __init__(self, rules: LevelRules, model: str, file: str):
         self.lv, self.x = rules.level, _Exprs(rules)
@@ -511,9 +519,7 @@ class _Renderer:
             em.line("@staticmethod")
             dht = ", ".join(f"d{s}t" for s in states)
             with em.indent(f"def backward(ctx, do, {dht}):"):
-                em.line("if torch.is_grad_enabled():  # create_graph=True: no silently wrong second derivative")
-                em.line("    raise RuntimeError(\"Triton kernels' backward is not differentiable twice; for second \"")
-                em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
+                first_order_only(em)
                 em.line(f"return fused_recurrent_bwd(*ctx.saved_tensors, do, {dht})")
 
     def public(self) -> None:

@@ -205,7 +205,8 @@ def test_generated_imports_are_torch_and_the_runtime_only(shipped, stem):
     for file, text in program.sources.items():
         for module in imports(ast.parse(text)):
             runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch", "nlc.runtime.attention",
-                       "nlc.runtime.mlp", "nlc.runtime.teach")
+                       "nlc.runtime.mlp", "nlc.runtime.teach", "nlc.runtime.vjp.vjp",
+                       "nlc.runtime.frozen_linear.frozen_linear")
             kernels = ("triton", "triton.language", "os") if file.endswith(("_triton.py", "_triton_chunk.py")) \
                 else ()  # os: whether Triton's interpreter runs them
             ok = module in (".", "torch", "math", *runtime, *kernels) or module.startswith("torch.")

@@ -107,7 +107,7 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
     if lv.bias.kind == "omega":
         return _omega(rules, affine)
     decay, scale = affine
-    scalar_decay = all(lv.gate_axes[g] == "scalar" for g in ir.gate_names(decay))
+    scalar_decay = not _per_channel(lv, [decay])
     state_free = not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
     if lv.memory.kind == "matrix" and lv.algorithm.kind == "gd" and state_free:
         if any(lv.gate_axes[g] == "value" for g in ir.gate_names(decay)):
@@ -126,10 +126,7 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
                           decay, scale)
     if decay.is_number and decay <= 0:
         return reference(f"a constant decay of {decay} has no log-space chunked form")
-    coefficients = [decay, scale, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0))]
-    scalar = all(lv.gate_axes[g] == "scalar" for c in coefficients for g in ir.gate_names(c))
-    if lv.grad_at == "chunk" and lv.algorithm.kind in ("gd", "momentum") and scalar \
-            and lv.memory.kind in ("matrix", "mlp"):
+    if _frozen_fits(rules, decay, scale):
         if lv.grad_chunk == 1:
             return _sequential(rules, affine, chunk)
         return KernelPlan(lv.name, "frozen", lv.grad_chunk,
@@ -145,15 +142,30 @@ def _omega(rules: LevelRules, affine) -> KernelPlan:
     (the window sums are a banded matrix of the chunk's gradients, so the scans stay linear), with gd
     or momentum and per-head scalar gates; otherwise what the mapped family says."""
     lv, (decay, scale) = rules.level, affine
-    coefficients = [decay, scale, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0)),
-                    lv.bias.args["gamma"]]
-    scalar = all(lv.gate_axes[g] == "scalar" for c in coefficients for g in ir.gate_names(c))
-    if (lv.grad_at == "chunk" and lv.grad_chunk > 1 and lv.algorithm.kind in ("gd", "momentum") and scalar
-            and lv.memory.kind in ("matrix", "mlp") and lv.target != "self"
-            and not (decay.is_number and decay <= 0)):
+    if (_frozen_fits(rules, decay, scale, lv.bias.args["gamma"]) and lv.grad_chunk > 1
+            and lv.target != "self" and not (decay.is_number and decay <= 0)):
         return KernelPlan(lv.name, "frozen", lv.grad_chunk, "omega windows of gradients frozen at the "
                           "chunk start: banded sums, then linear scans within a chunk", decay, scale)
     return _mapped(rules, affine)
+
+
+def _scan_coefficients(rules: LevelRules, decay, scale) -> list:
+    """The factors of the frozen and period families' linear scans: decay, step factor, lr, beta."""
+    return [decay, scale, rules.lr, rules.level.algorithm.args.get("beta", sympy.Integer(0))]
+
+
+def _frozen_fits(rules: LevelRules, decay, scale, *more) -> bool:
+    """Whether the frozen family's scans take the rule: gradients at chunk starts, gd or momentum, a
+    matrix or MLP memory, and per-head scalar gates in the scan coefficients (and in `more`)."""
+    lv = rules.level
+    return (lv.grad_at == "chunk" and lv.algorithm.kind in ("gd", "momentum")
+            and lv.memory.kind in ("matrix", "mlp")
+            and not _per_channel(lv, [*_scan_coefficients(rules, decay, scale), *more]))
+
+
+def _per_channel(lv, exprs) -> list[str]:
+    """The gates in `exprs` that are per channel rather than one number per head, sorted."""
+    return sorted({g for e in exprs for g in ir.gate_names(e) if lv.gate_axes[g] != "scalar"})
 
 
 def _sequential(rules: LevelRules, affine, chunk: int) -> KernelPlan:
@@ -185,7 +197,7 @@ def sequential_unsupported(rules: LevelRules, affine) -> str | None:
         return "omega windows are not in it"
     if affine is None:
         return f"retention {lv.retention.kind} is not an affine map of the old state"
-    vector = sorted({g for e in (*affine, rules.lr) for g in ir.gate_names(e) if lv.gate_axes[g] != "scalar"})
+    vector = _per_channel(lv, (*affine, rules.lr))
     if vector:
         return f"per-channel gates ({', '.join(vector)}) in the step coefficients"
     return None
@@ -209,8 +221,7 @@ def _period(rules: LevelRules, affine) -> KernelPlan:
         return reference("omega windows have no period chunked form")
     if decay.is_number and decay <= 0:
         return reference(f"a constant decay of {decay} has no log-space chunked form")
-    coefficients = [decay, scale, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0))]
-    vector = sorted({g for c in coefficients for g in ir.gate_names(c) if lv.gate_axes[g] != "scalar"})
+    vector = _per_channel(lv, _scan_coefficients(rules, decay, scale))
     if vector:
         return reference(f"per-channel gates ({', '.join(vector)}) in the step coefficients")
     state_free = lv.memory.kind == "matrix" and lv.target != "self" \
@@ -255,7 +266,7 @@ def _mapped(rules: LevelRules, affine) -> KernelPlan:
         used.append(rules.threshold())
     if lv.bias.kind == "omega":
         used.append(lv.bias.args["gamma"])
-    vector = sorted({g for e in used for g in ir.gate_names(e) if lv.gate_axes[g] != "scalar"})
+    vector = _per_channel(lv, used)
     if vector:
         return reference(f"per-channel gates ({', '.join(vector)}) are not chunked in the mapped family")
     batched = "omega windows of gradients" if lv.bias.kind == "omega" else "gradients"

@@ -135,13 +135,18 @@ def test_gradcheck_reference():
 def test_restarts_exactly_at_the_source_period(form):
     """With no learning (lr 0) the state changes only at restarts: the read at token t is M(state) of
     restart_states[t // 8 - 1] from token 8 on, of the initial state before."""
-    program = nlc.compile(NESTED, lr_mid=0)
-    _, mid = _ops(program, form)
+    _, mid = _ops(nlc.compile(NESTED, lr_mid=0), form)
+    _assert_reads_restart_states(mid, buffers=True)
+
+
+def _assert_reads_restart_states(mid, buffers):
+    """mid, not learning: its read at token t is M(restart_states[t // 8 - 1]) from token 8 on, of
+    the initial state before. buffers: the state also holds momentum buffers (zeros)."""
     xs, _, vm, W1, W2 = _inputs(27, 1)
     g = torch.Generator().manual_seed(2)
     restart = (torch.randn(2, 3, 1, 3, 6, generator=g, dtype=torch.float64),
                torch.randn(2, 3, 1, 6, 3, generator=g, dtype=torch.float64))
-    zeros = (torch.zeros_like(W1), torch.zeros_like(W2))
+    zeros = (torch.zeros_like(W1), torch.zeros_like(W2)) if buffers else ()
     o, _ = mid(xs, xs, vm, initial_state=(W1, W2) + zeros, restart_states=restart)
     for t in range(27):
         state = (W1, W2) if t < 8 else tuple(r[:, t // 8 - 1] for r in restart)
@@ -252,15 +257,7 @@ def test_sequential_level_restarts_as_the_reference(read, chunk):
 def test_sequential_level_restarts_exactly_at_the_source_period():
     """With lr 0 the read at token t is M(restart_states[t // 8 - 1]) from token 8 on."""
     _, mid = _ops(nlc.compile(SEQUENTIAL.replace("READ", "before"), lr_mid=0, chunk=4), "chunk")
-    xs, _, vm, W1, W2 = _inputs(27, 1)
-    g = torch.Generator().manual_seed(2)
-    restart = (torch.randn(2, 3, 1, 3, 6, generator=g, dtype=torch.float64),
-               torch.randn(2, 3, 1, 6, 3, generator=g, dtype=torch.float64))
-    o, _ = mid(xs, xs, vm, initial_state=(W1, W2), restart_states=restart)
-    for t in range(27):
-        state = (W1, W2) if t < 8 else tuple(r[:, t // 8 - 1] for r in restart)
-        want = _mlp(*state, xs[:, t][:, :, None])[:, :, 0]
-        torch.testing.assert_close(o[:, t], want, rtol=1e-12, atol=1e-12)
+    _assert_reads_restart_states(mid, buffers=False)
 
 
 @pytest.mark.parametrize("mode", ["reference", "chunk"])

@@ -72,6 +72,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line()
     em.line("import torch")
     em.line()
+    em.line("from nlc.runtime.amp import autocast_backward, autocast_forward")
+    em.line()
     em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {copies_every(rules, plan)}  # tokens between the copies of the state kept for the "
@@ -184,7 +186,9 @@ def _deltas(params, slopes, dy):
 def _add_outer(p, out, left, right, scale, alpha):
     """out ← scale·p + alpha·Σ_n left_nᵀ right_n (a layer's weight, left [B, H, N, I], right
     [B, H, N, O]) or + alpha·Σ_n right_n (its bias, left None); out may be p (in place), else a
-    buffer of p's shape, and both ways do the same arithmetic. scale: a number or [B, H, 1, 1]."""
+    buffer of p's shape, and both ways do the same arithmetic. scale: a number or [B, H, 1, 1]. The
+    product is in p's dtype (autocast leaves in-place and out= products alone, and may have made the
+    factors bfloat16)."""
     if left is None:
         torch.mul(p, scale[..., 0] if torch.is_tensor(scale) else scale, out=out)
         out.add_(right.sum(2), alpha=alpha)
@@ -192,7 +196,7 @@ def _add_outer(p, out, left, right, scale, alpha):
     if torch.is_tensor(scale):
         torch.mul(p, scale, out=out)
         p, scale = out, 1.0
-    factors = left.flatten(0, 1).transpose(1, 2), right.flatten(0, 1)
+    factors = left.flatten(0, 1).transpose(1, 2).to(p.dtype), right.flatten(0, 1).to(p.dtype)
     if out is p:
         p.flatten(0, 1).baddbmm_(*factors, beta=scale, alpha=alpha)
     else:
@@ -283,6 +287,7 @@ class _Sequential(torch.autograd.Function):
 #@nested     Returns o [B, H, T, V] and the final state tensors."""
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, shared, n_gates, decay, step, qh, kh, vh, *rest):
         gates = rest[:n_gates]
         params = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest[n_gates:])  #@flat
@@ -319,6 +324,7 @@ class _Sequential(torch.autograd.Function):
         return (torch.cat(outputs, 2),) + params
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, do, *dstate):
         if torch.is_grad_enabled():  # create_graph=True: a silently wrong second derivative otherwise
             raise RuntimeError("the sequential form's hand-written backward is not differentiable twice; "

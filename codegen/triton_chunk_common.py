@@ -35,7 +35,7 @@ from nlc.plan import KernelPlan
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_decay import decay_axis, show, step_factors
 from .triton_printer import to_triton
-from .triton_recurrent import first_order_only
+from .triton_recurrent import AMP_IMPORT, decorators, first_order_only
 
 
 @dataclass(frozen=True)
@@ -93,17 +93,19 @@ def chunk_form(rules: LevelRules, plan: KernelPlan) -> ChunkForm:
 
 
 def imports(em: Emitter, lv: ir.Level, names: str, runtime: str = "") -> None:
-    """A kernel file's imports: os, torch, triton, the `runtime` line (an import from nlc.runtime) if
-    given, and `names` from the level's reference module."""
+    """A kernel file's imports: os, torch, triton, nlc.runtime.amp (for its autograd.Functions), the
+    `runtime` line (a further import from nlc.runtime) if given, and `names` from the level's
+    reference module."""
     em.line("import os")
     em.line()
     em.line("import torch")
     em.line("import triton")
     em.line("import triton.language as tl")
     em.line()
+    em.line(AMP_IMPORT)
     if runtime:
         em.line(runtime)
-        em.line()
+    em.line()
     em.line(f"from .{ident(lv.name, 'level')} import {names}")
     em.gap()
 
@@ -131,7 +133,9 @@ def launch_configuration(em: Emitter) -> None:
     em.line('INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"')
     em.line("# one configuration under the interpreter, or when NLC_TRITON_AUTOTUNE=0 (tests: no tuning runs)")
     em.line('TUNE = not INTERPRET and os.environ.get("NLC_TRITON_AUTOTUNE", "1") != "0"')
-    em.line("CONFIGS = [triton.Config({}, num_warps=4)] if not TUNE else [")
+    em.line("# the untuned one pipelines two stages deep: three need more shared memory than an H100 block")
+    em.line("# has at head dim 128 (tests/triton/test_sm90_compile.py)")
+    em.line("CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)] if not TUNE else [")
     em.line("    triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (2, 3, 4)]")
     em.line("MATMUL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}")
 
@@ -774,7 +778,7 @@ class Kernels:
         gates = self.gate_args("g")
         tok = self.token_args()
         with em.indent("class ChunkFunction(torch.autograd.Function):"):
-            em.line("@staticmethod")
+            decorators(em, "forward")
             with em.indent(f"def forward(ctx, q, k, v, {gates}h0):"):
                 if f.gates:
                     em.line(f"{tok.rstrip(', ')}{',' if tok.count(',') == 1 else ''} = "
@@ -788,7 +792,7 @@ class Kernels:
                 em.line(f"ctx.save_for_backward(q, k, v, {gates}{tok}h0)")
                 em.line("return o, ht")
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "backward")
             with em.indent("def backward(ctx, do, dht):"):
                 first_order_only(em)
                 n = len(f.gates)

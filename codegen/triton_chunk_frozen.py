@@ -38,7 +38,7 @@ from . import triton_chunk_common as common
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import show
 from .triton_printer import to_triton
-from .triton_recurrent import diff, first_order_only
+from .triton_recurrent import decorators, diff, first_order_only
 
 ROLES = {"a": "the retention's factor on the old state", "c": "its factor on the step",
          "lr": "the learning rate", "beta": "the momentum's factor"}
@@ -665,14 +665,14 @@ def suffix_sums(b_x):
         em = self.em
         gates, n = self.gate_args(), len(self.gates)
         with em.indent("class ChunkFunction(torch.autograd.Function):"):
-            em.line("@staticmethod")
+            decorators(em, "forward")
             with em.indent(f"def forward(ctx, q, k, v, {gates}{self.states(suffix='0')}):"):
                 em.line(f"o, {self.states(suffix='t')}, {self.states()}, d = chunk_fwd(q, k, v, {gates}"
                         f"{self.states(suffix='0')})")
                 em.line(f"ctx.save_for_backward(q, k, v, {gates}{self.states()}, d)")
                 em.line(f"return o, {self.states(suffix='t')}")
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "backward")
             with em.indent(f"def backward(ctx, do, {self.states('d', 't')}):"):
                 first_order_only(em)
                 em.line("q, k, v, *saved = ctx.saved_tensors")

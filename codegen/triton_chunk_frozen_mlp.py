@@ -28,7 +28,7 @@ from .emitter import comment, ident, where
 from .torch_chunk_common import render_layer_grads, render_product, show
 from .torch_chunk_frozen import _render_carried
 from .triton_chunk_frozen import _Kernels
-from .triton_recurrent import diff, first_order_only
+from .triton_recurrent import decorators, diff, first_order_only
 
 
 class MlpKernels(_Kernels):
@@ -161,7 +161,7 @@ class MlpKernels(_Kernels):
                     "), from the gates [B, H, T] fp32")
             em.line('(`like` [B, H, T, ...] gives the sizes and device)."""')
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "forward")
             with em.indent("def forward(ctx, like, *gates):"):
                 em.line("B, H, T = like.shape[:3]")
                 em.line("NT, BT = triton.cdiv(T, CHUNK), max(16, triton.next_power_of_2(CHUNK))")
@@ -173,7 +173,7 @@ class MlpKernels(_Kernels):
                 em.line("ctx.sizes = T, NT, BT")
                 em.line("return out")
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "backward")
             with em.indent("def backward(ctx, *grads):"):
                 first_order_only(em)
                 em.line("gates, (T, NT, BT) = ctx.saved_tensors, ctx.sizes")
@@ -233,7 +233,7 @@ class MlpKernels(_Kernels):
         with em.indent("class _OutputGrad(torch.autograd.Function):"):
             em.line('"""D = dℓ/dy (bias kernels): y, v [B, H, L, V] fp32, the bias\'s gates [B, H, L, 1]."""')
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "forward")
             with em.indent("def forward(ctx, y, v, *gates):"):
                 em.line("y, v, gates = y.contiguous(), v.contiguous(), [g.contiguous() for g in gates]")
                 em.line("d = torch.empty_like(y)")
@@ -243,7 +243,7 @@ class MlpKernels(_Kernels):
                 em.line("ctx.save_for_backward(y, v, *gates)")
                 em.line("return d")
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "backward")
             with em.indent("def backward(ctx, dd):"):
                 first_order_only(em)
                 em.line("y, v, *gates = ctx.saved_tensors")
@@ -410,13 +410,13 @@ class MlpKernels(_Kernels):
             em.line("d [B, H, T, O], the chunk-start weights [B, H, NT, I, O] and biases [B, H, NT, O] (or None),")
             em.line('the coefficients from _Coefficients; `dot` the matmuls\' precision. -> [B, H, T, O] fp32."""')
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "forward")
             with em.indent(f"def forward(ctx, dot, {args}):"):
                 em.line(f"ctx.save_for_backward({args})")
                 em.line("ctx.dot = dot")
                 em.line(f"return _read(dot, {args}, None)")
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "backward")
             with em.indent("def backward(ctx, dout):"):
                 first_order_only(em)
                 em.line("return (None, *_read(ctx.dot, *ctx.saved_tensors, dout.contiguous()))")

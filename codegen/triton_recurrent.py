@@ -81,6 +81,16 @@ def render(rules: LevelRules, model: str, file: str) -> str:
     return _Renderer(rules, model, file).text()
 
 
+AMP_IMPORT = "from nlc.runtime.amp import autocast_backward, autocast_forward"
+
+
+def decorators(em: Emitter, method: str) -> None:
+    """The decorators of a kernels' autograd.Function `method` ('forward' or 'backward'): static, and
+    nlc.runtime.amp's, under which the backward runs in the forward's autocast state."""
+    em.line("@staticmethod")
+    em.line(f"@autocast_{method}")
+
+
 def first_order_only(em: Emitter) -> None:
     """The first lines of a kernels' autograd.Function backward: refuse create_graph=True, whose
     second derivative through kernel outputs would silently be wrong."""
@@ -130,6 +140,8 @@ class _Renderer:
         em.line("import torch")
         em.line("import triton")
         em.line("import triton.language as tl")
+        em.line()
+        em.line(AMP_IMPORT)
         em.line()
         em.line(f"from .{ident(lv.name, 'level')} import _pack, initial_state")
         em.gap()
@@ -507,7 +519,7 @@ class _Renderer:
         states = self.state_args()
         h0 = ", ".join(f"{s}0" for s in states)
         with em.indent("class FusedRecurrentFunction(torch.autograd.Function):"):
-            em.line("@staticmethod")
+            decorators(em, "forward")
             with em.indent(f"def forward(ctx, q, k, v, {gates}{h0}):"):
                 em.line(f"outs = fused_recurrent_fwd(q, k, v, {gates}{h0}, "
                         "save_checkpoints=any(ctx.needs_input_grad))")
@@ -516,7 +528,7 @@ class _Renderer:
                 em.line(f"ctx.save_for_backward(q, k, v, {gates}*checkpoints)")
                 em.line("return (o, *finals)")
             em.gap(1)
-            em.line("@staticmethod")
+            decorators(em, "backward")
             dht = ", ".join(f"d{s}t" for s in states)
             with em.indent(f"def backward(ctx, do, {dht}):"):
                 first_order_only(em)

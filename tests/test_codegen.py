@@ -34,7 +34,8 @@ LEVEL_TOP = {"math", "torch", "HEADS", "K", "V", "HIDDEN", "GATES", "STATE", "N_
 LAYER_TOP = {"torch", "nn", "blocks", "dispatch", "Layer"}
 TRITON_TOP = {"torch", "triton", "tl", "_pack", "initial_state", "BV_MAX", "WARP_TILE", "MAX_WARPS",
               "CHUNK", "fused_recurrent_fwd_kernel", "fused_recurrent_bwd_kernel", "_config",
-              "fused_recurrent_fwd", "fused_recurrent_bwd", "FusedRecurrentFunction"}
+              "fused_recurrent_fwd", "fused_recurrent_bwd", "FusedRecurrentFunction", "autocast_forward",
+              "autocast_backward"}
 # ... and a chunk-parallel module (the hostile table's base level is a delta-family level)
 CHUNK_TOP = {"torch", "CHUNK", "_chunks", "_cumulative", "_pack", "_remaining", "_segments",
              "_unit_lower_inverse", "initial_state"}
@@ -43,7 +44,8 @@ TRITON_CHUNK_TOP = {"os", "torch", "triton", "tl", "_pack", "initial_state", "CH
                     "CONFIGS", "MATMUL_TYPES", "chunk_gate_fwd_kernel", "chunk_wy_fwd_kernel",
                     "chunk_state_fwd_kernel", "chunk_output_fwd_kernel", "chunk_state_bwd_kernel",
                     "chunk_grads_bwd_kernel", "chunk_gate_bwd_kernel", "_sizes", "chunk_gate_fwd",
-                    "chunk_states", "chunk_output", "chunk_bwd", "chunk_gate_bwd", "ChunkFunction"}
+                    "chunk_states", "chunk_output", "chunk_bwd", "chunk_gate_bwd", "ChunkFunction",
+                    "autocast_forward", "autocast_backward"}
 INIT_TOP = {"Layer"}
 
 
@@ -206,7 +208,8 @@ def test_generated_imports_are_torch_and_the_runtime_only(shipped, stem):
         for module in imports(ast.parse(text)):
             runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch", "nlc.runtime.attention",
                        "nlc.runtime.mlp", "nlc.runtime.teach", "nlc.runtime.vjp.vjp",
-                       "nlc.runtime.frozen_linear.frozen_linear")
+                       "nlc.runtime.frozen_linear.frozen_linear", "nlc.runtime.amp.autocast_forward",
+                       "nlc.runtime.amp.autocast_backward")
             kernels = ("triton", "triton.language", "os") if file.endswith(("_triton.py", "_triton_chunk.py")) \
                 else ()  # os: whether Triton's interpreter runs them
             ok = module in (".", "torch", "math", *runtime, *kernels) or module.startswith("torch.")

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .amp import autocast_backward, autocast_forward
+
 
 def _t(x):
     return x.transpose(-1, -2)
@@ -54,6 +56,7 @@ class FrozenLinear(torch.autograd.Function):
     output_grad. Plain gradient descent: M, f, m, H, f_r None, and M_T None."""
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, record, chunk, output_grad, q, k, v, W, M, b, f, G, m, H, b_r, f_r, G_r, *gates):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # one copy, none per chunk matmul
         T = k.shape[2]
@@ -82,6 +85,7 @@ class FrozenLinear(torch.autograd.Function):
         return torch.cat(outputs, dim=2), W, M
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, do, dW, dM):
         if torch.is_grad_enabled():  # create_graph=True: a silently wrong second derivative otherwise
             raise RuntimeError("the frozen family's linear-memory backward (FrozenLinear) is not "

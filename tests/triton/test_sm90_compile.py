@@ -1,0 +1,94 @@
+"""Every generated Triton kernel compiles for an H100 (sm_90) at head dim 128 with its untuned launch
+configuration, within the chip's shared memory per block, without a GPU: the launches of one forward
+and backward under the interpreter are recorded, then each kernel is compiled ahead of time by
+Triton's NVIDIA backend (ptxas ships in the triton wheel) in a process without the interpreter
+(sm90_compile_child.py). The interpreter alone misses both failures seen on a real H100: a kernel
+reading a module global (the interpreter allows it, the compiler refuses it) and a pipelined kernel
+needing more shared memory than a block may have."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .test_fused_recurrent import GPU, SPECS, _compile, _run, _stable_inputs
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
+if GPU:
+    pytest.skip("on a GPU the other Triton tests compile and run every kernel", allow_module_level=True)
+
+from triton.runtime import interpreter  # noqa: E402
+
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (227 KiB)
+D = 128
+CHILD = Path(__file__).with_name("sm90_compile_child.py")
+# (spec, level, params, T): a level of every Triton family; T of at least one chunk runs the chunked
+# kernels, T = 1 the fused recurrent ones
+CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
+         ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70),
+         ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20)]
+
+
+def _launches(op, T):
+    """[(python function, positional args, keyword args)]: the first launch of each kernel in one
+    forward + backward of `op` with bf16 inputs under the interpreter."""
+    seen = {}
+    original = interpreter.InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        seen.setdefault(self.fn.__name__, (self.fn, args, kwargs))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interpreter.InterpretedFunction.run = recording
+    try:
+        _run(op, "triton", _stable_inputs(op, T, 0), torch.bfloat16, "cpu")
+    finally:
+        interpreter.InterpretedFunction.run = original
+    return list(seen.values())
+
+
+def _job(fn, args, kwargs):
+    """One kernel as launched on a GPU: tensors as pointers of their dtype, integers as i32,
+    constexprs as given, fp32 matmuls as the GPU runs them on bf16 inputs (tf32, bf16 operands)."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    signature, constants, options = {}, {}, {}
+    for name, value in zip(names, args):
+        assert torch.is_tensor(value) or (isinstance(value, int) and not isinstance(value, bool)), (name, value)
+        signature[name] = ("*bf16" if value.dtype == torch.bfloat16 else "*fp32") if torch.is_tensor(value) else "i32"
+    for name, value in kwargs.items():
+        if name in ("num_warps", "num_stages"):
+            options[name] = value
+        elif name in names:
+            if value == "ieee":
+                value = "tf32"
+            elif isinstance(value, triton.language.dtype):
+                value = {"dtype": "bf16" if value == triton.language.float32 else value.name}
+            signature[name], constants[name] = "constexpr", value
+    return {"module": fn.__module__, "name": fn.__name__, "signature": signature,
+            "constants": constants, "options": options}
+
+
+@pytest.mark.parametrize("spec,level,params,T", CASES,
+                         ids=[f"{s}-{'-'.join(f'{k}{v}' for k, v in p.items()) or 'default'}-T{t}"
+                              for s, _, p, t in CASES])
+def test_kernels_compile_for_an_h100(spec, level, params, T):
+    path = SPECS / f"{spec}.nl"
+    sizes = {"heads": 2, **{p: D for p in ("d_key", "d_value", "d_head") if p in _compile(path).params}, **params}
+    launches = _launches(_compile(path, **sizes).op(level), T)
+    assert launches, "no Triton kernel was launched"
+    job = {"spec": str(path), "params": sizes, "kernels": [_job(*launch) for launch in launches]}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(CHILD)], input=json.dumps(job), capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(shared) == {k["name"] for k in job["kernels"]}
+    for name, used in shared.items():
+        assert isinstance(used, int), f"{name} does not compile for sm_90: {used}"
+        assert used <= SHARED_LIMIT, \
+            f"{name} needs {used} bytes of shared memory (an H100 block has at most {SHARED_LIMIT})"

@@ -1,9 +1,11 @@
 """nlc's generated Triton kernels beside fla's hand-written ones on one GPU: forward and forward+backward
 milliseconds of the chunked gated delta and delta rules, with nlc's fused recurrent kernels and its
-chunked PyTorch forms for reference. Prints a table and writes JSON.
+chunked PyTorch forms for reference; the Titans ops (matrix and MLP memory); and whole Titans layers
+(`layer` rows, bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
 
     python benchmarks/gpu_kernels.py --json benchmarks/results/gpu_kernels.json   # B=8 T=4096 H=16 D=128 bf16
     python benchmarks/gpu_kernels.py --small                                       # a quick smoke run
+    python benchmarks/gpu_kernels.py --only layer                                  # Titans layers vs titans-pytorch
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --small                    # on a CPU (no timing)
 
 fla rows need fla-core (`pip install fla-core`); without it they are skipped with a message. Every
@@ -55,6 +57,7 @@ import nlc  # noqa: E402
 PEAK_BYTES, PEAK_FLOPS = 3.35e12, 989e12
 CHUNK = 64
 TITANS_CHUNK = 16  # Titans' gradient chunk (part of its rule: gradients at each chunk's start state)
+LAYER_CHUNK = 64  # the whole-layer Titans rows' chunk, as benchmarks/peers.py on the CPU
 FORMULAS = {
     "bytes_forward": "N (2K + 2V) s + N G s",
     "bytes_forward_backward": "3 x bytes_forward",
@@ -89,8 +92,8 @@ def _nlc_rows(B, T, H, D):
             def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
                 function = program.module(module).level_memory
                 q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype)
-                return (lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0],
-                        (q, k, v, gs))
+                return _op_callables(
+                    lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
             rows.append((f"{label} {rule}", rule, build))
     return rows
 
@@ -109,9 +112,41 @@ def _titans_rows(B, T, H, D):
             def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
                 function = program.module(module).level_memory
                 q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype, ranges=ranges)
-                return (lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0],
-                        (q, k, v, gs))
+                return _op_callables(
+                    lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
             rows.append((f"{label} {rule}", rule, build))
+    return rows
+
+
+def _layer_rows(B, T, H, D):
+    """Whole Titans layers [B, T, H D] -> [B, T, H D] under bf16 autocast, side by side with
+    titans-pytorch `NeuralMemory` (same heads, head size, MLP depth and expansion, chunk = batch_size
+    = LAYER_CHUNK so every chunk's gradients are taken at its start state; benchmarks/peer_adapters.py
+    states where the two layers' math differs). nlc's layer runs its generated Triton kernels and its
+    chunked PyTorch form."""
+    rows = []
+    for depth in (1, 2):
+        program = nlc.compile(ROOT / "specs" / "titans.nl", d_model=H * D, heads=H, d_head=D, depth=depth,
+                              chunk=LAYER_CHUNK)
+        for label, mode in (("triton", "triton"), ("torch chunk", "chunk")):
+            def build(device, dtype, program=program, mode=mode):
+                torch.manual_seed(0)
+                layer = program.layer(mode=mode).to(device)
+                return _layer_callables(layer, layer, torch.randn(B, T, H * D, device=device))
+            rows.append((f"layer nlc {label} titans_d{depth}", f"layer_titans_d{depth}", build))
+
+        def peer(device, dtype, depth=depth):
+            try:
+                from titans_pytorch import MemoryMLP, NeuralMemory
+            except ImportError as err:
+                raise RuntimeError(f"titans-pytorch is not importable ({err})") from None
+            torch.manual_seed(0)
+            memory = NeuralMemory(dim=H * D, chunk_size=LAYER_CHUNK, batch_size=LAYER_CHUNK, heads=H, dim_head=D,
+                                  momentum=True, default_step_transform_max_lr=0.01,
+                                  mem_model_norm_add_residual=depth > 1,
+                                  model=MemoryMLP(D, depth, expansion_factor=4.0)).to(device)
+            return _layer_callables(lambda x: memory(x)[0], memory, torch.randn(B, T, H * D, device=device))
+        rows.append((f"layer titans-pytorch titans_d{depth}", f"layer_titans_d{depth}", peer))
     return rows
 
 
@@ -127,12 +162,12 @@ def _fla_rows(B, T, H, D):
     def gated(device, dtype):
         q, k, v, gs = _inputs(B, T, H, D, ("alpha", "beta"), device, dtype)
         log_alpha = gs["alpha"].float().log().contiguous()  # fla takes the decay's log, fp32
-        return (lambda q, k, v, alpha, beta: chunk_gated_delta_rule(q, k, v, alpha, beta, scale=1.0)[0],
-                (q, k, v, {"alpha": log_alpha, "beta": gs["beta"]}))
+        return _op_callables(lambda q, k, v, alpha, beta: chunk_gated_delta_rule(q, k, v, alpha, beta, scale=1.0)[0],
+                             q, k, v, {"alpha": log_alpha, "beta": gs["beta"]})
 
     def delta(device, dtype):
         q, k, v, gs = _inputs(B, T, H, D, ("beta",), device, dtype)
-        return (lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta, scale=1.0)[0], (q, k, v, gs))
+        return _op_callables(lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta, scale=1.0)[0], q, k, v, gs)
 
     return [("fla chunk gated_delta", "gated_delta", gated), ("fla chunk delta", "delta", delta)]
 
@@ -156,10 +191,8 @@ def _time(fn, warmup, repeats, cuda):
     return statistics.median(times)
 
 
-def _measure(build, device, dtype, warmup, repeats):
-    cuda = device == "cuda"
-    function, (q, k, v, gs) = build(device, dtype)
-
+def _op_callables(function, q, k, v, gs):
+    """(forward under no_grad, forward + o.backward(do) with every input requiring grad) of an op."""
     def forward():
         with torch.no_grad():
             function(q, k, v, **gs)
@@ -173,6 +206,32 @@ def _measure(build, device, dtype, warmup, repeats):
         o = function(*leaves[:3], **dict(zip(gs, leaves[3:])))
         o.backward(do)
 
+    return forward, train
+
+
+def _layer_callables(layer, module, x):
+    """The same pair for a whole layer `layer(x)`: [B, T, d_model] -> [B, T, d_model] under bf16
+    autocast, `module` holding its parameters."""
+    dy = torch.randn_like(x)
+
+    def run():
+        with torch.autocast(x.device.type, torch.bfloat16):
+            return layer(x)
+
+    def forward():
+        with torch.no_grad():
+            run()
+
+    def train():
+        module.zero_grad(set_to_none=True)
+        run().backward(dy)
+
+    return forward, train
+
+
+def _measure(build, device, dtype, warmup, repeats):
+    cuda = device == "cuda"
+    forward, train = build(device, dtype)
     return {"forward_ms": _time(forward, warmup, repeats, cuda),
             "forward_backward_ms": _time(train, warmup, repeats, cuda)}
 
@@ -208,7 +267,7 @@ def main(argv=None):
     repeats = args.repeats if args.repeats is not None else (1 if args.small or device == "cpu" else 10)
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
-    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _fla_rows(B, T, H, D)
+    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]
@@ -221,19 +280,22 @@ def main(argv=None):
         entry = {"row": name, "rule": rule}
         try:
             entry.update(_measure(build, device, dtype, warmup, repeats))
-            gates = {"gated_delta": 2, "titans_matrix": 3, "titans_mlp": 3}.get(rule, 1)
-            est = _estimates(rule, B, T, H, D, gates, torch.finfo(dtype).bits // 8)
-            for mode in ("forward", "forward_backward"):
-                seconds = entry[f"{mode}_ms"] / 1e3
-                nbytes, flops = est[mode]
-                entry[f"{mode}_bytes"], entry[f"{mode}_flops"] = nbytes, flops
-                entry[f"{mode}_GBps"] = nbytes / seconds / 1e9
-                entry[f"{mode}_TFLOPs"] = flops / seconds / 1e12
-            print(f"{name:<30} {entry['forward_ms']:>9.3f} {entry['forward_backward_ms']:>11.3f} "
-                  f"{entry['forward_GBps']:>9.1f} {entry['forward_TFLOPs']:>12.2f} "
-                  f"{entry['forward_backward_TFLOPs']:>12.2f} "
-                  f"{100 * entry['forward_GBps'] * 1e9 / PEAK_BYTES:>8.1f}% "
-                  f"{100 * entry['forward_TFLOPs'] * 1e12 / PEAK_FLOPS:>10.2f}%")
+            if rule.startswith("layer"):  # a whole layer: no kernel estimates
+                print(f"{name:<30} {entry['forward_ms']:>9.3f} {entry['forward_backward_ms']:>11.3f}")
+            else:
+                gates = {"gated_delta": 2, "titans_matrix": 3, "titans_mlp": 3}.get(rule, 1)
+                est = _estimates(rule, B, T, H, D, gates, torch.finfo(dtype).bits // 8)
+                for mode in ("forward", "forward_backward"):
+                    seconds = entry[f"{mode}_ms"] / 1e3
+                    nbytes, flops = est[mode]
+                    entry[f"{mode}_bytes"], entry[f"{mode}_flops"] = nbytes, flops
+                    entry[f"{mode}_GBps"] = nbytes / seconds / 1e9
+                    entry[f"{mode}_TFLOPs"] = flops / seconds / 1e12
+                print(f"{name:<30} {entry['forward_ms']:>9.3f} {entry['forward_backward_ms']:>11.3f} "
+                      f"{entry['forward_GBps']:>9.1f} {entry['forward_TFLOPs']:>12.2f} "
+                      f"{entry['forward_backward_TFLOPs']:>12.2f} "
+                      f"{100 * entry['forward_GBps'] * 1e9 / PEAK_BYTES:>8.1f}% "
+                      f"{100 * entry['forward_TFLOPs'] * 1e12 / PEAK_FLOPS:>10.2f}%")
         except Exception as err:  # noqa: BLE001 - one row's failure is reported, the run goes on
             entry["error"] = f"{type(err).__name__}: {err}"
             print(f"{name:<30} error: {entry['error'].splitlines()[0][:200]}")
@@ -252,6 +314,15 @@ def main(argv=None):
             ratios[rule] = {m: ours[f"{m}_ms"] / fla[f"{m}_ms"] for m in ("forward", "forward_backward")}
             print(f"nlc / fla {rule}: forward {ratios[rule]['forward']:.2f}x, "
                   f"forward+backward {ratios[rule]['forward_backward']:.2f}x (target <= 1.25x)")
+    for depth in (1, 2):
+        ours = next((r for r in results if r["row"] == f"layer nlc triton titans_d{depth}" and "error" not in r), None)
+        peer = next((r for r in results if r["row"] == f"layer titans-pytorch titans_d{depth}" and "error" not in r), None)
+        if ours and peer:
+            ratios[f"titans_d{depth}_speedup"] = {m: peer[f"{m}_ms"] / ours[f"{m}_ms"]
+                                                  for m in ("forward", "forward_backward")}
+            print(f"titans depth {depth} layer, titans-pytorch / nlc triton: forward "
+                  f"{ratios[f'titans_d{depth}_speedup']['forward']:.2f}x, forward+backward "
+                  f"{ratios[f'titans_d{depth}_speedup']['forward_backward']:.2f}x (target >= 5x)")
     if args.json:
         _write(args.json, device, B, T, H, D, warmup, repeats, results, ratios)
         print(f"wrote {args.json}")

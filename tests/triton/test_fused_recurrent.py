@@ -7,7 +7,12 @@ float64 on the same inputs. Each result must match to a relative error ||x - ref
 most RTOL = 1e-4: float32 round-off (1e-7) grown over 100 recurrent steps and sums over 64 channels
 lands near 1e-6, so 1e-4 leaves room for sharp biases (l1's smoothed sign, lp's cube) without
 letting a wrong term (an error of order 1) through. bf16 inputs: 2e-2 (the inputs' and outputs'
-own rounding is 4e-3 per element).
+own rounding is 4e-3 per element). Where the problem itself is ill-conditioned (l1's sign: a residual
+near zero rounds to either side; seen on an H100 with MLP memories), a result above the bound passes
+only within 10x of the error the reference loop itself makes in float32 on the same inputs (float32
+only: bf16's own error is too large to bound a wrong term).
+Inputs keep the reference's outputs below 1e4 (a diverged memory is not a comparison: lp(3) reached
+1e129, finite in float64 and inf in float32).
 
 On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) the shipped levels run
 every length at head dim 16 and one length at 32 and 64; the design space is a fixed sample, each
@@ -35,6 +40,7 @@ DEVICE = "cuda" if GPU else "cpu"
 BATCH, HEADS = (2, 2) if GPU else (1, 1)
 LENGTHS, DIMS = (1, 63, 100), (16, 32, 64)
 RTOL, RTOL_BF16 = 1e-4, 2e-2
+BOUNDED = 1e4  # the largest |o| of the reference on test inputs
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 DIM_PARAMS = ("d_key", "d_value", "d_state", "d_head")
 
@@ -111,12 +117,12 @@ def _inputs(op, T, seed, step):
 
 
 def _stable_inputs(op, T, seed):
-    """Inputs on which the reference stays finite (lp(3) feeds its error back cubically: shrink
+    """Inputs on which the reference stays bounded (lp(3) feeds its error back cubically: shrink
     the step size until it does, as tests/ops/test_chunked.py does)."""
     for step in (1.0, 0.1, 0.01):
         q, k, v, gates, state = _inputs(op, T, seed, step)
         o, _ = op(q, k, v, **gates, initial_state=_state(state), mode="reference")
-        if torch.isfinite(o).all():
+        if torch.isfinite(o).all() and o.abs().max() < BOUNDED:
             return q, k, v, gates, state
     raise AssertionError("the reference diverges even at 1% of the step size")
 
@@ -155,14 +161,25 @@ def _compare(op, T, seed=0, dtype=torch.float32, rtol=RTOL):
                      tuple(s.to(dtype).double() for s in x)) for x in inputs)
     want = _run(op, "reference", rounded, torch.float64, "cpu")
     got = _run(op, "triton", rounded, dtype, DEVICE)
-    for name, a, b in zip(_names(op), got, want):
+    own = None  # the reference loop's own float32 results, run only if a result misses rtol
+    for i, (name, a, b) in enumerate(zip(_names(op), got, want)):
         assert (a is None) == (b is None), name
         if b is None:
             continue
         a = a.detach().double().cpu()
         assert torch.isfinite(a).all(), f"{name}: not finite (a missed write reads NaN)"
-        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-        assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:g}"
+        err = _relative_error(a, b)
+        if err > rtol and dtype == torch.float32:
+            own = own or _run(op, "reference", rounded, dtype, "cpu")
+            floor = _relative_error(own[i].detach().double(), b)
+            assert err <= 10 * floor, (f"{name}: relative error {err:.2e} > {rtol:g}, and more than 10x the "
+                                       f"reference loop's own in float32 ({floor:.2e})")
+        else:
+            assert err <= rtol, f"{name}: relative error {err:.2e} > {rtol:g}"
+
+
+def _relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("stem,level,dim,T", SHIPPED_CASES,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .test_fused_recurrent import GPU, SPECS, _compile, _run, _stable_inputs
+from .test_fused_recurrent import DIM_PARAMS, GPU, SPECS, _compile, _run, _stable_inputs
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
 if GPU:
@@ -78,7 +78,7 @@ def _job(fn, args, kwargs):
                               for s, _, p, t in CASES])
 def test_kernels_compile_for_an_h100(spec, level, params, T):
     path = SPECS / f"{spec}.nl"
-    sizes = {"heads": 2, **{p: D for p in ("d_key", "d_value", "d_head") if p in _compile(path).params}, **params}
+    sizes = {"heads": 2, **{p: D for p in DIM_PARAMS if p in _compile(path).params}, **params}
     launches = _launches(_compile(path, **sizes).op(level), T)
     assert launches, "no Triton kernel was launched"
     job = {"spec": str(path), "params": sizes, "kernels": [_job(*launch) for launch in launches]}

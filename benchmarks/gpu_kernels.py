@@ -58,6 +58,7 @@ PEAK_BYTES, PEAK_FLOPS = 3.35e12, 989e12
 CHUNK = 64
 TITANS_CHUNK = 16  # Titans' gradient chunk (part of its rule: gradients at each chunk's start state)
 LAYER_CHUNK = 64  # the whole-layer Titans rows' chunk, as benchmarks/peers.py on the CPU
+RECOMPUTE = 512  # tokens per recomputed segment of the Titans MLP op's extra row (nlc.runtime.recompute)
 FORMULAS = {
     "bytes_forward": "N (2K + 2V) s + N G s",
     "bytes_forward_backward": "3 x bytes_forward",
@@ -115,6 +116,12 @@ def _titans_rows(B, T, H, D):
                 return _op_callables(
                     lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
             rows.append((f"{label} {rule}", rule, build))
+        if depth > 1:  # every chunk's start weights of all T tokens do not fit at B=8, T=4096
+            def segmented(device, dtype, op=program.op("memory")):
+                q, k, v, gs = _inputs(B, T, H, D, op.gates, device, dtype, ranges=ranges)
+                return _op_callables(lambda q, k, v, **gs: op(q, k, v, **gs, mode="triton", recompute=RECOMPUTE)[0],
+                                     q, k, v, gs)
+            rows.append((f"nlc triton recompute {rule}", rule, segmented))  # segments of RECOMPUTE tokens
     return rows
 
 

@@ -166,7 +166,7 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
     em.line("import torch")
     em.line("from torch import nn")
     em.line()
-    em.line(f"from nlc.runtime import {', '.join(sorted({'blocks', 'dispatch'} | exprs.runtime))}")
+    em.line(f"from nlc.runtime import {', '.join(sorted({'blocks', 'dispatch', 'recompute'} | exprs.runtime))}")
     em.line()
     for lv in checked.levels:
         em.line(f"from . import {level_modules[lv.name]}")
@@ -178,9 +178,10 @@ def render_layer(checked: ir.CheckedSpec, level_modules: dict[str, str],
         if teach_size is not None:
             _render_teach_table(em, checked, level_modules, teach_size)
         em.line()
-        with em.indent('def __init__(self, mode="auto"):'):
+        with em.indent('def __init__(self, mode="auto", recompute=None):'):
             em.line("super().__init__()")
             em.line("self.mode = mode  # auto | reference | chunk | triton (see dispatch.pick)")
+            em.line("self.recompute = recompute  # tokens per recomputed segment in training, or None (nlc.runtime.recompute)")
             for attr, ctor, span in exprs.modules:
                 em.line(f"self.{attr} = {ctor}  # {comment(span)}")
             for lv in checked.levels:
@@ -352,10 +353,14 @@ def _render_level_call(body: Emitter, exprs: _Expressions, checked: ir.CheckedSp
     out = ident(lv.name, "s")
     op = (f"dispatch.pick({module}.{ident(lv.name, 'level')}, {chunk_module}, self.mode, {length}, "
           f"self.{ident(lv.name, 'kernels')}, x.device)")
+    align, why_not = lv.segment_alignment()
+    segments = f"self.recompute, {lv.name!r}, {align}{'' if why_not is None else f', {why_not!r}'}"
     periods = f", {ident(lv.name, 'periods')}" if lv.initialises else ""
     # a level whose target reads its own read-out computes that stream in its op: v is its query
     value = stream(lv.query if lv.value == lv.name else lv.value)
-    body.line(f"{out}, {state or '_'}{periods} = {op}(  {where(lv.span)}")
+    body.line(f"{out}, {state or '_'}{periods} = recompute.segmented(  {where(lv.span)}")
+    body.line(f"    {op},")
+    body.line(f"    {segments})(  # nlc.runtime.recompute: training in segments, when asked")
     body.line(f"    {stream(lv.query)}, {stream(lv.key)}, {value}{gates}{init})")
     if state is not None:
         body.line(f"{state} = ({state},) if torch.is_tensor({state}) else {state}")

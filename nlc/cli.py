@@ -217,7 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = training.TrainConfig(
         spec=args.spec, data=args.data, out=args.out, steps=args.steps, overrides=dict(args.set),
         layers=args.layers, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, mode=args.mode, optimizer=args.optimizer)
+        checkpoint_every=args.checkpoint_every, seed=args.seed, mode=args.mode, optimizer=args.optimizer,
+        recompute=args.recompute)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per rank
         dist.init_process_group()
     try:
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="layers (default: the spec's `layers`, else 2)")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="N")
     p.add_argument("--mode", choices=("auto", "reference", "chunk"), default="auto")
+    p.add_argument("--recompute", type=int, metavar="TOKENS",
+                   help="train the levels TOKENS tokens at a time, recomputing each segment in the "
+                        "backward pass (less memory on long sequences)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -2,6 +2,8 @@
 level graph; streams and gates are what flows into them."""
 from __future__ import annotations
 
+import math
+
 import operator
 from dataclasses import dataclass, field, replace
 from typing import Mapping
@@ -137,6 +139,17 @@ class Level:
 
     def replace(self, **kw) -> "Level":
         return replace(self, **kw)
+
+    def segment_alignment(self) -> tuple[int, str | None]:
+        """(align, why_not) for training in recomputed segments (nlc.runtime.recompute): pieces of a
+        sequence equal the whole when each cut falls on the gradient-chunk and update-period
+        boundaries, so segment lengths are multiples of `align`; `why_not` says why the level cannot
+        run in segments at all (its rule restarts something at each call, or it is nested), or is None."""
+        if self.bias.kind == "omega":
+            return 1, "its omega window restarts at each call (the window is not part of the state)"
+        if self.init_from is not None or self.initialises:
+            return 1, "it is a nested level (it restarts from, or hands period states to, another level)"
+        return math.lcm(self.grad_chunk or 1, self.period or 1), None
 
     def describe(self) -> dict[str, str]:
         period = "outer" if self.period is None else f"every {self.period}"

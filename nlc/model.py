@@ -15,7 +15,8 @@ from torch import nn
 class LanguageModel(nn.Module):
     """Embedding, a stack of generated layers and a tied output head."""
 
-    def __init__(self, program, vocab_size: int, layers: int = 2, mode: str = "auto"):
+    def __init__(self, program, vocab_size: int, layers: int = 2, mode: str = "auto",
+                 recompute: int | None = None):
         super().__init__()
         if vocab_size < 1 or layers < 1:
             raise ValueError(f"need vocab_size >= 1 and layers >= 1, got {vocab_size}, {layers}")
@@ -23,7 +24,7 @@ class LanguageModel(nn.Module):
         d_model = int(program.d_model)
         self.teach = segment(program.checked) is not None  # run by nlc.runtime.teach
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(program.layer(mode) for _ in range(layers))
+        self.blocks = nn.ModuleList(program.layer(mode, recompute=recompute) for _ in range(layers))
         self.norm = nn.RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.embed.weight

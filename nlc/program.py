@@ -113,19 +113,24 @@ class Program:
         return loader.load_module(self.cache_dir, name)
 
     def layer(self, mode: str = "auto", check_finite: bool = False, *,
-              backend: str | None = None) -> torch.nn.Module:
+              backend: str | None = None, recompute: int | None = None) -> torch.nn.Module:
         """A fresh layer, [B, T, d_model] -> [B, T, d_model], running its levels in `mode`
         (auto | reference | chunk | triton, see `nlc.runtime.dispatch.pick`; `backend=` is another
         name for it). check_finite: raise nlc.NonFiniteError at the first NaN/Inf (level, tensor,
-        time step; `nlc.runtime.finite`)."""
+        time step; `nlc.runtime.finite`). recompute: train each level `recompute` tokens at a time
+        under activation checkpointing, keeping only the states between segments
+        (`nlc.runtime.recompute`; a multiple of every level's gradient chunk and period)."""
+        from .runtime import recompute as segments
         from .runtime.dispatch import MODES
+        for lv in self.checked.levels:
+            segments.check(recompute, lv.name, *lv.segment_alignment())
         if backend is not None:
             if mode not in ("auto", backend):
                 raise ValueError(f"mode={mode!r} and backend={backend!r} disagree; give one of them")
             mode = backend
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a mode; modes: {', '.join(MODES)}")
-        layer = self.module("layer").Layer(mode)
+        layer = self.module("layer").Layer(mode, recompute)
         if check_finite:
             from .runtime.finite import watch
             watch(layer)
@@ -140,13 +145,15 @@ class Program:
             raise ValueError(f"no level {level!r}; levels: {', '.join(self.plans)}")
         init_level_from_mlp(layer, self.module(f"level_{level}"), level, mlp)
 
-    def model(self, vocab_size: int, layers: int | None = None, mode: str = "auto") -> torch.nn.Module:
+    def model(self, vocab_size: int, layers: int | None = None, mode: str = "auto",
+              recompute: int | None = None) -> torch.nn.Module:
         """A causal language model, token ids [B, T] -> logits [B, T, vocab_size], stacking `layers`
-        fresh layers (default: the spec's `layers` parameter, else 2; see `nlc.model.LanguageModel`)."""
+        fresh layers (default: the spec's `layers` parameter, else 2; see `nlc.model.LanguageModel`);
+        `recompute` as in `layer`."""
         from .model import LanguageModel
         if layers is None:
             layers = int(self.checked.params.get("layers", 2))
-        return LanguageModel(self, vocab_size, layers, mode)
+        return LanguageModel(self, vocab_size, layers, mode, recompute)
 
     def optimizer(self, parameters, lr: float | None = None, seed: int = 0) -> torch.optim.Optimizer:
         """The spec's `optimizer { ... }` over `parameters` (`nlc.optim.SpecOptimizer`), at `lr` (default:

@@ -31,7 +31,7 @@ ROLE_PREFIXES = ("level", "g", "gs", "go", "gc", "s", "init", "gate", "let", "b_
 LEVEL_TOP = {"math", "torch", "HEADS", "K", "V", "HIDDEN", "GATES", "STATE", "N_PARAMS",
              "memory_forward", "memory_grads", "initial_state", "output_grad", "retain",
              "implicit_lr", "accumulate", "psi", "newton_schulz", "_per_tensor", "_record", "_pack"}
-LAYER_TOP = {"torch", "nn", "blocks", "dispatch", "Layer"}
+LAYER_TOP = {"torch", "nn", "blocks", "dispatch", "recompute", "Layer"}
 TRITON_TOP = {"torch", "triton", "tl", "_pack", "initial_state", "BV_MAX", "WARP_TILE", "MAX_WARPS",
               "CHUNK", "fused_recurrent_fwd_kernel", "fused_recurrent_bwd_kernel", "_config",
               "fused_recurrent_fwd", "fused_recurrent_bwd", "FusedRecurrentFunction", "autocast_forward",
@@ -207,7 +207,7 @@ def test_generated_imports_are_torch_and_the_runtime_only(shipped, stem):
     for file, text in program.sources.items():
         for module in imports(ast.parse(text)):
             runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch", "nlc.runtime.attention",
-                       "nlc.runtime.mlp", "nlc.runtime.teach", "nlc.runtime.vjp.vjp",
+                       "nlc.runtime.mlp", "nlc.runtime.recompute", "nlc.runtime.teach", "nlc.runtime.vjp.vjp",
                        "nlc.runtime.frozen_linear.frozen_linear", "nlc.runtime.amp.autocast_forward",
                        "nlc.runtime.amp.autocast_backward")
             kernels = ("triton", "triton.language", "os") if file.endswith(("_triton.py", "_triton_chunk.py")) \
@@ -422,6 +422,12 @@ class _Rename(ast.NodeTransformer):
         node.asname = self.ident(node.asname)
         return node
 
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if ast.unparse(node.func) == "recompute.segmented":  # the level's name, as text
+            node.args[2].value = self.mapping.get(node.args[2].value, node.args[2].value)
+        return node
+
     def visit_Assign(self, node):
         self.generic_visit(node)
         if [getattr(t, "id", None) for t in node.targets] == ["GATES"]:  # the gate names, as text
@@ -558,8 +564,8 @@ def test_golden_layer_calls_the_level_with_prefixed_names():
     source = nlc.compile(GOLDEN_SPEC).sources["layer.py"]
     lines = [l.strip() for l in source.splitlines()]
     assert "from . import level_memory" in lines
-    call = next(i for i, l in enumerate(lines) if l.startswith("s_memory, _ = dispatch.pick("))
-    assert lines[call].startswith("s_memory, _ = dispatch.pick(level_memory.level_memory, ")
-    assert lines[call].split("# ")[0].rstrip().endswith(
-        ", self.mode, T, self.kernels_memory, x.device)(")
-    assert lines[call + 1] == "s_q, s_k, s_v, g_alpha=g_alpha, g_beta=g_beta)"
+    call = next(i for i, l in enumerate(lines) if l.startswith("s_memory, _ = recompute.segmented("))
+    assert lines[call + 1].startswith("dispatch.pick(level_memory.level_memory, ")
+    assert lines[call + 1].endswith(", self.mode, T, self.kernels_memory, x.device),")
+    assert lines[call + 2].startswith("self.recompute, 'memory', 1)(")
+    assert lines[call + 3] == "s_q, s_k, s_v, g_alpha=g_alpha, g_beta=g_beta)"

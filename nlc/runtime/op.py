@@ -6,6 +6,7 @@ import torch
 
 from .. import ir
 from .dispatch import TritonForms, pick
+from .recompute import segmented
 
 
 class LevelOp:
@@ -18,7 +19,9 @@ class LevelOp:
     mode: reference (the per-token loop), chunk (the chunk-parallel form), auto (the Triton
     kernels on CUDA tensors where the level has them, else chunk-parallel for sequences of at least
     one chunk where the level has one), triton (the level's generated Triton kernels, `triton`:
-    chunked for long sequences, fused recurrent for short ones; see `nlc.runtime.dispatch.pick`)."""
+    chunked for long sequences, fused recurrent for short ones; see `nlc.runtime.dispatch.pick`).
+    recompute: with autograd on, run `recompute` tokens at a time under activation checkpointing,
+    keeping only the states between segments (`nlc.runtime.recompute`)."""
 
     def __init__(self, level: ir.Level, module, chunked=None, triton: TritonForms | None = None):
         self.level = level
@@ -31,7 +34,8 @@ class LevelOp:
         self.state_names = module.STATE
 
     def __call__(self, q, k, v, *, initial_state=None, output_final_state=False,
-                 mode="reference", restart_states=None, output_period_states=False, **gates):
+                 mode="reference", restart_states=None, output_period_states=False, recompute=None,
+                 **gates):
         lv = self.level
         nesting = {}
         if restart_states is not None:
@@ -77,7 +81,7 @@ class LevelOp:
             self._check_state(initial_state, B, q.dtype)
             state = (initial_state,) if torch.is_tensor(initial_state) else tuple(initial_state)
             _same_device(q.device, **{f"initial_state {n}": x for n, x in zip(self.state_names, state)})
-        function = self.pick(mode, T, q.device)
+        function = segmented(self.pick(mode, T, q.device), recompute, lv.name, *lv.segment_alignment())
         return function(q, k, v, **kwargs, initial_state=initial_state,
                         output_final_state=output_final_state, **nesting)
 

@@ -61,6 +61,7 @@ class TrainConfig:
     val_tokens: int = 65536        # validation bytes scored at the end of the run
     seed: int = 0
     mode: str = "auto"             # level execution: auto | reference | chunk (Program.layer)
+    recompute: int | None = None   # tokens per recomputed segment (Program.layer), None: whole sequence
     device: str = "auto"           # auto: cuda when available, else cpu
     precision: str = "auto"        # auto: bf16 autocast on cuda, fp32 on cpu; or bf16 | fp32
     optimizer: str = "auto"        # auto: the spec's `optimizer { }` if it declares one, else AdamW;
@@ -88,7 +89,10 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
     program, spec_source = _program(config, folder, resume)
     data = _open_data(config)
     torch.manual_seed(config.seed)
-    model = program.model(data.vocab_size, config.layers, config.mode).to(device)
+    try:
+        model = program.model(data.vocab_size, config.layers, config.mode, config.recompute).to(device)
+    except ValueError as err:  # a recompute length the spec's levels cannot take
+        raise RunError(str(err)) from None
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = _optimizer(config, program, model)
     warmup = config.warmup if config.warmup is not None else max(1, config.steps // 20)

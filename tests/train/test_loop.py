@@ -123,3 +123,16 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_last_one_whole(config, mo
     monkeypatch.setattr(torch, "save", real_save)
     _, summary = train(config, resume=True)
     assert summary["step"] == 6
+
+
+def test_training_in_recomputed_segments(config, tmp_path, capsys):
+    """recompute=8 (two segments of the 16-byte windows) trains the same steps as the whole window;
+    a length that is not a positive number of tokens is a usage error."""
+    whole = dataclasses.replace(config, steps=2, out=str(tmp_path / "whole"))
+    pieces = dataclasses.replace(whole, recompute=8, out=str(tmp_path / "pieces"))
+    train(whole), train(pieces)
+    assert _losses(Path(pieces.out)) == pytest.approx(_losses(Path(whole.out)), rel=1e-6)
+    args = ["train", config.spec, "--data", config.data, "--steps", "1", "--out", str(tmp_path / "bad"),
+            "--layers", "1", "--quiet", "--recompute", "0"] + [f"--set={k}={v}" for k, v in config.overrides.items()]
+    assert main(args) == 2
+    assert "recompute=0: expected a positive number of tokens per segment" in capsys.readouterr().err

@@ -133,7 +133,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{program.name}: output shape {list(y.shape)}, {params:,} parameters")
     print(f"generated module: {program.cache_dir}")
     print(f"time: {done - built:.2f} s forward+backward, {built - start:.2f} s compile")
-    return 0
+    grads = [p.grad for p in layer.parameters() if p.grad is not None]
+    if bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(g).all()) for g in grads):
+        return 0
+    from .runtime.finite import NonFiniteError, watch
+    try:  # the same inputs again, stopping at the first non-finite tensor to name it
+        watch(layer)(x)
+        where = "in the backward pass (the forward pass is finite)"
+    except NonFiniteError as err:
+        where = str(err)
+    print(f"nlc: error: the layer's results are not finite on unit-variance random inputs: {where}. "
+          "A memory whose steps are too large for its keys diverges: see `nlc check` for the rules, "
+          "and try smaller learning-rate parameters with --set", file=sys.stderr)
+    return 1
 
 
 def _task_arg(text: str) -> tuple[str, object]:

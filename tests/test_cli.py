@@ -142,6 +142,15 @@ def test_run_prints_shape(capsys):
     assert "output shape [1, 16," in out and "parameters" in out
 
 
+def test_run_reports_a_layer_that_diverges(capsys):
+    """Steps too large for the keys: NaN on random inputs is an error naming the level and the step,
+    not a run that looks fine."""
+    code, out, err = run(capsys, "run", SPECS / "cms_nested.nl", "--set", "lr_fast=0.01", "--set", "lr_mid=0.01",
+                         "--set", "lr_slow=0.01")
+    assert code == 1 and "output shape" in out
+    assert "not finite on unit-variance random inputs" in err and "in output of level 'cms_fast' at time step" in err
+
+
 def test_console_script():
     script = Path(sys.executable).with_name("nlc")
     exe = str(script) if script.exists() else shutil.which("nlc")

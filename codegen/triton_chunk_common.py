@@ -19,6 +19,11 @@ and, for the delta family, D), output (per chunk and value block). Backward: sta
 recurrence backwards: ∂/∂ each chunk's leaving state, and ∂/∂D), grads (per chunk: q, k, v, step and
 cumulative-log gradients from the saved states) and gate_bwd (reversed cumulative sums within the
 chunk, then the gates through sympy derivatives). Decays are taken in log space, as fla does: a_t > 0.
+
+A decay per key channel (GLA) has g [B, T, H, K] and its reads within a chunk by sub-chunks: the decay
+family's `ChannelKernels` (triton_chunk_decay.py), a subclass of `Kernels` that shares the state
+kernels through the per-token factors `rows`/`keys` and the reads `reads` (P here, A loaded there),
+and overrides the rest (`parts`, `launcher_parts`). The delta family has no per-channel form.
 """
 from __future__ import annotations
 
@@ -42,13 +47,15 @@ from .triton_recurrent import AMP_IMPORT, decorators, first_order_only
 class ChunkForm:
     """What one level's chunked kernels compute: the family (delta or decay), the decay a_t (sympy,
     1: none) and the step size b_t (sympy, scalar, 1: none), the cumulative logs the error (delta)
-    and the reads see ('g' or 'gb')."""
+    and the reads see ('g' or 'gb'), and whether the decay is per key channel (`channels`: g is
+    [B, T, H, K], the decay family's `ChannelKernels`) or one scalar per token (g is [B, T, H])."""
     delta: bool
     decay: sympy.Expr
     step: sympy.Expr
     error: str
     read: str
     gates: tuple[str, ...]
+    channels: bool = False
 
     @property
     def decayed(self) -> bool:
@@ -71,9 +78,11 @@ def chunk_form(rules: LevelRules, plan: KernelPlan) -> ChunkForm:
         raise NotImplementedError(f"plan family {plan.family!r} has no chunked Triton kernels")
     if lv.memory.kind != "matrix":
         raise NotImplementedError(f"a {lv.memory.kind} memory: the chunked kernels hold a matrix state")
-    if decay_axis(rules, plan) != "scalar":
-        raise NotImplementedError("a per-key-channel decay (GLA-style) has no chunked Triton kernels yet "
-                                  "(the fused recurrent kernels run it)")
+    channels = decay_axis(rules, plan) == "key"
+    if channels and delta:
+        raise NotImplementedError("a per-key-channel decay in the delta family has no chunked Triton kernels "
+                                  "(its WY/UT system would be decayed per channel; the fused recurrent "
+                                  "kernels run it)")
     key_step, value_step = step_factors(rules, plan, value_target=not delta)
     if value_step != 1:
         raise NotImplementedError(f"a step size over value channels ({show(value_step)}) needs a "
@@ -87,9 +96,18 @@ def chunk_form(rules: LevelRules, plan: KernelPlan) -> ChunkForm:
     decay, step = sympy.sympify(plan.decay), sympy.sympify(key_step)
     gates = tuple(sorted(set(ir.gate_names(decay)) | set(ir.gate_names(step))))
     form = ChunkForm(delta, decay, step, "g" if lv.grad_at == "retained" else "gb",
-                     "g" if lv.read == "after" else "gb", gates)
-    Kernels(form, rules, "", "", []).text()  # a function the Triton printer has no form for raises
+                     "g" if lv.read == "after" else "gb", gates, channels)
+    renderer(form)(form, rules, "", "", []).text()  # a function the Triton printer has no form for raises
     return form
+
+
+def renderer(form: ChunkForm) -> type[Kernels]:
+    """The class that renders `form`: `Kernels`, or for a per-key-channel decay the decay family's
+    `ChannelKernels` (a subclass, in triton_chunk_decay.py, which imports this module)."""
+    if form.channels:
+        from .triton_chunk_decay import ChannelKernels
+        return ChannelKernels
+    return Kernels
 
 
 def imports(em: Emitter, lv: ir.Level, names: str, runtime: str = "") -> None:
@@ -110,13 +128,14 @@ def imports(em: Emitter, lv: ir.Level, names: str, runtime: str = "") -> None:
     em.gap()
 
 
-def load_rows(name: str, dim: str, fp32: bool = True) -> str:
-    """A chunk's rows of a [B, T, H, dim] tensor (rows r_t, mask m_t): [BT, BK] (dim K) or [BT, BV]
-    (dim V, block i_v), in fp32 unless `fp32` is False."""
+def load_rows(name: str, dim: str, fp32: bool = True, rows: str = "r_t", mask: str = "m_t",
+              other: str = "0.0") -> str:
+    """A chunk's rows of a [B, T, H, dim] tensor (rows r_t, mask m_t, or those given): [BT, BK] (dim K)
+    or [BT, BV] (dim V, block i_v), in fp32 unless `fp32` is False; `other` where masked."""
     o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
     cast = ".to(tl.float32)" if fp32 else ""
-    return (f"tl.load({name} + r_t[:, None] * {dim} + {o}[None, :], "
-            f"mask=m_t[:, None] & {m}[None, :], other=0.0){cast}")
+    return (f"tl.load({name} + {rows}[:, None] * {dim} + {o}[None, :], "
+            f"mask={mask}[:, None] & {m}[None, :], other={other}){cast}")
 
 
 def store_rows(name: str, dim: str, value: str) -> str:
@@ -215,6 +234,20 @@ class Kernels:
         if f.stepped:
             em.line("b_beta = tl.load(beta + r_t, mask=m_t, other=0.0)  # [BT]: step size b_t")
 
+    def rows(self, x: str) -> str:
+        """`x`, a per-token factor of the decay ([BT] here), as a factor of a [BT, BK] tile."""
+        return f"{x}[:, None]"
+
+    def keys(self, x: str) -> str:
+        """`x`, a factor of the decay over the whole chunk (a scalar here), as a factor of a [BK, BV]
+        state tile."""
+        return x
+
+    def reads(self) -> tuple[str, str]:
+        """Emit the chunk's masked reads [BT, BT]; (their expression, their name in comments)."""
+        self.read_matrix()
+        return "b_P * b_M", "P"
+
     def write_keys(self) -> None:
         em = self.em
         if self.f.stepped:
@@ -257,32 +290,24 @@ class Kernels:
         self.header()
         imports(em, self.lv, "_pack, initial_state")
         em.line("# Launch configuration, kept apart from the kernels (results do not depend on it).")
-        em.line("CHUNK = 64  # tokens per chunk (BT): a power of two, at least 16")
-        launch_configuration(em)
+        self.configuration()
         em.gap()
-        if f.gates:
-            self.gate_fwd_kernel()
+        for part in self.parts():
+            part()
             em.gap()
-        if f.delta:
-            self.wy_kernel()
-            em.gap()
-        self.state_kernel()
-        em.gap()
-        self.output_kernel()
-        em.gap()
-        self.state_bwd_kernel()
-        em.gap()
-        self.grads_kernel()
-        em.gap()
-        if f.gates:
-            self.gate_bwd_kernel()
-            em.gap()
-        self.launchers()
-        em.gap()
-        self.function()
-        em.gap()
         self.public()
         return em.text()
+
+    def configuration(self) -> None:
+        self.em.line("CHUNK = 64  # tokens per chunk (BT): a power of two, at least 16")
+        launch_configuration(self.em)
+
+    def parts(self) -> list:
+        """The file's kernels, in launch order (forward, then backward), then the host side."""
+        f = self.f
+        return ([self.gate_fwd_kernel] * bool(f.gates) + [self.wy_kernel] * f.delta +
+                [self.state_kernel, self.output_kernel, self.state_bwd_kernel, self.grads_kernel] +
+                [self.gate_bwd_kernel] * bool(f.gates) + [self.launchers, self.function])
 
     def header(self) -> None:
         em, lv, f = self.em, self.lv, self.f
@@ -297,6 +322,18 @@ class Kernels:
             em.line(f"  {key:<10} {comment(value)}")
         for text in self.math_lines:
             em.line(text)
+        self.method()
+        em.line(f"Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; gates {self.GATES}. State: S [B, H, K, V], "
+                "float32,")
+        em.line("row convention: o_t = S_t^T q_t. Per-chunk states [B, NT, H, K, V] in the inputs' dtype.")
+        em.line('"""')
+
+    GATES = "[B, T, H]"  # the gates' shapes, as the docstrings state them
+    SHAPE = 3  # the sizes of k the gate kernels take: B, T, H
+
+    def method(self) -> None:
+        """The docstring's lines on how the kernels compute: per chunk, then the kernels in order."""
+        em, f = self.em, self.f
         em.line("Per chunk of BT = CHUNK tokens (i, j = 1..BT), S_0 the state entering it, u_j = b_j k_j "
                 "the write keys,")
         em.line("g_i = sum_(r<=i) log a_r within the chunk (gb_i = g_(i-1)), D the values written"
@@ -313,14 +350,22 @@ class Kernels:
         em.line("Kernels: " + ("gate -> " if f.gates else "") + ("wy -> " if f.delta else "")
                 + "state (over chunks) -> output; backward: state_bwd (over chunks, backwards) -> grads"
                 + (" -> gate_bwd." if f.gates else "."))
-        em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; gates [B, T, H]. State: S [B, H, K, V], "
-                "float32,")
-        em.line("row convention: o_t = S_t^T q_t. Per-chunk states [B, NT, H, K, V] in the inputs' dtype.")
-        em.line('"""')
 
     def decorate(self, key: str) -> None:
         self.em.line(f"@triton.autotune(configs=CONFIGS, key=[{key}])")
         self.em.line('@triton.jit(do_not_specialize=["T"])')
+
+    def kernel_head(self, key: str, signature: tuple[str, str], doc: list[str]) -> None:
+        """A kernel's decorators (autotuned on `key`), its signature (the def line from the name on, and
+        the line continuing it) and its docstring's lines; the body follows under `em.indent()`."""
+        em = self.em
+        self.decorate(key)
+        with em.indent(f"def {signature[0]}"):
+            em.line(signature[1])
+            lines = ['"""' + doc[0], *doc[1:]]
+            lines[-1] += '"""'
+            for text in lines:
+                em.line(text)
 
     # ---- kernels ----------------------------------------------------------------------------
     def gate_fwd_kernel(self) -> None:
@@ -347,9 +392,13 @@ class Kernels:
                 if f.before:
                     em.line("tl.store(gb + r_t, b_g - b_la, mask=m_t)  # gb_i = g_(i-1)")
             if f.stepped:
-                em.line(f"b_beta = {self.printed(f.step)}  {where(lv.algorithm.span) or '#'} b_t = "
-                        f"{show(f.step)}")
-                em.line("tl.store(beta + r_t, b_beta, mask=m_t)")
+                self.store_step()
+
+    def store_step(self) -> None:
+        """b_beta [BT]: the step size b_t, printed from sympy, stored to beta."""
+        em, f = self.em, self.f
+        em.line(f"b_beta = {self.printed(f.step)}  {where(self.lv.algorithm.span) or '#'} b_t = {show(f.step)}")
+        em.line("tl.store(beta + r_t, b_beta, mask=m_t)")
 
     def gate_bwd_kernel(self) -> None:
         em, f = self.em, self.f
@@ -366,16 +415,7 @@ class Kernels:
             for g in f.gates:
                 em.line(f"{ident(g, 'b_g')} = tl.load({ident(g, 'g')} + r_t, mask=m_t, other=1.0)"
                         f".to(tl.float32)")
-            if f.decayed:
-                em.line("b_dg = tl.load(dg + r_t, mask=m_t, other=0.0)")
-                dla = "tl.sum(b_dg, 0) - tl.cumsum(b_dg, 0) + b_dg"
-                if f.before:
-                    em.line("b_dgb = tl.load(dgb + r_t, mask=m_t, other=0.0)")
-                    dla += " + tl.sum(b_dgb, 0) - tl.cumsum(b_dgb, 0)"
-                em.line("# d log a_r = sum_(i>=r) dg_i + sum_(i>r) dgb_i: reversed cumulative sums in the chunk")
-                em.line(f"b_dla = {dla}")
-            if f.stepped:
-                em.line("b_dbeta = tl.load(dbeta + r_t, mask=m_t, other=0.0)")
+            self.log_decay_grads()
             log_decay = sympy.log(f.decay)
             for g in f.gates:
                 x, terms = ir.gate_symbol(g), []
@@ -387,6 +427,25 @@ class Kernels:
                 em.line(f"{ident(g, 'b_dg')} = {total}  # gate {comment(g)}")
                 em.line(f"tl.store({ident(g, 'dg')} + r_t, {ident(g, 'b_dg')}.to("
                         f"{ident(g, 'dg')}.dtype.element_ty), mask=m_t)")
+
+    def log_decay_grads(self) -> None:
+        """b_dla: ∂/∂ log a_r of the chunk's tokens from the gradients of g and gb (reversed cumulative
+        sums), and b_dbeta: the step size's."""
+        em, f = self.em, self.f
+        if f.decayed:
+            em.line(f"b_dg = {self.token_load('dg')}")
+            dla = "tl.sum(b_dg, 0) - tl.cumsum(b_dg, 0) + b_dg"
+            if f.before:
+                em.line(f"b_dgb = {self.token_load('dgb')}")
+                dla += " + tl.sum(b_dgb, 0) - tl.cumsum(b_dgb, 0)"
+            em.line("# d log a_r = sum_(i>=r) dg_i + sum_(i>r) dgb_i: reversed cumulative sums in the chunk")
+            em.line(f"b_dla = {dla}")
+        if f.stepped:
+            em.line("b_dbeta = tl.load(dbeta + r_t, mask=m_t, other=0.0)")
+
+    def token_load(self, name: str) -> str:
+        """The chunk's rows of a per-token tensor of the decay's cumulative logs (or their gradients)."""
+        return f"tl.load({name} + r_t, mask=m_t, other=0.0)"
 
     def wy_kernel(self) -> None:
         em, f = self.em, self.f
@@ -465,8 +524,8 @@ class Kernels:
                 self.write_keys()
                 if f.decayed:
                     self.last_token()
-                    em.line("b_kb = b_kb * b_r[:, None]  # write keys decayed to the chunk end")
-                    em.line("b_h = b_h * tl.exp(b_glast)")
+                    em.line(f"b_kb = b_kb * {self.rows('b_r')}  # write keys decayed to the chunk end")
+                    em.line(f"b_h = b_h * {self.keys('tl.exp(b_glast)')}")
                 em.line("b_h += tl.dot(tl.trans(b_kb).to(DT), b_d.to(DT), input_precision=DOT)  "
                         "# S_C = exp(g_C) S_0 + sum_j ...")
             em.line("tl.store(ht + o_s + o_kv, b_h, mask=m_kv)")
@@ -499,8 +558,9 @@ class Kernels:
 
     def state_bwd_kernel(self) -> None:
         em, f = self.em, self.f
-        w = "w, " if f.delta else ""
+        w = "w, " if f.delta else ("A, " if f.channels else "")
         dd = "dv_new" if f.delta else "dv"
+        read = "A" if f.channels else "P"
         self.decorate('"H", "K", "V", "BT", "BV"')
         with em.indent(f"def chunk_state_bwd_kernel(q, k, {w}{self.token_args()}do, dht, dh, dh0, {dd}, T, NT, "
                        "H: tl.constexpr, K: tl.constexpr,"):
@@ -510,7 +570,7 @@ class Kernels:
             em.line('"""Program (i_v, i_bh), chunks backwards: saves ∂/∂ the state leaving each chunk '
                     '(dh), and ∂/∂D')
             em.line(("(the pseudo-values)" if f.delta else "(= ∂/∂v)") +
-                    " = P^T dO + (exp(g_C - g_j) u_j) . dS_C; ends with ∂/∂ the initial state."'"""')
+                    f" = {read}^T dO + (exp(g_C - g_j) u_j) . dS_C; ends with ∂/∂ the initial state."'"""')
             em.line("i_v, i_bh = tl.program_id(0), tl.program_id(1)")
             em.line("i_b, i_h = i_bh // H, i_bh % H")
             em.line("o_i = tl.arange(0, BT)")
@@ -530,13 +590,13 @@ class Kernels:
                 self.load_tokens()
                 self.write_keys()
                 em.line(f"b_do = {self.load('do', 'V')}")
-                self.read_matrix()
-                em.line("b_dd = tl.dot(tl.trans(b_P * b_M).to(DT), b_do.to(DT), input_precision=DOT)  # P^T dO")
+                reads, read = self.reads()
+                em.line(f"b_dd = tl.dot(tl.trans({reads}).to(DT), b_do.to(DT), input_precision=DOT)  # {read}^T dO")
                 if f.decayed:
                     self.last_token()
-                    em.line("b_dd += tl.dot((b_kb * b_r[:, None]).to(DT), b_dh.to(DT), input_precision=DOT)")
-                    em.line(f"b_qo = b_q * tl.exp(b_{f.read})[:, None]")
-                    em.line("b_dh = b_dh * tl.exp(b_glast)")
+                    em.line(f"b_dd += tl.dot((b_kb * {self.rows('b_r')}).to(DT), b_dh.to(DT), input_precision=DOT)")
+                    em.line(f"b_qo = b_q * {self.rows(f'tl.exp(b_{f.read})')}")
+                    em.line(f"b_dh = b_dh * {self.keys('tl.exp(b_glast)')}")
                 else:
                     em.line("b_dd += tl.dot(b_kb.to(DT), b_dh.to(DT), input_precision=DOT)")
                     em.line("b_qo = b_q")
@@ -569,38 +629,7 @@ class Kernels:
             em.line(f"b_k = {self.load('k', 'K')}")
             self.load_tokens()
             self.write_keys()
-            em.line(f"o_h = {self.per_chunk()}")
-            em.line("b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S_0^T")
-            em.line("b_dkr = tl.zeros([BT, BK], dtype=tl.float32)  # D dS_C^T")
-            em.line("b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # dO D^T")
-            if f.decayed:
-                em.line("b_hdh = tl.zeros([BK], dtype=tl.float32)  # <S_0, dS_C> by key channel")
-            if f.delta:
-                em.line("b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -dD S_0^T")
-                em.line("b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # dD V^T + dW (exp(ge) K)^T")
-                em.line("b_A = tl.load(A + r_t[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)")
-            d = "v_new" if f.delta else "v"
-            with em.indent("for i_v in range(0, tl.cdiv(V, BV)):"):
-                em.line("o_v = i_v * BV + tl.arange(0, BV)")
-                em.line("m_v = o_v < V")
-                self.state_tile()
-                em.line("b_h = tl.load(h + o_h + o_kv, mask=m_kv, other=0.0)")
-                em.line("b_dh = tl.load(dh + o_h + o_kv, mask=m_kv, other=0.0)")
-                em.line(f"b_do = {self.load('do', 'V')}")
-                em.line(f"b_d = {self.load(d, 'V')}")
-                em.line("b_dP += tl.dot(b_do.to(DT), tl.trans(b_d).to(DT), input_precision=DOT)")
-                em.line("b_dq += tl.dot(b_do.to(DT), tl.trans(b_h).to(DT), input_precision=DOT)")
-                em.line("b_dkr += tl.dot(b_d.to(DT), tl.trans(b_dh).to(DT), input_precision=DOT)")
-                if f.decayed:
-                    em.line("b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)")
-                if f.delta:
-                    em.line(f"b_dd = {self.load('dv_new', 'V')}")
-                    em.line(f"b_v = {self.load('v', 'V')}")
-                    em.line("b_dw -= tl.dot(b_dd.to(DT), tl.trans(b_h).to(DT), input_precision=DOT)")
-                    em.line("b_dA += tl.dot(b_dd.to(DT), tl.trans(b_v).to(DT), input_precision=DOT)")
-                    em.line("b_dv = tl.dot(tl.trans(b_A).to(DT), b_dd.to(DT), input_precision=DOT)  "
-                            "# U = A V")
-                    em.line(self.store("dv", "V", "b_dv"))
+            self.value_sums()
             em.line("# reads: O = (exp(go) Q) S_0 + P D")
             self.read_matrix()
             em.line("b_dP = b_dP * b_M")
@@ -665,11 +694,57 @@ class Kernels:
                 if f.before:
                     em.line(f"tl.store(dgb + r_t, {' + '.join(sums['gb'])}, mask=m_t)")
 
+    def value_sums(self) -> None:
+        """The grads kernel's sums over value blocks: b_dq = dO S_0^T, b_dkr = D dS_C^T, b_dP = dO D^T
+        (and b_hdh, the delta family's b_dw, b_dA)."""
+        em, f = self.em, self.f
+        em.line(f"o_h = {self.per_chunk()}")
+        em.line("b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO S_0^T")
+        em.line("b_dkr = tl.zeros([BT, BK], dtype=tl.float32)  # D dS_C^T")
+        em.line("b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # dO D^T")
+        if f.decayed:
+            em.line("b_hdh = tl.zeros([BK], dtype=tl.float32)  # <S_0, dS_C> by key channel")
+        if f.delta:
+            em.line("b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # -dD S_0^T")
+            em.line("b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # dD V^T + dW (exp(ge) K)^T")
+            em.line("b_A = tl.load(A + r_t[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)")
+        d = "v_new" if f.delta else "v"
+        with em.indent("for i_v in range(0, tl.cdiv(V, BV)):"):
+            em.line("o_v = i_v * BV + tl.arange(0, BV)")
+            em.line("m_v = o_v < V")
+            self.state_tile()
+            em.line("b_h = tl.load(h + o_h + o_kv, mask=m_kv, other=0.0)")
+            em.line("b_dh = tl.load(dh + o_h + o_kv, mask=m_kv, other=0.0)")
+            em.line(f"b_do = {self.load('do', 'V')}")
+            em.line(f"b_d = {self.load(d, 'V')}")
+            em.line("b_dP += tl.dot(b_do.to(DT), tl.trans(b_d).to(DT), input_precision=DOT)")
+            em.line("b_dq += tl.dot(b_do.to(DT), tl.trans(b_h).to(DT), input_precision=DOT)")
+            em.line("b_dkr += tl.dot(b_d.to(DT), tl.trans(b_dh).to(DT), input_precision=DOT)")
+            if f.decayed:
+                em.line("b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)")
+            if f.delta:
+                em.line(f"b_dd = {self.load('dv_new', 'V')}")
+                em.line(f"b_v = {self.load('v', 'V')}")
+                em.line("b_dw -= tl.dot(b_dd.to(DT), tl.trans(b_h).to(DT), input_precision=DOT)")
+                em.line("b_dA += tl.dot(b_dd.to(DT), tl.trans(b_v).to(DT), input_precision=DOT)")
+                em.line("b_dv = tl.dot(tl.trans(b_A).to(DT), b_dd.to(DT), input_precision=DOT)  "
+                        "# U = A V")
+                em.line(self.store("dv", "V", "b_dv"))
+
     # ---- host side --------------------------------------------------------------------------
     def launchers(self) -> None:
-        em, f = self.em, self.f
-        gates = self.gate_args("g")
-        tok = self.token_args()
+        """The host side: one launcher per kernel (or pair of kernels), in launch order."""
+        for launcher in self.launcher_parts():
+            launcher()
+            self.em.gap()
+
+    def launcher_parts(self) -> list:
+        gates = bool(self.f.gates)
+        return ([self.sizes_launcher] + [self.gate_fwd_launcher] * gates +
+                [self.states_launcher, self.output_launcher, self.bwd_launcher] + [self.gate_bwd_launcher] * gates)
+
+    def sizes_launcher(self) -> None:
+        em = self.em
         with em.indent("def _sizes(k, v):"):
             em.line('"""(B, T, H, K, V, BT, NT, BK, BV, DOT, DT): shapes, blocks, fp32 matmuls in full precision '
                     'for fp32')
@@ -683,20 +758,31 @@ class Kernels:
             em.line('DOT = "ieee" if k.dtype == torch.float32 else "tf32"')
             em.line("DT = tl.float32 if INTERPRET else MATMUL_TYPES[k.dtype]")
             em.line("return B, T, H, K, V, BT, triton.cdiv(T, BT), BK, BV, DOT, DT")
-        em.gap()
-        if f.gates:
-            with em.indent(f"def chunk_gate_fwd({gates}B, T, H):"):
-                em.line('"""The gates [B, T, H] -> ' + ", ".join(
-                    x for x, on in (("g", f.decayed), ("gb", f.before), ("beta", f.stepped)) if on) +
-                    ' [B, T, H] fp32."""')
-                em.line("f32 = dict(dtype=torch.float32, device=" + ident(f.gates[0], "g") + ".device)")
-                outs = [x for x, on in (("g", f.decayed), ("gb", f.before), ("beta", f.stepped)) if on]
-                for x in outs:
-                    em.line(f"{x} = torch.empty(B, T, H, **f32)")
-                em.line("chunk_gate_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](")
-                em.line(f"    {gates}{tok}T, H=H, BT=CHUNK)")
-                em.line(f"return {', '.join(outs)}{',' if len(outs) == 1 else ''}")
-            em.gap()
+
+    def gate_fwd_launcher(self) -> None:
+        em, f = self.em, self.f
+        gates = self.gate_args("g")
+        tok = self.token_args()
+        K = ", K" if f.channels else ""  # the cumulative logs per key channel: [B, T, H, K]
+        with em.indent(f"def chunk_gate_fwd({gates}B, T, H{K}):"):
+            outs = [x for x, on in (("g", f.decayed), ("gb", f.before), ("beta", f.stepped)) if on]
+            if f.channels:
+                shapes = ", ".join(x for x in outs if x != "beta") + " [B, T, H, K]" + \
+                    (", beta [B, T, H]" if f.stepped else "")
+            else:
+                shapes = ", ".join(outs) + " [B, T, H]"
+            em.line(f'"""The gates {self.GATES} -> {shapes} fp32."""')
+            em.line("f32 = dict(dtype=torch.float32, device=" + ident(f.gates[0], "g") + ".device)")
+            for x in outs:
+                em.line(f"{x} = torch.empty(B, T, H{'' if x == 'beta' else K}, **f32)")
+            em.line("chunk_gate_fwd_kernel[(triton.cdiv(T, CHUNK), B * H)](")
+            keys = ", K=K, BK=triton.next_power_of_2(K)" if f.channels else ""
+            em.line(f"    {gates}{tok}T, H=H, BT=CHUNK{keys})")
+            em.line(f"return {', '.join(outs)}{',' if len(outs) == 1 else ''}")
+
+    def states_launcher(self) -> None:
+        em, f = self.em, self.f
+        tok = self.token_args()
         with em.indent(f"def chunk_states(k, v, {tok}h0):"):
             em.line('"""k [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] fp32 -> the final state [B, H, K, V] fp32, '
                     'the states')
@@ -717,16 +803,26 @@ class Kernels:
             em.line("chunk_state_fwd_kernel[(triton.cdiv(V, BV), B * H)](")
             em.line(f"    k, {src}{tok}h0, {outs}T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=DOT, DT=DT)")
             em.line("return ht, h" + (", v_new, A, w" if f.delta else ""))
-        em.gap()
+
+    def output_launcher(self) -> None:
+        em, f = self.em, self.f
+        tok = self.token_args()
         d = "v_new" if f.delta else "v"
         with em.indent(f"def chunk_output(q, k, {d}, {tok}h):"):
-            em.line('"""The outputs o [B, T, H, V] (v\'s dtype) from the states entering each chunk."""')
+            em.line('"""The outputs o [B, T, H, V] (v\'s dtype) from the states entering each chunk' +
+                    (' and the reads within\n    it (A, from chunk_intra)."""' if f.channels else '."""'))
             em.line(f"B, T, H, K, V, BT, NT, BK, BV, DOT, DT = _sizes(k, {d})")
+            if f.channels:
+                em.line(f"A = chunk_intra(q, k, {tok.rstrip(', ')})")
             em.line(f"o = torch.empty_like({d})")
             em.line("chunk_output_fwd_kernel[(triton.cdiv(V, BV), NT, B * H)](")
-            em.line(f"    q, k, {d}, {tok}h, o, T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=DOT, DT=DT)")
+            args = f"q, {d}, {f.read}, A, h, o" if f.channels else f"q, k, {d}, {tok}h, o"
+            em.line(f"    {args}, T, NT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, DOT=DOT, DT=DT)")
             em.line("return o")
-        em.gap()
+
+    def bwd_launcher(self) -> None:
+        em, f = self.em, self.f
+        tok = self.token_args()
         with em.indent(f"def chunk_bwd(q, k, v, {tok}h0, do, dht):"):
             em.line('"""Gradients of q, k, v (fp32)' + (", of b_t" if f.stepped else "") +
                     (", of g" + (", gb" if f.before else "") if f.decayed else "") +
@@ -759,19 +855,22 @@ class Kernels:
             if not f.delta:
                 outs.insert(2, "dv")
             em.line(f"return {', '.join(outs)}, dh0")
-        if f.gates:
-            em.gap()
-            grads = [x for x, on in (("dg", f.decayed), ("dgb", f.before), ("dbeta", f.stepped)) if on]
-            with em.indent(f"def chunk_gate_bwd({gates}{', '.join(grads)}):"):
-                em.line('"""The gates\' gradients [B, T, H] (their dtypes)."""')
-                g0 = ident(f.gates[0], "g")
-                em.line(f"B, T, H = {g0}.shape")
-                for g in f.gates:
-                    em.line(f"{ident(g, 'dg')} = torch.empty_like({ident(g, 'g')})")
-                em.line("chunk_gate_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](")
-                em.line(f"    {gates}{', '.join(grads)}, {self.gate_args('dg')}T, H=H, BT=CHUNK)")
-                em.line(f"return {', '.join(ident(g, 'dg') for g in f.gates)}" +
-                        ("," if len(f.gates) == 1 else ""))
+
+    def gate_bwd_launcher(self) -> None:
+        em, f = self.em, self.f
+        gates = self.gate_args("g")
+        grads = [x for x, on in (("dg", f.decayed), ("dgb", f.before), ("dbeta", f.stepped)) if on]
+        with em.indent(f"def chunk_gate_bwd({gates}{', '.join(grads)}):"):
+            em.line(f'"""The gates\' gradients {self.GATES} (their shapes and dtypes)."""' if f.channels else
+                    '"""The gates\' gradients [B, T, H] (their dtypes)."""')
+            em.line("B, T, H, K = dg.shape" if f.channels else f"B, T, H = {ident(f.gates[0], 'g')}.shape")
+            for g in f.gates:
+                em.line(f"{ident(g, 'dg')} = torch.empty_like({ident(g, 'g')})")
+            em.line("chunk_gate_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](")
+            keys = ", K=K, BK=triton.next_power_of_2(K)" if f.channels else ""
+            em.line(f"    {gates}{', '.join(grads)}, {self.gate_args('dg')}T, H=H, BT=CHUNK{keys})")
+            em.line(f"return {', '.join(ident(g, 'dg') for g in f.gates)}" +
+                    ("," if len(f.gates) == 1 else ""))
 
     def function(self) -> None:
         em, f = self.em, self.f
@@ -782,7 +881,7 @@ class Kernels:
             with em.indent(f"def forward(ctx, q, k, v, {gates}h0):"):
                 if f.gates:
                     em.line(f"{tok.rstrip(', ')}{',' if tok.count(',') == 1 else ''} = "
-                            f"chunk_gate_fwd({gates}*k.shape[:3])")
+                            f"chunk_gate_fwd({gates}*k.shape[:{self.SHAPE}])")
                 if f.delta:
                     em.line(f"ht, h, v_new = chunk_states(k, v, {tok}h0)[:3]")
                     em.line(f"o = chunk_output(q, k, v_new, {tok}h)")
@@ -817,7 +916,7 @@ class Kernels:
         name = ident(lv.name, "level")
         kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
         with em.indent(f"def {name}(q, k, v, *, {kw}initial_state=None, output_final_state=False):"):
-            public_head(em, lv, "S [B, H, K, V]")
+            public_head(em, lv, "S [B, H, K, V]", self.GATES)
             em.line("(S,) = (state,) if torch.is_tensor(state) else tuple(state)")
             unused = [g for g in lv.gates if g not in f.gates]
             if unused:
@@ -828,12 +927,12 @@ class Kernels:
             em.line("return o, (_pack((final,)) if output_final_state else None)")
 
 
-def public_head(em: Emitter, lv: ir.Level, state: str) -> None:
-    """The public op's docstring (`state`: the state's layout) and its first lines, up to `state`:
-    the given initial state or the reference's (fp32)."""
+def public_head(em: Emitter, lv: ir.Level, state: str, gates: str = "[B, T, H]") -> None:
+    """The public op's docstring (`state`: the state's layout, `gates`: the gates') and its first
+    lines, up to `state`: the given initial state or the reference's (fp32)."""
     em.line(f'"""Level {comment(lv.name)!r}, chunked (Triton). q, k: [B, T, H, K]; v: [B, T, H, V]; '
             f"gates {', '.join(lv.gates) or '(none)'}:")
-    em.line("[B, T, H]; float32, bfloat16 or float16 (states and accumulation in fp32).")
+    em.line(f"{gates}; float32, bfloat16 or float16 (states and accumulation in fp32).")
     em.line(f"initial_state: {state} (default: the reference's initial_state).")
     em.line(f'Returns (o [B, T, H, V] in v\'s dtype, final state {state} float32, or None)."""')
     em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
@@ -844,4 +943,5 @@ def public_head(em: Emitter, lv: ir.Level, state: str) -> None:
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str, math_lines) -> str:
     """The source of `level_<name>_triton_chunk.py` for a level `unsupported` accepts."""
-    return Kernels(chunk_form(rules, plan), rules, model, file, math_lines).text()
+    form = chunk_form(rules, plan)
+    return renderer(form)(form, rules, model, file, math_lines).text()

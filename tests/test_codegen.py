@@ -45,7 +45,9 @@ TRITON_CHUNK_TOP = {"os", "torch", "triton", "tl", "_pack", "initial_state", "CH
                     "chunk_state_fwd_kernel", "chunk_output_fwd_kernel", "chunk_state_bwd_kernel",
                     "chunk_grads_bwd_kernel", "chunk_gate_bwd_kernel", "_sizes", "chunk_gate_fwd",
                     "chunk_states", "chunk_output", "chunk_bwd", "chunk_gate_bwd", "ChunkFunction",
-                    "autocast_forward", "autocast_backward"}
+                    "autocast_forward", "autocast_backward",
+                    # a per-key-channel decay's: the reads within a chunk by sub-chunks
+                    "SUB", "AUTO", "chunk_intra_fwd_kernel", "chunk_intra_bwd_kernel", "chunk_intra"}
 INIT_TOP = {"Layer"}
 
 
@@ -489,6 +491,30 @@ def test_hostile_names(base_program, case, names):
         assert normalised(source, mapping) == normalised(base_program.sources[base_file], {}), \
             f"{case}: {file} differs from the base spec's {base_file} beyond renaming"
     run_layer(program)
+
+
+# ... and the kernels of a per-key-channel decay (triton_chunk_decay.ChannelKernels): gate A over key
+# channels times the scalar B as the decay, B the step size; names like the kernels' own (A sorts before B,
+# as in the base, so the gates' order is the same)
+CHANNEL_TEMPLATE = TEMPLATE.replace("gate {A}[heads]", "gate {A}[heads, 4]").replace(
+    "bias l2", "bias dot").replace("retention decay({A})", "retention decay({A} * {B})")
+CHANNEL_HOSTILE = [("gates_dA_and_g", dict(A="dA", B="g")), ("gate_gb", dict(B="gb")),
+                   ("gate_SUB_level_chunk_intra", dict(A="SUB", L="chunk_intra")), ("gate_b_gp", dict(A="b_gp")),
+                   ("gate_j_let_o_c", dict(B="j", K="o_c"))]
+
+
+@pytest.mark.parametrize("case,names", CHANNEL_HOSTILE, ids=[c for c, _ in CHANNEL_HOSTILE])
+def test_hostile_names_in_per_channel_kernels(case, names):
+    base = nlc.compile(CHANNEL_TEMPLATE.format(**BASE_NAMES)).sources["level_memory_triton_chunk.py"]
+    assert "chunk_intra_fwd_kernel" in base  # the per-channel kernels, not the scalar ones
+    level = names.get("L", BASE_NAMES["L"])
+    source = nlc.compile(CHANNEL_TEMPLATE.format(**{**BASE_NAMES, **names})).sources[
+        f"level_{level}_triton_chunk.py"]
+    tree = ast.parse(source)
+    extra = top_level_names(tree) - TRITON_CHUNK_TOP - {f"level_{level}"}
+    assert not extra, f"{case}: unexpected top-level names {extra}"
+    mapping = {names.get(k, v): v for k, v in BASE_NAMES.items()}
+    assert normalised(source, mapping) == normalised(base, {}), f"{case}: differs from the base beyond renaming"
 
 
 def test_base_of_the_hostile_table_runs(base_program):

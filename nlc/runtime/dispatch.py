@@ -21,11 +21,12 @@ class TritonForms:
     def function(self, name: str, T: int, auto: bool = False):
         """The op `name` (level_<x>): the chunked kernels' for sequences of at least their CHUNK tokens
         (or where there are no recurrent ones), the fused recurrent kernels' otherwise; None if neither.
-        auto: only kernels whose module does not set `AUTO = False` (kernels not yet run on a GPU)."""
+        auto: only kernels whose module does not set `AUTO = False` (kernels not yet run on a GPU); where
+        the chunked ones say so, the fused recurrent ones at every length."""
         if self.chunked is not None:
             module = self.chunked()
             if auto and not getattr(module, "AUTO", True):
-                return None
+                return getattr(self.recurrent(), name) if self.recurrent is not None else None
             if T >= module.CHUNK or self.recurrent is None:
                 return getattr(module, name)
         return getattr(self.recurrent(), name) if self.recurrent is not None else None
@@ -52,10 +53,11 @@ def pick(reference, chunked, mode: str, T: int, triton: TritonForms | None = Non
     """The op function to call: `reference` is a level's reference op `level_<name>`, `chunked` its
     generated chunk module or None, `triton` its Triton kernels or None, `device` the inputs' device.
     auto: the Triton kernels on CUDA tensors where triton imports and the level has them (and they
-    have run on a GPU: modules with `AUTO = False` are left to mode='triton'), else the
-    chunked form for sequences of at least one chunk (training, prefill) and the reference loop for
-    shorter ones (decoding); chunk: the chunked form or an error saying why not; triton: the chunked
-    Triton kernels from their CHUNK tokens on, the fused recurrent ones below, or an error saying why not."""
+    have run on a GPU: modules with `AUTO = False` are left to mode='triton', and the level's fused
+    recurrent kernels run instead where it has them), else the chunked form for sequences of at least
+    one chunk (training, prefill) and the reference loop for shorter ones (decoding); chunk: the
+    chunked form or an error saying why not; triton: the chunked Triton kernels from their CHUNK
+    tokens on, the fused recurrent ones below, or an error saying why not."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a mode; modes: {', '.join(MODES)}")
     name = reference.__name__

@@ -1,7 +1,10 @@
 """Chunked Triton kernels (decay and delta families) against the reference loop: outputs, final states
 and the gradients of every input (q, k, v, gates, initial state), over every shipped level and every
 design-space point whose plan family is decay or delta, for T = 1, 63, 100 and head dims 16, 32, 64,
-with chunks of 16 or 64 tokens (neither divides 63 or 100).
+with chunks of 16 or 64 tokens (neither divides 63 or 100). Per-key-channel decays (GLA's kernels):
+the shipped GLA, the design space's decay points with their decay gate over key channels (and one
+with a scalar times a per-channel gate), and a decay strong enough (log a = -5 a token) that a
+chunk's cumulative log reaches -320, where exp(-g) overflows float32.
 
 Precision as in test_fused_recurrent: fp32 kernels against the float64 reference on the same inputs,
 relative error ||x - ref|| / ||ref|| <= 1e-4; bf16 inputs (fp32 states) 2e-2.
@@ -47,14 +50,34 @@ def _design():
             if plan(derive(check(text)[0])["memory"], 5).family in FAMILIES]
 
 
+def _by_channel(design):
+    """The points whose decay is the gate alpha, with alpha over key channels (the head dim the tests
+    substitute for 3), where they stay in the two families (the decay family's; the planner leaves a
+    delta rule with a per-channel decay to the reference loop); and the `before` one with a scalar
+    alpha times a per-channel gamma."""
+    out = []
+    for name, text in design:
+        if "retention decay(alpha)" in text:
+            out.append((f"{name}-channels", text.replace("gate alpha[heads] =", "gate alpha[heads, 3] =")))
+            if name.endswith("-before"):
+                out.append((f"{name}-mixed-channels", text.replace("decay(alpha)", "decay(alpha * gamma)")
+                            .replace("gate gamma[heads] =", "gate gamma[heads, 3] =")))
+    return [(name, text) for name, text in out if plan(derive(check(text)[0])["memory"], 5).family in FAMILIES]
+
+
 SHIPPED = _shipped()
 DESIGN = _design()
+CHANNELS = _by_channel(DESIGN)
 KERNELS = [(s, lv) for s, lv, has in SHIPPED if has]
 CPU_SIZES = ((16, 100, 16), (32, 63, 64), (16, 1, 64))  # (head dim, T, chunk)
+# the per-channel points on the CPU: T = 1; a ragged last chunk with an empty sub-chunk (100 = 64 + 36)
+CHANNEL_SIZES = ((16, 1, 64), (16, 100, 16), (64, 100, 64), (32, 63, 64), (16, 100, 64))
 SHIPPED_CASES = [(s, lv, d, t, c) for s, lv in KERNELS for d in DIMS for t in LENGTHS for c in CHUNKS
                  if GPU or (d, t, c) in CPU_SIZES[:2]] + [("gated_deltanet", "memory", 64, 100, 16)]
-DESIGN_CASES = [(n, text, d, t, c) for n, text in DESIGN for d in DIMS for t in LENGTHS for c in CHUNKS] \
-    if GPU else [(n, text, *CPU_SIZES[i % 3]) for i, (n, text) in enumerate(DESIGN)]
+DESIGN_CASES = [(n, text, d, t, c) for n, text in DESIGN + CHANNELS for d in DIMS for t in LENGTHS
+                for c in CHUNKS] if GPU else \
+    [(n, text, *CPU_SIZES[i % 3]) for i, (n, text) in enumerate(DESIGN)] + \
+    [(n, text, *CHANNEL_SIZES[i]) for i, (n, text) in enumerate(CHANNELS)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,11 +110,11 @@ def _run(function, gates_of, inputs, dtype, device):
     return [o, final, *(x.grad for x in leaves)]
 
 
-def _compare(program, level, T, chunk, monkeypatch, dtype=torch.float32, rtol=RTOL):
+def _compare(program, level, T, chunk, monkeypatch, dtype=torch.float32, rtol=RTOL, inputs=None):
     op = program.op(level)
     kernels = program.module(f"level_{level}_triton_chunk")
     monkeypatch.setattr(kernels, "CHUNK", chunk)
-    inputs = _stable_inputs(op, T, seed=0)
+    inputs = inputs or _stable_inputs(op, T, seed=0)
     rounded = tuple(x.to(dtype).double() if torch.is_tensor(x) else
                     ({n: g.to(dtype).double() for n, g in x.items()} if isinstance(x, dict) else
                      tuple(s.to(dtype).double() for s in x)) for x in inputs)
@@ -122,15 +145,36 @@ def test_design_space_matches_the_reference(name, text, dim, T, chunk, monkeypat
     _compare(program, "memory", T, chunk, monkeypatch)
 
 
-def test_bf16_inputs_with_an_fp32_state(monkeypatch):
-    _compare(_shipped_program("gated_deltanet", 32), "memory", 100, 16, monkeypatch,
+@pytest.mark.parametrize("stem", ["gated_deltanet", "gla"])
+def test_bf16_inputs_with_an_fp32_state(stem, monkeypatch):
+    _compare(_shipped_program(stem, 32), "memory", 100, 16 if stem != "gla" else 64, monkeypatch,
              dtype=torch.bfloat16, rtol=RTOL_BF16)
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["every-channel", "half-the-channels"])
+def test_a_strong_per_channel_decay_stays_finite(mixed, monkeypatch):
+    """GLA with log a_t around -5 a token (uniform in [-6, -4]): a chunk of 64 tokens sums its
+    cumulative log to about -320, so exp(-g) (1e139) overflows float32 and a whole-chunk
+    (q exp(g)) (k exp(-g))^T would give inf and NaN. The kernels' sub-chunk blocks keep every exponent
+    <= 0. `mixed`: the odd channels decay slowly instead (log a in [-0.05, 0]), so the state carries
+    them across chunks while the even ones forget within a token."""
+    program = _shipped_program("gla", 32)
+    op = program.op("memory")
+    q, k, v, gates, state = _stable_inputs(op, 100, seed=0)
+    g = torch.Generator().manual_seed(3)
+    log_a = -6 + 2 * torch.rand(gates["a"].shape, generator=g, dtype=torch.float64)
+    if mixed:
+        log_a[..., 1::2] = -0.05 * torch.rand(log_a[..., 1::2].shape, generator=g, dtype=torch.float64)
+    assert log_a[..., :64, :, 0].sum(1).max() < -250  # the first chunk's cumulative log, channel 0
+    _compare(program, "memory", 100, 64, monkeypatch, inputs=(q, k, v, {"a": log_a.exp()}, state))
+
+
 def test_every_family_level_is_covered_or_says_why():
-    """Gated DeltaNet, DeltaNet, RetNet, Mamba2 and linear attention have chunked kernels; GLA's
-    per-channel decay and Longhorn's per-value-channel step say why not, and keep fused recurrent ones."""
-    assert {s for s, _ in KERNELS} >= {"deltanet", "gated_deltanet", "linear_attention", "mamba2", "retnet"}
+    """Gated DeltaNet, DeltaNet, RetNet, Mamba2, linear attention and GLA (a per-key-channel decay)
+    have chunked kernels; Longhorn's per-value-channel step says why not, and keeps fused recurrent ones."""
+    assert {s for s, _ in KERNELS} >= {"deltanet", "gated_deltanet", "gla", "linear_attention", "mamba2",
+                                       "retnet"}
+    assert {s for s, _, has in SHIPPED if not has} == {"longhorn"}
     from nlc.codegen.triton_chunk_common import unsupported
     for stem, level, has in SHIPPED:
         if not has:
@@ -139,6 +183,7 @@ def test_every_family_level_is_covered_or_says_why():
             assert unsupported(program.rules[level], p, p.family)
             assert f"level_{level}_triton.py" in program.sources
     assert len(DESIGN) >= 19
+    assert len(CHANNELS) == 5 and len(CHANNEL_SIZES) == len(CHANNELS)
 
 
 def test_triton_mode_picks_chunked_kernels_for_long_sequences():
@@ -149,6 +194,21 @@ def test_triton_mode_picks_chunked_kernels_for_long_sequences():
     short, long = op.pick("triton", 1, torch.device(DEVICE)), op.pick("triton", chunk, torch.device(DEVICE))
     assert short.__module__.endswith("level_memory_triton")
     assert long.__module__.endswith("level_memory_triton_chunk")
+
+
+def test_triton_mode_picks_glas_chunked_kernels_and_auto_leaves_them():
+    """GLA's chunked kernels follow the scalar-decay levels' rule under mode='triton' (from CHUNK tokens
+    on); they say AUTO = False (run under the interpreter only so far), so mode='auto' keeps the
+    fused recurrent kernels at every length."""
+    program = _shipped_program("gla", 16)
+    op = program.op("memory")
+    chunk = program.module("level_memory_triton_chunk").CHUNK
+    device = torch.device(DEVICE)
+    assert op.pick("triton", chunk - 1, device).__module__.endswith("level_memory_triton")
+    assert op.pick("triton", chunk, device).__module__.endswith("level_memory_triton_chunk")
+    assert op.triton.chunked().AUTO is False
+    for T in (1, chunk, 4 * chunk):
+        assert op.triton.function("level_memory", T, auto=True).__module__.endswith("level_memory_triton")
 
 
 def test_a_layer_with_the_triton_backend_equals_the_reference_layer():

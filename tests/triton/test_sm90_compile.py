@@ -30,7 +30,7 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # (spec, level, params, T): a level of every Triton family; T of at least one chunk runs the chunked
 # kernels, T = 1 the fused recurrent ones
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
-         ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70),
+         ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20)]
 
 

@@ -110,20 +110,20 @@ def imports(em: Emitter, lv: ir.Level, names: str, runtime: str = "") -> None:
     em.gap()
 
 
-def load_rows(name: str, dim: str, fp32: bool = True) -> str:
-    """A chunk's rows of a [B, T, H, dim] tensor (rows r_t, mask m_t): [BT, BK] (dim K) or [BT, BV]
-    (dim V, block i_v), in fp32 unless `fp32` is False."""
+def load_rows(name: str, dim: str, fp32: bool = True, rows: str = "t") -> str:
+    """A chunk's rows of a [B, T, H, dim] tensor (rows r_t, mask m_t; or another set of rows r_<rows>,
+    m_<rows>): [BT, BK] (dim K) or [BT, BV] (dim V, block i_v), in fp32 unless `fp32` is False."""
     o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
     cast = ".to(tl.float32)" if fp32 else ""
-    return (f"tl.load({name} + r_t[:, None] * {dim} + {o}[None, :], "
-            f"mask=m_t[:, None] & {m}[None, :], other=0.0){cast}")
+    return (f"tl.load({name} + r_{rows}[:, None] * {dim} + {o}[None, :], "
+            f"mask=m_{rows}[:, None] & {m}[None, :], other=0.0){cast}")
 
 
-def store_rows(name: str, dim: str, value: str) -> str:
-    """Store `value` into a chunk's rows of a [B, T, H, dim] tensor, in the tensor's dtype."""
+def store_rows(name: str, dim: str, value: str, rows: str = "t") -> str:
+    """Store `value` into a chunk's rows of a [B, T, H, dim] tensor (or rows r_<rows>), in the tensor's dtype."""
     o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
-    return (f"tl.store({name} + r_t[:, None] * {dim} + {o}[None, :], "
-            f"{value}.to({name}.dtype.element_ty), mask=m_t[:, None] & {m}[None, :])")
+    return (f"tl.store({name} + r_{rows}[:, None] * {dim} + {o}[None, :], "
+            f"{value}.to({name}.dtype.element_ty), mask=m_{rows}[:, None] & {m}[None, :])")
 
 
 def launch_configuration(em: Emitter) -> None:

@@ -66,8 +66,6 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
         return f"plan family {plan.family!r}, not 'frozen'"
     if lv.target != "value" or lv.init_from is not None:
         return "a self-generated target or a restart (init from) is not in the chunked frozen kernels"
-    if lv.bias.kind == "omega" and not linear_memory(lv.memory):
-        return "omega windows are not yet in the MLP memories' chunked frozen kernels"
     vector = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] != "scalar"]
     if vector:
         return f"the bias gradient reads per-channel gate(s) {', '.join(vector)}: not in the kernels"

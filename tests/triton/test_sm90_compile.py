@@ -33,7 +33,7 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
-         ("omeganet", "memory", {"depth": 1}, 20)]
+         ("omeganet", "memory", {"depth": 1}, 20), ("omeganet", "memory", {"depth": 2}, 20)]
 
 
 def _launches(op, T):

@@ -340,15 +340,9 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
 
 
 def _render_window_helpers(em: Emitter) -> None:
+    render_with_tail(em)
+    em.gap()
     em.block('''
-def _with_tail(tail, chunk):
-    """Per tensor, the chunk's rows [B, H, L, D] after the up to WINDOW - 1 rows before it (tail
-    [B, H, P, D]) -> (rows [B, H, P + L, D] each, the next chunk's tail)."""
-    rows = tuple(torch.cat([t, x], dim=2) for t, x in zip(tail, chunk))
-    N = rows[0].shape[2]
-    return rows, tuple(x[:, :, max(N - (WINDOW - 1), 0):] for x in rows)
-
-
 def _window(gamma, L):
     """The omega windows Ω [B, H, L, N] of a chunk's last L tokens among N: Ω[t, i] = gamma_i when
     token i is one of the WINDOW tokens up to token t (which is N - L + t), else 0. gamma [B, H, N, 1]."""
@@ -356,6 +350,19 @@ def _window(gamma, L):
     t = torch.arange(N - L, N, device=gamma.device)[:, None]
     i = torch.arange(N, device=gamma.device)
     return gamma.transpose(-1, -2) * ((i <= t) & (i > t - WINDOW))
+''')
+
+
+def render_with_tail(em: Emitter) -> None:
+    """`_with_tail`: a chunk's rows after those of the tokens before it that its omega windows reach
+    (also in the frozen MLP Triton file)."""
+    em.block('''
+def _with_tail(tail, chunk):
+    """Per tensor, the chunk's rows [B, H, L, D] after the up to WINDOW - 1 rows before it (tail
+    [B, H, P, D]) -> (rows [B, H, P + L, D] each, the next chunk's tail)."""
+    rows = tuple(torch.cat([t, x], dim=2) for t, x in zip(tail, chunk))
+    N = rows[0].shape[2]
+    return rows, tuple(x[:, :, max(N - (WINDOW - 1), 0):] for x in rows)
 ''')
 
 

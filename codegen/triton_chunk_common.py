@@ -138,11 +138,12 @@ def load_rows(name: str, dim: str, fp32: bool = True, rows: str = "r_t", mask: s
             f"mask={mask}[:, None] & {m}[None, :], other={other}){cast}")
 
 
-def store_rows(name: str, dim: str, value: str) -> str:
-    """Store `value` into a chunk's rows of a [B, T, H, dim] tensor, in the tensor's dtype."""
+def store_rows(name: str, dim: str, value: str, rows: str = "r_t", mask: str = "m_t") -> str:
+    """Store `value` into a chunk's rows of a [B, T, H, dim] tensor (rows r_t, mask m_t, or those given),
+    in the tensor's dtype."""
     o, m = ("o_k", "m_k") if dim == "K" else ("o_v", "m_v")
-    return (f"tl.store({name} + r_t[:, None] * {dim} + {o}[None, :], "
-            f"{value}.to({name}.dtype.element_ty), mask=m_t[:, None] & {m}[None, :])")
+    return (f"tl.store({name} + {rows}[:, None] * {dim} + {o}[None, :], "
+            f"{value}.to({name}.dtype.element_ty), mask={mask}[:, None] & {m}[None, :])")
 
 
 def launch_configuration(em: Emitter) -> None:

@@ -18,6 +18,15 @@ P[t, i] = prod_(i<r<=t) a_r, b_t = prod_(r<=t) a_r (Pm, m: the same of beta). Re
 O = diag(b) Q W_0 + diag(f) Q M_0 - (G ⊙ Q K^T) D (rows shifted by one token for read before), and
 row L-1 is the state carried to the next chunk.
 
+An omega window (`bias omega(window = c, gamma) of <bias>`, MATH.md §3.8) replaces u_t by g_t =
+sum_i Ω[t, i] u_i, Ω[t, i] = gamma_i over the c tokens up to t. So a chunk sums the gradients of its
+window's CW = C + c - 1 rows j (the c - 1 tokens before it, re-evaluated at W_0, none before the
+call's first token; then its own): K, V and D take a row per window row, copied per chunk on the host
+(`_windows`, whose backward sums a token's rows over the windows that hold it, so the kernels never
+write one token from two programs), and G and the carried rows become G Ω [L, CW], printed inside
+every kernel from the band mask and gamma's gates at the window's rows. Gamma's gradient comes back
+through Ω: ∂/∂gamma_j = sum_t [Ω[t, j] != 0] (G^T ∂/∂(G Ω) + the carried rows' outer products)[t, j].
+
 Kernels: state (over chunks: saves each chunk's entering state in fp32 and D) -> output (per chunk
 and value block); backward: state_bwd (over chunks, backwards: ∂/∂ each chunk's leaving state) ->
 grads (per chunk: q, k, v, and the coefficients' gradients back through the log-space products to
@@ -57,8 +66,6 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
         return f"plan family {plan.family!r}, not 'frozen'"
     if lv.target != "value" or lv.init_from is not None:
         return "a self-generated target or a restart (init from) is not in the chunked frozen kernels"
-    if lv.bias.kind == "omega":
-        return "omega windows are not in the chunked frozen kernels"
     vector = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] != "scalar"]
     if vector:
         return f"the bias gradient reads per-channel gate(s) {', '.join(vector)}: not in the kernels"
@@ -84,6 +91,8 @@ def _kernels(lv: ir.Level):
 
 
 class _Kernels:
+    BIAS_ON_WINDOW_ROWS = True  # the bias map runs in these kernels, at the window's rows (omega)
+
     def __init__(self, rules: LevelRules, plan: KernelPlan, model: str, file: str):
         lv = self.lv = rules.level
         self.plan, self.model, self.file = plan, model, file
@@ -96,9 +105,23 @@ class _Kernels:
         self.grad = sympy.sympify(rules.bias.grad).subs(S.y, S.e + S.v)  # d(e, r, v, gates)
         self.state_free = not (self.grad.free_symbols & {S.e, S.r})
         self.norm = S.r in self.grad.free_symbols
-        used = [*self.roles.values(), self.grad]
-        self.gates = sorted(set().union(*(ir.gate_names(x) for x in used)))
         self.bias_gates = ir.gate_names(self.grad)
+        # an omega window (MATH.md §3.8): token t's gradient is sum_i Ω[t, i] u_i over its WINDOW tokens,
+        # Ω[t, i] = gamma_i; the gradients are those of the chunk's window rows j (the WINDOW - 1 tokens
+        # before it, then its own), all at W_0, and the scan coefficients become G Ω
+        self.omega = lv.bias.kind == "omega"
+        self.gamma = sympy.sympify(lv.bias.args["gamma"]) if self.omega else None
+        self.j = "j" if self.omega else "t"  # the rows of the gradients a chunk sums: r_j, m_j or r_t, m_t
+        self.BJ = "BW" if self.omega else "BT"
+        self.G, self.gc, self.hc = ("b_Gw", "b_gcw", "b_hcw") if self.omega else ("b_Gr", "b_gc", "b_hc")
+        windowed = self.omega and self.BIAS_ON_WINDOW_ROWS  # the bias map at the window's rows, here
+        used = [*self.roles.values()] + ([] if windowed else [self.grad])
+        self.gates = sorted(set().union(*(ir.gate_names(x) for x in used)))  # read at the chunk's rows
+        self.window_gates = sorted(set(self.bias_gates if windowed else []) | set(ir.gate_names(self.gamma))) \
+            if self.omega else []  # read at its window's rows
+        # where the bias map reads its gates and rows: the window's rows j, or the chunk's (or those of
+        # the MLP file's bias kernels) t
+        self.bias_prefix, self.bias_block, self.bias_rows = ("b_gw", "BW", "j") if windowed else ("b_g", "BT", "t")
         self.em = Emitter()
 
     # ---- names and printed expressions -------------------------------------------------------
@@ -108,13 +131,20 @@ class _Kernels:
         text = to_triton(expr, {ir.gate_symbol(g): ident(g, "b_g") for g in self.gates})
         return text if expr.free_symbols else f"({text} + tl.zeros([BT], dtype=tl.float32))"
 
+    def window_tok(self, expr) -> str:
+        """A per-token expression over the window gates' [BW] blocks (the chunk's window rows), as a [BW] block."""
+        expr = sympy.sympify(expr)
+        text = to_triton(expr, {ir.gate_symbol(g): ident(g, "b_gw") for g in self.window_gates})
+        return text if expr.free_symbols else f"({text} + tl.zeros([BW], dtype=tl.float32))"
+
     def elem(self, expr) -> str:
-        """An expression of the bias gradient over [BT, BV] blocks (e, v; r and gates by row)."""
-        names = {ir.gate_symbol(g): ident(g, "b_g") + "[:, None]" for g in self.gates}
+        """An expression of the bias gradient over [BT, BV] blocks ([BW, BV] on an omega window's rows;
+        e, v; r and gates by row)."""
+        names = {ir.gate_symbol(g): ident(g, self.bias_prefix) + "[:, None]" for g in self.bias_gates}
         names |= {S.e: "b_e", S.r: "b_r[:, None]", S.v: "b_v"}
         expr = sympy.sympify(expr)
         text = to_triton(expr, names)
-        return text if expr.free_symbols else f"({text} + tl.zeros([BT, BV], dtype=tl.float32))"
+        return text if expr.free_symbols else f"({text} + tl.zeros([{self.bias_block}, BV], dtype=tl.float32))"
 
     def times(self, expr, by: str, printer=None) -> str:
         """expr * by, printed by `printer` (default `elem`), dropping a factor of ±1."""
@@ -123,8 +153,13 @@ class _Kernels:
             return by if expr == 1 else f"-{by}"
         return f"{(printer or self.elem)(expr)} * {by}"
 
+    def gate_names(self, prefix: str = "g") -> list[str]:
+        """The gate tensors' names: those read at the chunk's rows (`prefix`), then those read at its
+        window's rows (`prefix` + w, [B, NT, CW, H] each)."""
+        return [ident(g, prefix) for g in self.gates] + [ident(g, prefix + "w") for g in self.window_gates]
+
     def gate_args(self, prefix: str = "g") -> str:
-        return "".join(f"{ident(g, prefix)}, " for g in self.gates)
+        return "".join(f"{name}, " for name in self.gate_names(prefix))
 
     def states(self, prefix: str = "", suffix: str = "") -> str:
         """The state tensors' names, h (W) and, with momentum, hm (M), with a prefix and suffix."""
@@ -152,6 +187,11 @@ class _Kernels:
                 "`gradient chunk_start`, part of the rule")
         self.em.line("AUTO = False  # checked under Triton's interpreter, not yet on a GPU: mode='auto' keeps the "
                      "chunked PyTorch form, mode='triton' runs these kernels")
+        if self.omega:
+            self.em.line(f"WINDOW = {int(self.lv.bias.args['window'])}  # the omega window: token t's gradient "
+                         "sums those of its last WINDOW tokens")
+            self.em.line("CW = CHUNK + WINDOW - 1  # rows of a chunk's window: the WINDOW - 1 tokens before it, "
+                         "then its own")
 
     def header(self) -> None:
         em = self.em
@@ -175,11 +215,28 @@ class _Kernels:
         em.line("  " + ("reads after the write (row t)" if self.after else
                         "reads before the write: rows of b, f, G at t - 1 (b = 1, f = 0, G = 0 at t = 0)") +
                 "; the state carried on is row L-1")
+        self.window_doc("K, V and D")
         em.line("Kernels: state (over chunks) -> output; backward: state_bwd (over chunks, backwards) -> grads.")
         em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; gates [B, T, H]. State: " +
                 ("(W, M), each" if self.momentum else "W") + " [B, H, K, V], float32,")
         em.line("row convention: o_t = W_t^T q_t. Per-chunk states [B, NT, H, K, V] float32.")
         em.line('"""')
+
+    def window_doc(self, rows: str) -> None:
+        """The docstring's lines on an omega window (`rows`: what the window's rows hold)."""
+        if not self.omega:
+            return
+        em = self.em
+        em.line(f"Omega window (MATH.md §3.8): u_t is replaced by g_t = sum_i Ω[t, i] u_i, Ω[t, i] = gamma_i = "
+                f"{show(self.gamma)}")
+        em.line("for the WINDOW tokens i up to t. A chunk's gradients are those of its window's CW = CHUNK + "
+                "WINDOW - 1")
+        em.line("rows j: the WINDOW - 1 tokens before it (re-evaluated at W_0, none before the call's first), "
+                "then its own.")
+        em.line(f"So {rows} have a row per window row j, and G (and the carried rows) become G Ω [L, CW]")
+        em.line("(gamma is in the coefficients: ∂/∂gamma comes back through Ω). Inputs at the window's rows "
+                "are copied")
+        em.line("per chunk (`_windows`, [.., NT, CW, ..]); its backward sums each token's rows.")
 
     def summary(self, precision: str) -> None:
         """The docstring's provenance and the level's rule: its fields, step and scan roles."""
@@ -258,12 +315,27 @@ def suffix_sums(b_x):
         em.line("m_t = (o_i < C) & (o_t < T)")
         em.line("r_t = ((i_b * T + o_t) * H + i_h).to(tl.int64)  # row of each token in [B, T, H, ...]")
         em.line("i_last = tl.minimum(T - i_t * C, C) - 1  # the chunk's last token")
+        if self.omega:
+            self.window_rows()
 
-    def load(self, name: str, dim: str) -> str:
-        return common.load_rows(name, dim)
+    def window_rows(self) -> None:
+        """The rows j of chunk i_t's omega window: o_j, its token o_tj, m_j (a token of this call) and r_j."""
+        em = self.em
+        em.line("o_j = tl.arange(0, BW)  # row of the chunk's window: the CW - C = WINDOW - 1 tokens before it, "
+                "then its own")
+        em.line("o_tj = i_t * C - (CW - C) + o_j  # token")
+        em.line("m_j = (o_j < CW) & (o_tj >= 0) & (o_tj < T)  # none before the call's first token")
+        em.line(self.window_row())
 
-    def store(self, name: str, dim: str, value: str) -> str:
-        return common.store_rows(name, dim, value)
+    def window_row(self) -> str:
+        return "r_j = (((i_b * NT + i_t) * CW + o_j) * H + i_h).to(tl.int64)  # row of each in [B, NT, CW, H, ...]"
+
+    def load(self, name: str, dim: str, rows: str = "t") -> str:
+        """A block of rows r_<rows> (mask m_<rows>): a chunk's tokens (t) or its window's rows (j)."""
+        return common.load_rows(name, dim, rows=f"r_{rows}", mask=f"m_{rows}")
+
+    def store(self, name: str, dim: str, value: str, rows: str = "t") -> str:
+        return common.store_rows(name, dim, value, rows=f"r_{rows}", mask=f"m_{rows}")
 
     def per_chunk(self) -> str:
         """Offset of chunk i_t's state of (batch, head) in [B, NT, H, K, V]."""
@@ -329,6 +401,28 @@ def suffix_sums(b_x):
                 em.line("b_ml = b_sml * tl.exp(b_gml)  # m_(L-1)")
             else:
                 em.line("b_gc = b_rho * b_w  # G[L-1, j]")
+        if self.omega:
+            self.window(read, carry)
+
+    def window(self, read: bool, carry: bool) -> None:
+        """The omega window Ω [BT, BW] of chunk i_t and the coefficients of its rows' gradients: b_Gw = G Ω
+        (`read`); b_gcw, b_hcw = the carried rows of G Ω and Pm lr Ω (`carry`)."""
+        em = self.em
+        for g in self.window_gates:
+            em.line(f"{ident(g, 'b_gw')} = tl.load({ident(g, 'gw')} + r_j, mask=m_j, other=0.5).to(tl.float32)  "
+                    f"# gate {comment(g)} at the window's rows")
+        em.line(f"b_gam = tl.where(m_j, {self.window_tok(self.gamma)}, 0.0)  {where(self.lv.bias.span) or '#'} "
+                f"gamma_j = {show(self.gamma)}")
+        em.line("m_O = m_t[:, None] & m_j[None, :] & (o_j[None, :] >= o_i[:, None]) & "
+                "(o_j[None, :] <= o_i[:, None] + CW - C)  # row j: one of the WINDOW tokens up to t")
+        em.line("b_O = tl.where(m_O, b_gam[None, :], 0.0)  # Ω[t, j] = gamma_j")
+        if read:
+            em.line(f"b_Gw = {self.dot('b_Gr', 'b_O', exact=True)}  # G Ω: the reads' coefficients of the "
+                    "rows' gradients")
+        if carry:
+            em.line("b_gcw = tl.sum(b_gc[:, None] * b_O, 0)  # (G Ω)[L-1, j]: the carried row")
+            if self.momentum:
+                em.line("b_hcw = tl.sum(b_hc[:, None] * b_O, 0)  # (Pm lr Ω)[L-1, j]: the momentum's")
 
     def error(self) -> None:
         """b_e [BT, BV] = K W_0 - V at the chunk-start state b_h (and b_norm, b_r for ||e||)."""
@@ -349,16 +443,16 @@ def suffix_sums(b_x):
         if self.norm:
             em.line(f"b_dr = tl.sum({self.times(diff(self.grad, S.r), 'b_dd')}, 1)")
             em.line("b_de += tl.where(b_norm > 1e-12, b_dr / b_r, 0.0)[:, None] * b_e  # ∂r/∂e = e / r")
-        em.line("b_de = tl.where(m_t[:, None] & m_v[None, :], b_de, 0.0)")
+        em.line(f"b_de = tl.where(m_{self.bias_rows}[:, None] & m_v[None, :], b_de, 0.0)")
 
     def value_grad(self) -> None:
         """b_dd [BT, BV] = ∂/∂D: the reads' -(G ⊙ Q K^T)^T dO and the carried rows' terms."""
         em = self.em
         em.line(f"b_kdh = {self.dot('b_k', 'b_dh')}  # K dW_L")
-        em.line(f"b_dd = -{self.dot('tl.trans(b_Gr * b_A)', 'b_do')} - b_gc[:, None] * b_kdh")
+        em.line(f"b_dd = -{self.dot(f'tl.trans({self.G} * b_A)', 'b_do')} - {self.gc}[:, None] * b_kdh")
         if self.momentum:
             em.line(f"b_kdm = {self.dot('b_k', 'b_dm')}  # K dM_L")
-            em.line("b_dd -= b_hc[:, None] * b_kdm")
+            em.line(f"b_dd -= {self.hc}[:, None] * b_kdm")
 
     def kernel_head(self, name: str, args: str, doc: list[str], key: str) -> None:
         em = self.em
@@ -367,7 +461,8 @@ def suffix_sums(b_x):
         em.line(f"        {args.rstrip(', ')},")
         em.line("        T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, "
                 "BT: tl.constexpr, BK: tl.constexpr,")
-        em.line("        BV: tl.constexpr, DOT: tl.constexpr, DT: tl.constexpr):")
+        em.line("        BV: tl.constexpr, DOT: tl.constexpr, DT: tl.constexpr" +
+                (", CW: tl.constexpr, BW: tl.constexpr):" if self.omega else "):"))
         with em.indent():
             em.line(f'"""{doc[0]}')
             for text in doc[1:]:
@@ -382,8 +477,9 @@ def suffix_sums(b_x):
                          f"{self.states(suffix='t')},",
                          ["Program (i_v, i_bh): value channels [i_v BV, (i_v + 1) BV) of the state of batch "
                           "x head i_bh,",
-                          "chunk by chunk: saves the state entering each chunk (fp32) and D = dℓ/dy at it "
-                          "[B, T, H, V] (fp32)."], '"H", "K", "V", "BT", "BV"')
+                          "chunk by chunk: saves the state entering each chunk (fp32) and D = dℓ/dy at it " +
+                          ("[B, NT, CW, H, V]" if self.omega else "[B, T, H, V] (fp32).")] +
+                         (["(fp32, at its window's rows)."] if self.omega else []), '"H", "K", "V", "BT", "BV"')
         with em.indent():
             self.ids(value_block=True, chunk_program=False)
             em.line("o_s = i_bh.to(tl.int64) * (K * V)  # this (batch, head)'s state")
@@ -395,17 +491,18 @@ def suffix_sums(b_x):
                 em.line(f"tl.store(h + {self.per_chunk()} + o_kv, b_h, mask=m_kv)")
                 if self.momentum:
                     em.line(f"tl.store(hm + {self.per_chunk()} + o_kv, b_m, mask=m_kv)")
-                em.line(f"b_k = {self.load('k', 'K')}")
-                em.line(f"b_v = {self.load('v', 'V')}")
+                em.line(f"b_k = {self.load('k', 'K', self.j)}")
+                em.line(f"b_v = {self.load('v', 'V', self.j)}")
                 self.coefficients(read=False, carry=True)
                 if not self.state_free:
                     self.error()
-                em.line(f"b_d = tl.where(m_t[:, None] & m_v[None, :], {self.elem(self.grad)}, 0.0)  "
+                em.line(f"b_d = tl.where(m_{self.j}[:, None] & m_v[None, :], {self.elem(self.grad)}, 0.0)  "
                         f"{where((lv.bias.inner or lv.bias).span) or '#'} D = dℓ/dy at W_0")
-                em.line(self.store("d", "V", "b_d"))
-                em.line(f"b_kd = {self.dot('tl.trans(b_k)', 'b_gc[:, None] * b_d')}  # sum_j G[L-1, j] k_j d_j^T")
+                em.line(self.store("d", "V", "b_d", self.j))
+                em.line(f"b_kd = {self.dot('tl.trans(b_k)', f'{self.gc}[:, None] * b_d')}  "
+                        f"# sum_j {'(G Ω)' if self.omega else 'G'}[L-1, j] k_j d_j^T")
                 if self.momentum:
-                    em.line(f"b_km = {self.dot('tl.trans(b_k)', 'b_hc[:, None] * b_d')}")
+                    em.line(f"b_km = {self.dot('tl.trans(b_k)', f'{self.hc}[:, None] * b_d')}")
                     em.line("b_h, b_m = b_bl * b_h + b_fl * b_m - b_kd, b_ml * b_m - b_km  # row L-1: W_L, M_L")
                 else:
                     em.line("b_h = b_bl * b_h - b_kd  # row L-1: W_L")
@@ -422,7 +519,7 @@ def suffix_sums(b_x):
             self.ids(value_block=True, chunk_program=True)
             self.chunk_rows()
             em.line(f"b_q = {self.load('q', 'K')}")
-            em.line(f"b_k = {self.load('k', 'K')}")
+            em.line(f"b_k = {self.load('k', 'K', self.j)}")
             self.coefficients(read=True, carry=False)
             em.line(f"b_h = tl.load(h + {self.per_chunk()} + o_kv, mask=m_kv, other=0.0)  # W_0")
             em.line(f"b_o = b_br[:, None] * {self.dot('b_q', 'b_h')}  # diag(b) Q W_0")
@@ -430,8 +527,9 @@ def suffix_sums(b_x):
                 em.line(f"b_m = tl.load(hm + {self.per_chunk()} + o_kv, mask=m_kv, other=0.0)  # M_0")
                 em.line(f"b_o += b_fr[:, None] * {self.dot('b_q', 'b_m')}  # + diag(f) Q M_0")
             em.line(f"b_A = {self.dot('b_q', 'tl.trans(b_k)')}  # q_t . k_j")
-            em.line(f"b_d = {self.load('d', 'V')}")
-            em.line(f"b_o -= {self.dot('b_Gr * b_A', 'b_d')}  # - (G ⊙ Q K^T) D")
+            em.line(f"b_d = {self.load('d', 'V', self.j)}")
+            G = "G Ω" if self.omega else "G"
+            em.line(f"b_o -= {self.dot(f'{self.G} * b_A', 'b_d')}  # - ({G} ⊙ Q K^T) D")
             em.line(self.store("o", "V", "b_o"))
 
     def state_bwd_kernel(self) -> None:
@@ -455,7 +553,7 @@ def suffix_sums(b_x):
                 if self.momentum:
                     em.line(f"tl.store(dhm + {self.per_chunk()} + o_kv, b_dm, mask=m_kv)")
                 em.line(f"b_q = {self.load('q', 'K')}")
-                em.line(f"b_k = {self.load('k', 'K')}")
+                em.line(f"b_k = {self.load('k', 'K', self.j)}")
                 em.line(f"b_do = {self.load('do', 'V')}")
                 self.coefficients(read=True, carry=True)
                 em.line(f"b_A = {self.dot('b_q', 'tl.trans(b_k)')}")
@@ -464,7 +562,7 @@ def suffix_sums(b_x):
                         "# ∂/∂W_0: the carry and diag(b) Q W_0")
                 if not self.state_free:
                     em.line(f"b_h = tl.load(h + {self.per_chunk()} + o_kv, mask=m_kv, other=0.0)")
-                    em.line(f"b_v = {self.load('v', 'V')}")
+                    em.line(f"b_v = {self.load('v', 'V', self.j)}")
                     self.error()
                     self.error_bwd()
                     em.line(f"b_dhn += {self.dot('tl.trans(b_k)', 'b_de')}  # through E = K W_0 - V")
@@ -476,31 +574,35 @@ def suffix_sums(b_x):
                 em.line("tl.store(dhm0 + o_s + o_kv, b_dm, mask=m_kv)")
 
     def grads_kernel(self) -> None:
-        em, mom = self.em, self.momentum
+        em, mom, j, BJ = self.em, self.momentum, self.j, self.BJ
+        gc, hc, dgc, dhc = self.gc, self.hc, "b_d" + self.gc[2:], "b_d" + self.hc[2:]
+        rows = " (k, v, D and their gradients at the window's rows)" if self.omega else ""
         self.kernel_head("chunk_grads_bwd_kernel",
                          f"q, k, v, {self.gate_args()}{self.states()}, d, {self.states('d')}, do, dq, dk, dv, "
                          f"{self.gate_args('dg')}",
                          ["Program (i_t, i_bh): one chunk's gradients of q, k, v and the gates, from the saved "
                           "states entering",
                           "it (h" + (", hm" if mom else "") + "), ∂/∂ those leaving it (dh" +
-                          (", dhm" if mom else "") + ") and D."], '"H", "K", "V", "BT", "BV"')
+                          (", dhm" if mom else "") + f") and D{rows}."], '"H", "K", "V", "BT", "BV"')
         with em.indent():
             self.ids(value_block=False, chunk_program=True)
             self.chunk_rows()
             em.line(f"b_q = {self.load('q', 'K')}")
-            em.line(f"b_k = {self.load('k', 'K')}")
+            em.line(f"b_k = {self.load('k', 'K', j)}")
             self.coefficients(read=True, carry=True)
             em.line(f"b_A = {self.dot('b_q', 'tl.trans(b_k)')}")
             em.line(f"o_c = {self.per_chunk()}")
-            zeros = [("b_dOD", "[BT, BT]", "dO D^T"), ("b_dqh", "[BT, BK]", "dO W_0^T"),
-                     ("b_dkh", "[BT, BK]", "D dW_L^T"), ("b_dgc", "[BT]", "∂/∂G[L-1, j]"),
+            G = "(G Ω)" if self.omega else "G"
+            zeros = [("b_dOD", f"[BT, {BJ}]", "dO D^T"), ("b_dqh", "[BT, BK]", "dO W_0^T"),
+                     ("b_dkh", f"[{BJ}, BK]", "D dW_L^T"), (dgc, f"[{BJ}]", f"∂/∂{G}[L-1, j]"),
                      ("b_dbr", "[BT]", "∂/∂ the read's b_t")]
             if not self.state_free:
-                zeros.append(("b_dke", "[BT, BK]", "dE W_0^T"))
+                zeros.append(("b_dke", f"[{BJ}, BK]", "dE W_0^T"))
             if mom:
-                zeros += [("b_dqm", "[BT, BK]", "dO M_0^T"), ("b_dkm", "[BT, BK]", "D dM_L^T"),
-                          ("b_dhc", "[BT]", "∂/∂Pm[L-1, j] lr_j"), ("b_dfr", "[BT]", "∂/∂ the read's f_t")]
-            zeros += [(ident(g, "b_dd"), "[BT]", f"∂/∂ gate {comment(g)} through D") for g in self.bias_gates]
+                zeros += [("b_dqm", "[BT, BK]", "dO M_0^T"), ("b_dkm", f"[{BJ}, BK]", "D dM_L^T"),
+                          (dhc, f"[{BJ}]", "∂/∂(Pm lr" + (" Ω" if self.omega else "") + ")[L-1, j]"),
+                          ("b_dfr", "[BT]", "∂/∂ the read's f_t")]
+            zeros += [(ident(g, "b_dd"), f"[{BJ}]", f"∂/∂ gate {comment(g)} through D") for g in self.bias_gates]
             for name, shape, what in zeros:
                 em.line(f"{name} = tl.zeros({shape}, dtype=tl.float32)  # {what}")
             em.line("b_dbl = 0.0  # ∂/∂b_(L-1)")
@@ -515,46 +617,64 @@ def suffix_sums(b_x):
                     em.line("b_m = tl.load(hm + o_c + o_kv, mask=m_kv, other=0.0)")
                     em.line("b_dm = tl.load(dhm + o_c + o_kv, mask=m_kv, other=0.0)")
                 em.line(f"b_do = {self.load('do', 'V')}")
-                em.line(f"b_d = {self.load('d', 'V')}")
-                em.line(f"b_v = {self.load('v', 'V')}")
+                em.line(f"b_d = {self.load('d', 'V', j)}")
+                em.line(f"b_v = {self.load('v', 'V', j)}")
                 self.value_grad()
                 if self.state_free:
-                    em.line("b_de = tl.zeros([BT, BV], dtype=tl.float32)  # D is free of the state")
+                    em.line(f"b_de = tl.zeros([{BJ}, BV], dtype=tl.float32)  # D is free of the state")
                 else:
                     self.error()
                     self.error_bwd()
                     em.line(f"b_dke += {self.dot('b_de', 'tl.trans(b_h)')}")
                 dgv = diff(self.grad, S.v)
                 dv = f"{self.times(dgv, 'b_dd')} - b_de" if dgv != 0 else "-b_de"
-                em.line(self.store("dv", "V", dv))
+                em.line(self.store("dv", "V", dv, j))
                 for g in self.bias_gates:
                     dg = self.times(diff(self.grad, ir.gate_symbol(g)), "b_dd")
-                    em.line(f"{ident(g, 'b_dd')} += tl.sum(tl.where(m_t[:, None] & m_v[None, :], {dg}, 0.0), 1)")
+                    em.line(f"{ident(g, 'b_dd')} += tl.sum(tl.where(m_{j}[:, None] & m_v[None, :], {dg}, 0.0), 1)")
                 em.line(f"b_dOD += {self.dot('b_do', 'tl.trans(b_d)')}")
                 em.line(f"b_dqh += {self.dot('b_do', 'tl.trans(b_h)')}")
                 em.line(f"b_dkh += {self.dot('b_d', 'tl.trans(b_dh)')}")
-                em.line("b_dgc -= tl.sum(b_kdh * b_d, 1)")
+                em.line(f"{dgc} -= tl.sum(b_kdh * b_d, 1)")
                 em.line(f"b_dbr += tl.sum(b_do * {self.dot('b_q', 'b_h')}, 1)")
                 em.line("b_dbl += tl.sum(b_h * b_dh)")
                 if mom:
                     em.line(f"b_dqm += {self.dot('b_do', 'tl.trans(b_m)')}")
                     em.line(f"b_dkm += {self.dot('b_d', 'tl.trans(b_dm)')}")
-                    em.line("b_dhc -= tl.sum(b_kdm * b_d, 1)")
+                    em.line(f"{dhc} -= tl.sum(b_kdm * b_d, 1)")
                     em.line(f"b_dfr += tl.sum(b_do * {self.dot('b_q', 'b_m')}, 1)")
                     em.line("b_dfl += tl.sum(b_m * b_dh)")
                     em.line("b_dml += tl.sum(b_m * b_dm)")
-            em.line("# q and k: reads O = diag(b) Q W_0 (+ diag(f) Q M_0) - (G ⊙ Q K^T) D, the carry and E")
-            em.line("b_dA = -b_dOD * b_Gr")
-            em.line("b_dGr = -b_dOD * b_A  # ∂/∂G of the reads")
+            em.line(f"# q and k: reads O = diag(b) Q W_0 (+ diag(f) Q M_0) - ({G} ⊙ Q K^T) D, the carry and E")
+            em.line(f"b_dA = -b_dOD * {self.G}")
+            em.line(f"b_d{self.G[2:]} = -b_dOD * b_A  # ∂/∂{G} of the reads")
             dq = "b_br[:, None] * b_dqh" + (" + b_fr[:, None] * b_dqm" if mom else "")
             em.line(f"b_dq = {dq} + {self.dot('b_dA', 'b_k')}")
-            dk = ("" if self.state_free else "b_dke ") + "- b_gc[:, None] * b_dkh" + \
-                (" - b_hc[:, None] * b_dkm" if mom else "")
+            dk = ("" if self.state_free else "b_dke ") + f"- {gc}[:, None] * b_dkh" + \
+                (f" - {hc}[:, None] * b_dkm" if mom else "")
             em.line(f"b_dk = {dk} + {self.dot('tl.trans(b_dA)', 'b_q')}")
             em.line(self.store("dq", "K", "b_dq"))
-            em.line(self.store("dk", "K", "b_dk"))
+            em.line(self.store("dk", "K", "b_dk", j))
+            if self.omega:
+                self.window_bwd()
             self.coefficients_bwd()
-            self.gate_grads()
+            self.gate_grads(through_bias=not self.omega)  # an omega window's bias gates: at its rows
+            self.window_gate_grads()
+
+    def window_bwd(self) -> None:
+        """From ∂/∂(G Ω) (b_dGw) and ∂/∂ the window's carried rows (b_dgcw, b_dhcw) to ∂/∂G, ∂/∂ the
+        carried rows of G (and Pm lr) and ∂/∂gamma_j (b_dgam)."""
+        em = self.em
+        em.line("# Ω backwards: ∂/∂G, ∂/∂ the carried rows and ∂/∂gamma_j = sum_t ∂/∂Ω[t, j] "
+                "(where Ω is gamma_j)")
+        dO = f"{self.dot('tl.trans(b_Gr)', 'b_dGw', exact=True)} + b_gc[:, None] * b_dgcw[None, :]"
+        if self.momentum:
+            dO += " + b_hc[:, None] * b_dhcw[None, :]"
+        em.line(f"b_dgam = tl.sum(tl.where(m_O, {dO}, 0.0), 0)")
+        em.line(f"b_dGr = {self.dot('b_dGw', 'tl.trans(b_O)', exact=True)}")
+        em.line("b_dgc = tl.sum(b_O * b_dgcw[None, :], 1)")
+        if self.momentum:
+            em.line("b_dhc = tl.sum(b_O * b_dhcw[None, :], 1)")
 
     def coefficients_bwd(self) -> None:
         """From ∂/∂ the scan coefficients (b_dGr, b_dbr, b_dgc, b_dbl; with momentum b_dfr, b_dhc, b_dfl,
@@ -610,60 +730,88 @@ def suffix_sums(b_x):
             em.line(f"tl.store({ident(g, 'dg')} + r_t, ({total}).to({ident(g, 'dg')}.dtype.element_ty), "
                     f"mask=m_t)  # gate {comment(g)}")
 
+    def window_gate_grads(self) -> None:
+        """Store the gradients of the gates read at the window's rows (omega): through gamma (b_dgam) and,
+        where the bias map runs in these kernels, through D. A token's rows in the windows of several
+        chunks are summed by the backward of `_windows`."""
+        em = self.em
+        for g in self.window_gates:
+            terms = []
+            d = diff(self.gamma, ir.gate_symbol(g))
+            if d != 0:
+                terms.append(self.times(d, "b_dgam", self.window_tok))
+            if self.BIAS_ON_WINDOW_ROWS and g in self.bias_gates:
+                terms.append(ident(g, "b_dd"))
+            total = " + ".join(terms) or "tl.zeros([BW], dtype=tl.float32)"
+            em.line(f"tl.store({ident(g, 'dgw')} + r_j, ({total}).to({ident(g, 'dgw')}.dtype.element_ty), "
+                    f"mask=m_j)  # gate {comment(g)} at the window's rows")
+
     # ---- host side ---------------------------------------------------------------------------
     def launchers(self) -> None:
         em, mom = self.em, self.momentum
         gates = self.gate_args()
-        with em.indent("def _sizes(k, v):"):
-            em.line('"""(B, T, H, K, V, BT, NT, BK, BV, DOT, DT): shapes; BT, BK, BV blocks of at least 16 '
+        if self.omega:
+            render_windows(em)
+            em.gap()
+        sizes = "B, T, H, K, V, BT, NT, BK, BV, DOT, DT" + (", BW" if self.omega else "")
+        with em.indent("def _sizes(q, v):"):
+            em.line(f'"""({sizes}): shapes; BT, BK, BV{", BW" if self.omega else ""} blocks of at least 16 '
                     "(tl.dot's least),")
             em.line("DOT and DT the matmuls' precision and operand type (see the decay family's kernels).\"\"\"")
-            em.line("B, T, H, K = k.shape")
+            em.line("B, T, H, K = q.shape")
             em.line("V = v.shape[-1]")
             em.line("BT, BK = max(16, triton.next_power_of_2(CHUNK)), max(16, triton.next_power_of_2(K))")
             em.line("BV = max(16, triton.next_power_of_2(V) if NORM else min(triton.next_power_of_2(V), BV_MAX))")
-            em.line('DOT = "ieee" if k.dtype == torch.float32 else "tf32"')
-            em.line("DT = tl.float32 if INTERPRET else MATMUL_TYPES[k.dtype]")
-            em.line("return B, T, H, K, V, BT, triton.cdiv(T, CHUNK), BK, BV, DOT, DT")
+            em.line('DOT = "ieee" if q.dtype == torch.float32 else "tf32"')
+            em.line("DT = tl.float32 if INTERPRET else MATMUL_TYPES[q.dtype]")
+            em.line("return B, T, H, K, V, BT, triton.cdiv(T, CHUNK), BK, BV, DOT, DT" +
+                    (", max(16, triton.next_power_of_2(CW))" if self.omega else ""))
         em.gap()
-        sizes = "T, NT, H=H, K=K, V=V, C=CHUNK, BT=BT, BK=BK, BV=BV, DOT=DOT, DT=DT"
+        launch = "T, NT, H=H, K=K, V=V, C=CHUNK, BT=BT, BK=BK, BV=BV, DOT=DOT, DT=DT" + \
+            (", CW=CW, BW=BW" if self.omega else "")
+        rows = "B, NT, CW, H" if self.omega else "B, T, H"
         with em.indent(f"def chunk_fwd(q, k, v, {gates}{self.states(suffix='0')}):"):
             em.line('"""-> o [B, T, H, V] (v\'s dtype), the final state(s) [B, H, K, V] fp32, the states '
                     "entering each chunk")
-            em.line('[B, NT, H, K, V] fp32 and D [B, T, H, V] fp32."""')
-            em.line("B, T, H, K, V, BT, NT, BK, BV, DOT, DT = _sizes(k, v)")
-            em.line("f32 = dict(dtype=torch.float32, device=k.device)")
+            em.line(f'[B, NT, H, K, V] fp32 and D [{rows}, V] fp32.' +
+                    (" k, v and the gates read at the window's rows (gw_):" if self.omega else '"""'))
+            if self.omega:
+                em.line('[B, NT, CW, H, ...], each chunk\'s window rows (`_windows`)."""')
+            em.line(f"{sizes} = _sizes(q, v)")
+            em.line("f32 = dict(dtype=torch.float32, device=q.device)")
             for s in (["h", "hm"] if mom else ["h"]):
                 em.line(f"{s}, {s}t = torch.empty(B, NT, H, K, V, **f32), torch.empty(B, H, K, V, **f32)")
-            em.line("d = torch.empty(B, T, H, V, **f32)")
+            em.line(f"d = torch.empty({rows}, V, **f32)")
             em.line("chunk_state_fwd_kernel[(triton.cdiv(V, BV), B * H)](")
             em.line(f"    k, v, {gates}{self.states(suffix='0')}, {self.states()}, d, {self.states(suffix='t')}, "
-                    f"{sizes})")
-            em.line("o = torch.empty_like(v)")
+                    f"{launch})")
+            em.line("o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)" if self.omega
+                    else "o = torch.empty_like(v)")
             em.line("chunk_output_fwd_kernel[(triton.cdiv(V, BV), NT, B * H)](")
-            em.line(f"    q, k, d, {gates}{self.states()}, o, {sizes})")
+            em.line(f"    q, k, d, {gates}{self.states()}, o, {launch})")
             em.line(f"return o, {self.states(suffix='t')}, {self.states()}, d")
         em.gap()
         with em.indent(f"def chunk_bwd(q, k, v, {gates}{self.states()}, d, do, {self.states('d', 't')}):"):
-            em.line('"""Gradients of q, k, v and the gates (fp32) and of the initial state(s) (fp32)."""')
-            em.line("B, T, H, K, V, BT, NT, BK, BV, DOT, DT = _sizes(k, v)")
-            em.line("f32 = dict(dtype=torch.float32, device=k.device)")
+            em.line('"""Gradients of q, k, v and the gates (fp32, each in its input\'s layout) and of the initial '
+                    'state(s) (fp32)."""')
+            em.line(f"{sizes} = _sizes(q, v)")
+            em.line("f32 = dict(dtype=torch.float32, device=q.device)")
             for s in (["h", "hm"] if mom else ["h"]):
                 em.line(f"d{s}, d{s}0 = torch.empty(B, NT, H, K, V, **f32), torch.empty(B, H, K, V, **f32)")
             em.line("chunk_state_bwd_kernel[(triton.cdiv(V, BV), B * H)](")
             em.line(f"    q, k, v, {gates}{self.states()}, do, {self.states('d', 't')}, {self.states('d')}, "
-                    f"{self.states('d', '0')}, {sizes})")
+                    f"{self.states('d', '0')}, {launch})")
             em.line("dq, dk, dv = torch.empty_like(q, **f32), torch.empty_like(k, **f32), torch.empty_like(v, **f32)")
-            dgates = "".join(f"{ident(g, 'dg')}, " for g in self.gates)
-            for g in self.gates:
-                em.line(f"{ident(g, 'dg')} = torch.empty_like({ident(g, 'g')}, **f32)")
+            dgates = self.gate_args("dg")
+            for g, dg in zip(self.gate_names(), self.gate_names("dg")):
+                em.line(f"{dg} = torch.empty_like({g}, **f32)")
             em.line("chunk_grads_bwd_kernel[(NT, B * H)](")
-            em.line(f"    q, k, v, {gates}{self.states()}, d, {self.states('d')}, do, dq, dk, dv, {dgates}{sizes})")
+            em.line(f"    q, k, v, {gates}{self.states()}, d, {self.states('d')}, do, dq, dk, dv, {dgates}{launch})")
             em.line(f"return dq, dk, dv, {dgates}{self.states('d', '0')}")
 
     def function(self) -> None:
         em = self.em
-        gates, n = self.gate_args(), len(self.gates)
+        gates, n = self.gate_args(), len(self.gates) + len(self.window_gates)
         with em.indent("class ChunkFunction(torch.autograd.Function):"):
             decorators(em, "forward")
             with em.indent(f"def forward(ctx, q, k, v, {gates}{self.states(suffix='0')}):"):
@@ -692,10 +840,30 @@ def suffix_sums(b_x):
                        "output_final_state=False):"):
             common.public_head(em, lv, state)
             em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
-            unused = [g for g in lv.gates if g not in self.gates]
+            unused = [g for g in lv.gates if g not in self.gates + self.window_gates]
             if unused:
                 em.line(f"# gate(s) {comment(', '.join(unused))}: not read by this level's rule")
             args = "".join(f"{ident(g, 'g')}.contiguous(), " for g in self.gates)
-            em.line("o, *final = ChunkFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), "
+            kv = "k.contiguous(), v.contiguous()"
+            if self.omega:
+                em.line("# k, v and the gates the bias and gamma read: each chunk's window rows [B, NT, CW, H, ...]")
+                kv = "_windows(k, 1), _windows(v, 1)"
+                args += "".join(f"_windows({ident(g, 'g')}, 1), " for g in self.window_gates)
+            em.line(f"o, *final = ChunkFunction.apply(q.contiguous(), {kv}, "
                     f"{args}*(s.to(torch.float32).contiguous() for s in state))")
             em.line("return o, (_pack(tuple(final)) if output_final_state else None)")
+
+
+def render_windows(em: Emitter) -> None:
+    """`_windows`: the per-chunk copies of an omega window's rows (the host side of both frozen kernel files)."""
+    em.block('''
+def _windows(x, dim):
+    """Each chunk's omega window along x's token dimension `dim`: [.., T, ..] -> [.., NT, CW, ..], row j of
+    chunk n the token n CHUNK - (WINDOW - 1) + j (zero where that is before the call's first token or past
+    its last). Its backward sums each token's rows over the windows that hold it."""
+    T = x.shape[dim]
+    NT = triton.cdiv(T, CHUNK)
+    zeros = lambda n: x.new_zeros(x.shape[:dim] + (n,) + x.shape[dim + 1:])
+    x = torch.cat([zeros(WINDOW - 1), x, zeros(NT * CHUNK - T)], dim)
+    return x.unfold(dim, CW, CHUNK).movedim(-1, dim + 1).contiguous()
+''')

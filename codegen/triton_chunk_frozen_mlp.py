@@ -16,6 +16,11 @@ hand-written backward (autograd differentiates the PyTorch parts, the vjp twice)
                 x_t W_t (+ β_t) = b_t (x_t W_0 (+ β_0)) + f_t (x_t M_0 (+ μ_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j,
                 so the per-token weights are never built; memory_forward supplies what lies between
                 the layers (activation, gate, norm, residual).
+An omega window (MATH.md §3.8) works as in the linear kernels (triton_chunk_frozen.py): the per-chunk
+loop runs `_layer_grads` on the window's P + L tokens (`_with_tail`, the c - 1 before the chunk at
+its W_0) and pads them to the window's CW rows (`_padded`); the coefficient kernels print G Ω and the
+carried rows (gamma's gates at the window's rows, `_windows`), and the reads take a_j, δ_j per window
+row. The bias map and its gates stay in PyTorch's loop, so autograd sums a token's window rows there.
 """
 from __future__ import annotations
 
@@ -26,14 +31,15 @@ from . import torch_arch
 from . import triton_chunk_common as common
 from .emitter import comment, ident, where
 from .torch_chunk_common import render_layer_grads, render_product, show
-from .torch_chunk_frozen import _render_carried
-from .triton_chunk_frozen import _Kernels
+from .torch_chunk_frozen import _render_carried, render_with_tail
+from .triton_chunk_frozen import _Kernels, render_windows
 from .triton_recurrent import decorators, diff, first_order_only
 
 
 class MlpKernels(_Kernels):
     """The file for one level: the scan and read kernels of `_Kernels` over the coefficient blocks it
     prints, with an MLP's layers in PyTorch."""
+    BIAS_ON_WINDOW_ROWS = False  # the bias kernels run on the window's tokens in PyTorch's loop (omega)
 
     def text(self) -> str:
         em, lv = self.em, self.lv
@@ -47,7 +53,8 @@ class MlpKernels(_Kernels):
                      self.coefficient_function, self.bias_function, self.read_function):
             em.gap()
             part()
-        for part in (render_product, render_layer_grads, _render_carried):
+        for part in (render_product, render_layer_grads, _render_carried) + (
+                (render_windows, render_with_tail, render_padded) if self.omega else ()):
             em.gap()
             part(em)
         em.gap()
@@ -72,6 +79,7 @@ class MlpKernels(_Kernels):
         em.line("  " + ("reads after the write (row t)" if self.after else
                         "reads before the write: rows of b, f, G at t - 1 (b = 1, f = 0, G = 0 at t = 0)") +
                 "; the state carried on is row L-1")
+        self.window_doc("a_j, δ_j")
         em.line("Triton: the coefficients (all chunks at once), D = dℓ/dy, and each layer's read in dual form")
         em.line("(all chunks at once, at the saved chunk-start states); PyTorch: per chunk in order, the MLP at")
         em.line("W_0 on the keys with one vjp (a_j, δ_j) and the carried state; each kernel has its backward.")
@@ -103,9 +111,11 @@ class MlpKernels(_Kernels):
     # ---- the scan coefficients ---------------------------------------------------------------
     def outputs(self) -> list[tuple[str, str]]:
         """(name, kind) of the coefficient tensors: kind 'tt' [B, H, NT, BT, BT], 't' [B, H, T] per token,
-        'c' [B, H, NT] per chunk."""
-        out = [("Gr", "tt"), ("br", "t")] + ([("fr", "t")] if self.momentum else [])
-        out += [("gc", "t")] + ([("hc", "t")] if self.momentum else [])
+        'c' [B, H, NT] per chunk; with an omega window 'tw' [B, H, NT, BT, BW] (G Ω) and 'w' [B, H, NT, CW]
+        per window row."""
+        window = "w" if self.omega else "t"  # an omega window's carried rows: [B, H, NT, CW]
+        out = [(self.G[2:], "tw" if self.omega else "tt"), ("br", "t")] + ([("fr", "t")] if self.momentum else [])
+        out += [(self.gc[2:], window)] + ([(self.hc[2:], window)] if self.momentum else [])
         return out + [("bl", "c")] + ([("fl", "c"), ("ml", "c")] if self.momentum else [])
 
     def chunk_prologue(self) -> None:
@@ -119,18 +129,34 @@ class MlpKernels(_Kernels):
         em.line("o_c = (i_bh * NT + i_t).to(tl.int64)  # this chunk in [B, H, NT]")
         em.line("m_tt = m_t[:, None] & m_t[None, :]")
         em.line("o_tt = o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :]  # its [BT, BT] block")
+        if self.omega:
+            self.window_rows()
+            em.line("m_tw = m_t[:, None] & m_j[None, :]")
+            em.line("o_tw = o_c * (BT * BW) + o_i[:, None] * BW + o_j[None, :]  # its [BT, BW] block")
+
+    def window_row(self) -> str:
+        return "r_j = ((i_bh * NT + i_t) * CW + o_j).to(tl.int64)  # row of each in [B, H, NT, CW, ...]"
 
     def coefficient_kernels(self) -> None:
         em, names, mom = self.em, self.outputs(), self.momentum
-        sizes = "T, NT, C: tl.constexpr, BT: tl.constexpr"
+        sizes = "T, NT, C: tl.constexpr, BT: tl.constexpr" + \
+            (", CW: tl.constexpr, BW: tl.constexpr" if self.omega else "")
+        if self.omega:
+            read = "G Ω [B, H, NT, BT, BW]"
+            carry = f"(G Ω)[L-1, j]{', (Pm lr Ω)[L-1, j]' if mom else ''} [B, H, NT, CW]"
+            gates = "the gates [B, H, T] (gamma's at the window's rows, [B, H, NT, CW])"
+        else:
+            read, carry = "G [B, H, NT, BT, BT]", f"G[L-1, j]{', Pm[L-1, j] lr_j' if mom else ''} [B, H, T]"
+            gates = "the gates [B, H, T]"
         docs = ("Program (i_t, i_bh): the scan coefficients of chunk i_t of batch x head i_bh (fp32), from\n"
-                "the gates [B, H, T]: the reads' G [B, H, NT, BT, BT] (zero outside the chunk), b_t" +
-                (", f_t" if mom else "") + " [B, H, T];\nthe carried row's G[L-1, j]" +
-                (", Pm[L-1, j] lr_j" if mom else "") + " [B, H, T] and b" + (", f, m" if mom else "") +
-                " at L-1 [B, H, NT].",
+                f"{gates}: the reads' {read} (zero outside the chunk), b_t" +
+                (", f_t" if mom else "") + f" [B, H, T];\nthe carried row's {carry} and b" +
+                (", f, m" if mom else "") + " at L-1 [B, H, NT].",
                 "Program (i_t, i_bh): ∂/∂ the gates of chunk i_t's tokens from ∂/∂ its coefficients (the\n"
                 "forward kernel's outputs, prefixed d), back through the log-space products.")
-        offsets = {"tt": "o_tt", "t": "r_t", "c": "o_c"}
+        # per kind: offsets; the mask of loads (None: whole blocks, zero outside where `block`) and of stores
+        layout = {"tt": ("o_tt", None, None), "tw": ("o_tw", None, None), "t": ("r_t", "m_t", "m_t"),
+                  "c": ("o_c", "", ""), "w": ("o_c * CW + o_j", "m_j", "o_j < CW")}
         for backward, doc in zip((False, True), docs):
             em.gap()
             self.jit('"BT"', "T")
@@ -142,45 +168,61 @@ class MlpKernels(_Kernels):
                 self.chunk_prologue()
                 self.coefficients(read=True, carry=True)
                 for name, kind in names:
-                    mask = ", mask=m_t" if kind == "t" else ""
+                    offset, load_mask, store_mask = layout[kind]
                     if backward:
-                        load = f"tl.load(d{name} + {offsets[kind]}{mask}{', other=0.0' if mask else ''})"
-                        em.line(f"b_d{name} = " + (f"tl.where(m_tt, {load}, 0.0)" if kind == "tt" else load))
+                        if load_mask is None:
+                            em.line(f"b_d{name} = tl.where(m_{kind}, tl.load(d{name} + {offset}), 0.0)")
+                        else:
+                            mask = f", mask={load_mask}, other=0.0" if load_mask else ""
+                            em.line(f"b_d{name} = tl.load(d{name} + {offset}{mask})")
+                    elif store_mask is None:
+                        em.line(f"tl.store({name} + {offset}, tl.where(m_{kind}, b_{name}, 0.0))")
                     else:
-                        value = f"tl.where(m_tt, b_{name}, 0.0)" if kind == "tt" else f"b_{name}"
-                        em.line(f"tl.store({name} + {offsets[kind]}, {value}{mask})")
+                        note = "  # every row of the window: zero where it has no token" if kind == "w" else ""
+                        em.line(f"tl.store({name} + {offset}, b_{name}{f', mask={store_mask}' if store_mask else ''})"
+                                + note)
                 if backward:
+                    if self.omega:
+                        self.window_bwd()
                     self.coefficients_bwd()
                     self.gate_grads(through_bias=False)
+                    self.window_gate_grads()
 
     def coefficient_function(self) -> None:
         em, names = self.em, self.outputs()
-        shapes = {"tt": "(B, H, NT, BT, BT)", "t": "(B, H, T)", "c": "(B, H, NT)"}
+        shapes = {"tt": "(B, H, NT, BT, BT)", "t": "(B, H, T)", "c": "(B, H, NT)", "tw": "(B, H, NT, BT, BW)",
+                  "w": "(B, H, NT, CW)"}
+        blocks = "BT, BW" if self.omega else "BT"
+        launch = "T, NT, C=CHUNK, BT=BT" + (", CW=CW, BW=BW" if self.omega else "")
         with em.indent("class _Coefficients(torch.autograd.Function):"):
             em.line('"""The scan coefficients of every chunk, (' + ", ".join(n for n, _ in names) +
                     "), from the gates [B, H, T] fp32")
+            if self.omega:
+                em.line("(then those read at the window's rows, [B, H, NT, CW])")
             em.line('(`like` [B, H, T, ...] gives the sizes and device)."""')
             em.gap(1)
             decorators(em, "forward")
             with em.indent("def forward(ctx, like, *gates):"):
                 em.line("B, H, T = like.shape[:3]")
                 em.line("NT, BT = triton.cdiv(T, CHUNK), max(16, triton.next_power_of_2(CHUNK))")
+                if self.omega:
+                    em.line("BW = max(16, triton.next_power_of_2(CW))")
                 em.line("f32 = dict(dtype=torch.float32, device=like.device)")
                 em.line(f"shapes = {', '.join(shapes[k] for _, k in names)}")
                 em.line("out = tuple(torch.empty(s, **f32) for s in shapes)")
-                em.line("chunk_coefficients_fwd_kernel[(NT, B * H)](*gates, *out, T, NT, C=CHUNK, BT=BT)")
+                em.line(f"chunk_coefficients_fwd_kernel[(NT, B * H)](*gates, *out, {launch})")
                 em.line("ctx.save_for_backward(*gates)")
-                em.line("ctx.sizes = T, NT, BT")
+                em.line(f"ctx.sizes = T, NT, {blocks}")
                 em.line("return out")
             em.gap(1)
             decorators(em, "backward")
             with em.indent("def backward(ctx, *grads):"):
                 first_order_only(em)
-                em.line("gates, (T, NT, BT) = ctx.saved_tensors, ctx.sizes")
+                em.line(f"gates, (T, NT, {blocks}) = ctx.saved_tensors, ctx.sizes")
                 em.line("dgates = [torch.empty_like(g) for g in gates]")
                 em.line("B, H = grads[0].shape[:2]")
                 em.line("chunk_coefficients_bwd_kernel[(NT, B * H)](*gates, *(g.contiguous() for g in grads), *dgates,")
-                em.line("                                           T, NT, C=CHUNK, BT=BT)")
+                em.line(f"                                           {launch})")
                 em.line("return (None, *dgates)")
 
     # ---- the bias's elementwise map D = dℓ/dy ----------------------------------------------
@@ -278,10 +320,14 @@ class MlpKernels(_Kernels):
         em.line("m_t = (o_i < C) & (o_t < T)")
         em.line("r_t = (i_bh * T + o_t).to(tl.int64)  # row of each token in [B, H, T]")
         em.line("o_c = (i_bh * NT + i_t).to(tl.int64)  # this chunk in [B, H, NT]")
-        em.line("b_G = tl.load(Gr + o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :])  # [BT, BT]")
+        if self.omega:
+            self.window_rows()
+            em.line("b_G = tl.load(Gr + o_c * (BT * BW) + o_i[:, None] * BW + o_j[None, :])  # [BT, BW]: G Ω")
+        else:
+            em.line("b_G = tl.load(Gr + o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :])  # [BT, BT]")
         for _, _, coef in self.weights():
             em.line(f"b_{coef} = tl.load({coef} + r_t, mask=m_t, other=0.0)")
-        em.line("b_S = tl.zeros([BT, BT], dtype=tl.float32)  # x_t·a_j")
+        em.line(f"b_S = tl.zeros([BT, {self.BJ}], dtype=tl.float32)  # x_t·a_j")
         if block_o:
             self.value_tile(load_d=True)
             for state, _, _ in self.weights():
@@ -301,24 +347,32 @@ class MlpKernels(_Kernels):
                     em.line(f"b_x{state} += {self.bias_row(bias)}")
 
     def key_tile(self, load_a: bool) -> None:
-        """Input channels [i_k BI, (i_k + 1) BI): x (and a) [BT, BI]."""
-        em = self.em
+        """Input channels [i_k BI, (i_k + 1) BI): x [BT, BI] (and a [BT, BI], or [BW, BI] at an omega
+        window's rows: offsets o_jk, mask m_jk)."""
+        em, j = self.em, self.j
         em.line("o_k = i_k * BI + tl.arange(0, BI)")
         em.line("m_tk = m_t[:, None] & (o_k < I)[None, :]")
         em.line("o_tk = r_t[:, None] * I + o_k[None, :]")
         em.line("b_x = tl.load(x + o_tk, mask=m_tk, other=0.0)")
+        if self.omega:
+            em.line("m_jk = m_j[:, None] & (o_k < I)[None, :]")
+            em.line("o_jk = r_j[:, None] * I + o_k[None, :]")
         if load_a:
-            em.line("b_a = tl.load(a + o_tk, mask=m_tk, other=0.0)")
+            em.line(f"b_a = tl.load(a + o_{j}k, mask=m_{j}k, other=0.0)")
 
     def value_tile(self, load_d: bool) -> None:
-        """Output channels [i_o BO, (i_o + 1) BO): δ (and dout) [BT, BO]."""
-        em = self.em
+        """Output channels [i_o BO, (i_o + 1) BO): dout [BT, BO] (and δ [BT, BO], or [BW, BO] at an omega
+        window's rows: offsets o_jv, mask m_jv)."""
+        em, j = self.em, self.j
         em.line("o_v = i_o * BO + tl.arange(0, BO)")
         em.line("m_v = o_v < O")
         em.line("m_tv = m_t[:, None] & m_v[None, :]")
         em.line("o_tv = r_t[:, None] * O + o_v[None, :]")
+        if self.omega:
+            em.line("m_jv = m_j[:, None] & m_v[None, :]")
+            em.line("o_jv = r_j[:, None] * O + o_v[None, :]")
         if load_d:
-            em.line("b_d = tl.load(d + o_tv, mask=m_tv, other=0.0)  # δ [BT, BO]")
+            em.line(f"b_d = tl.load(d + o_{j}v, mask=m_{j}v, other=0.0)  # δ [{self.BJ}, BO]")
 
     def weight_tile(self) -> None:
         self.em.line("o_w = o_c * (I * O) + o_k[:, None] * O + o_v[None, :]  # tile (i_k, i_o) of this chunk's weights")
@@ -331,17 +385,25 @@ class MlpKernels(_Kernels):
     def bias_row(self, bias: str) -> str:
         return f"tl.load({bias} + o_c * O + o_v, mask=m_v, other=0.0)[None, :]"
 
+    def read_sizes(self) -> str:
+        return ("T, NT, I: tl.constexpr, O: tl.constexpr, C: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, "
+                "BO: tl.constexpr,\n        BIAS: tl.constexpr, DOT: tl.constexpr" +
+                (", CW: tl.constexpr, BW: tl.constexpr" if self.omega else ""))
+
     def read_fwd_kernel(self) -> None:
         em = self.em
-        sizes = ("T, NT, I: tl.constexpr, O: tl.constexpr, C: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, "
-                 "BO: tl.constexpr,\n        BIAS: tl.constexpr, DOT: tl.constexpr")
         self.jit('"I", "O", "BT", "BI", "BO", "BIAS"', "T")
         extra = " + f_t (x_t M_0 (+ μ_0))" if self.momentum else ""
-        self.head("dual_read_fwd_kernel", f"{self.read_args()}out,", sizes,
+        if self.omega:
+            G, rows = "(G Ω)", ("x [B, H, T, I]; a [B, H, NT CW, I] and d (δ) [B, H, NT CW, O] at each chunk's "
+                                "window rows;\n")
+        else:
+            G, rows = "G", "x, a [B, H, T, I]; d (δ) [B, H, T, O]; "
+        self.head("dual_read_fwd_kernel", f"{self.read_args()}out,", self.read_sizes(),
                   "Program (i_o, i_t, i_bh): output channels [i_o BO, (i_o + 1) BO) of one layer's product for\n"
                   "chunk i_t's tokens, each at its own weights, in dual form:\n"
-                  f"  out_t = b_t (x_t W_0 (+ β_0)){extra} - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j.\n"
-                  "x, a [B, H, T, I]; d (δ) [B, H, T, O]; the chunk-start weights w" +
+                  f"  out_t = b_t (x_t W_0 (+ β_0)){extra} - sum_j {G}[t, j] (x_t·a_j (+ 1)) δ_j.\n"
+                  f"{rows}the chunk-start weights w" +
                   (", m" if self.momentum else "") + " [B, H, NT, I, O] and biases wb" +
                   (", mb" if self.momentum else "") + " [B, H, NT, O]\n(BIAS); out [B, H, T, O].")
         with em.indent():
@@ -352,16 +414,14 @@ class MlpKernels(_Kernels):
 
     def read_bwd_kernel(self) -> None:
         em, mom = self.em, self.momentum
-        sizes = ("T, NT, I: tl.constexpr, O: tl.constexpr, C: tl.constexpr, BT: tl.constexpr, BI: tl.constexpr, "
-                 "BO: tl.constexpr,\n        BIAS: tl.constexpr, DOT: tl.constexpr")
         grads = "dx, da, dd, dw, dwb, " + ("dm, dmb, " if mom else "") + "dGr, dbr" + (", dfr" if mom else "")
         self.jit('"I", "O", "BT", "BI", "BO", "BIAS"', "T")
-        self.head("dual_read_bwd_kernel", f"{self.read_args()}dout, {grads},", sizes,
+        self.head("dual_read_bwd_kernel", f"{self.read_args()}dout, {grads},", self.read_sizes(),
                   "Program (i_t, i_bh): ∂/∂ every input of dual_read_fwd_kernel over chunk i_t, from dout = ∂/∂out;\n"
-                  "the weights' and biases' per chunk, G's as a [BT, BT] block (zero outside the chunk).")
+                  f"the weights' and biases' per chunk, G's as a [BT, {self.BJ}] block (zero outside the chunk).")
         with em.indent():
             self.read_prologue(block_o=False)
-            em.line("b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # ∂/∂(G ⊙ S)")
+            em.line(f"b_dP = tl.zeros([BT, {self.BJ}], dtype=tl.float32)  # ∂/∂(G ⊙ S)")
             for _, _, coef in self.weights():
                 em.line(f"b_d{coef} = tl.zeros([BT], dtype=tl.float32)")
             em.line("# per block of output channels: ∂/∂δ, ∂/∂ the biases, the read coefficients and G ⊙ S")
@@ -381,13 +441,13 @@ class MlpKernels(_Kernels):
                         em.line(f"tl.store(d{bias} + o_c * O + o_v, tl.sum(b_{coef}[:, None] * b_do, 0), mask=m_v)")
                     em.line(f"b_d{coef} += tl.sum(b_do * b_x{state}, 1)")
                 em.line(f"b_dP -= {self.dot('b_do', 'tl.trans(b_d)')}")
-                em.line(f"tl.store(dd + o_tv, -{self.dot('tl.trans(b_G * b_S)', 'b_do')}, mask=m_tv)")
+                em.line(f"tl.store(dd + o_{self.j}v, -{self.dot('tl.trans(b_G * b_S)', 'b_do')}, mask=m_{self.j}v)")
             em.line("b_dS = b_dP * b_G")
             em.line("# per block of input channels: ∂/∂x, ∂/∂a and the chunk-start weights' tiles")
             with em.indent("for i_k in range(0, tl.cdiv(I, BI)):"):
                 self.key_tile(load_a=True)
                 em.line(f"b_dx = {self.dot('b_dS', 'b_a')}")
-                em.line(f"tl.store(da + o_tk, {self.dot('tl.trans(b_dS)', 'b_x')}, mask=m_tk)")
+                em.line(f"tl.store(da + o_{self.j}k, {self.dot('tl.trans(b_dS)', 'b_x')}, mask=m_{self.j}k)")
                 with em.indent("for i_o in range(0, tl.cdiv(O, BO)):"):
                     self.value_tile(load_d=False)
                     em.line("b_do = tl.load(dout + o_tv, mask=m_tv, other=0.0)")
@@ -397,8 +457,10 @@ class MlpKernels(_Kernels):
                         em.line(f"b_dx += {self.dot(f'b_do{state}', f'tl.trans({self.tile(state)})')}")
                         em.line(f"tl.store(d{state} + o_w, {self.dot('tl.trans(b_x)', f'b_do{state}')}, mask=m_kv)")
                 em.line("tl.store(dx + o_tk, b_dx, mask=m_tk)")
-            em.line("m_tt = m_t[:, None] & m_t[None, :]")
-            em.line("tl.store(dGr + o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :], tl.where(m_tt, b_dP * b_S, 0.0))")
+            rows, block, mask = ("o_j", "BW", "m_j") if self.omega else ("o_i", "BT", "m_t")
+            em.line(f"m_t{self.j} = m_t[:, None] & {mask}[None, :]")
+            em.line(f"tl.store(dGr + o_c * (BT * {block}) + o_i[:, None] * {block} + {rows}[None, :], "
+                    f"tl.where(m_t{self.j}, b_dP * b_S, 0.0))")
             for _, _, coef in self.weights():
                 em.line(f"tl.store(d{coef} + r_t, b_d{coef}, mask=m_t)")
 
@@ -427,7 +489,8 @@ class MlpKernels(_Kernels):
             em.line("NT, O = w.shape[2], w.shape[-1]")
             em.line("BT = max(16, triton.next_power_of_2(CHUNK))")
             em.line("BI, BO = (min(max(16, triton.next_power_of_2(n)), BV_MAX) for n in (I, O))  # channel blocks")
-            em.line("sizes = dict(I=I, O=O, C=CHUNK, BT=BT, BI=BI, BO=BO, BIAS=wb is not None, DOT=dot)")
+            em.line("sizes = dict(I=I, O=O, C=CHUNK, BT=BT, BI=BI, BO=BO, BIAS=wb is not None, DOT=dot" +
+                    (", CW=CW, BW=max(16, triton.next_power_of_2(CW)))" if self.omega else ")"))
             em.line(f"inputs = ({args})")
             em.line("# a missing bias (None) is passed as a tensor the kernels never touch without BIAS")
             with em.indent("if dout is None:"):
@@ -457,8 +520,9 @@ class MlpKernels(_Kernels):
 
     # ---- the op ------------------------------------------------------------------------------
     def public(self) -> None:
-        em, lv, mom = self.em, self.lv, self.momentum
+        em, lv, mom, omega = self.em, self.lv, self.momentum, self.omega
         kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
+        G, gc, hc = self.G[2:], self.gc[2:], self.hc[2:]
         with em.indent(f"def {ident(lv.name, 'level')}(q, k, v, *, {kw}initial_state=None, "
                        "output_final_state=False):"):
             common.public_head(em, lv, f"({', '.join(comment(n) for n in self.state_names())}) as the reference's")
@@ -467,41 +531,72 @@ class MlpKernels(_Kernels):
             em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
             em.line('dot = "ieee" if q.dtype == torch.float32 else "tf32"  # the kernels\' matmul precision')
             em.line("qh, kh, vh = (x.transpose(1, 2).to(torch.float32).contiguous() for x in (q, k, v))  # [B, H, T, D]")
-            unused = [g for g in lv.gates if g not in self.gates]
+            read = sorted(set(self.gates) | set(self.window_gates))
+            unused = [g for g in lv.gates if g not in read]
             if unused:
                 em.line(f"# gate(s) {comment(', '.join(unused))}: not read by this level's rule")
-            for g in self.gates:
+            for g in read:
                 em.line(f"{ident(g, 'gh')} = {ident(g, 'g')}.transpose(1, 2).to(torch.float32).contiguous()  "
                         f"# gate {comment(g)} [B, H, T]")
+            gates = [ident(g, "gh") for g in self.gates]
+            if omega:
+                gates += [f"_windows({ident(g, 'gh')}, 2)" for g in self.window_gates]
+                if self.window_gates:
+                    em.line("# gamma's gates at each chunk's window rows, [B, H, NT, CW]: the coefficients' G Ω")
             names = [n for n, _ in self.outputs()]
             em.line(f"{where(lv.algorithm.span) or '#'} {comment(lv.algorithm.describe())}: the scans' coefficients")
-            em.line(f"{', '.join(names)} = _Coefficients.apply(kh, {', '.join(ident(g, 'gh') for g in self.gates)})")
+            em.line(f"{', '.join(names)} = _Coefficients.apply(kh, {', '.join(gates)})")
             bias = [f"{ident(g, 'gh')}[..., None].split(CHUNK, 2)" for g in self.bias_gates]
-            em.line("chunks = zip(" + ", ".join(["kh.split(CHUNK, 2)", "vh.split(CHUNK, 2)", "gc.split(CHUNK, 2)"] +
-                                                (["hc.split(CHUNK, 2)"] if mom else []) +
+            carried = [gc] + ([hc] if mom else [])
+            by_chunk = [f"{x}.unbind(2)" if omega else f"{x}.split(CHUNK, 2)" for x in carried]
+            em.line("chunks = zip(" + ", ".join(["kh.split(CHUNK, 2)", "vh.split(CHUNK, 2)"] + by_chunk +
                                                 ["bl.unbind(2)"] + (["fl.unbind(2)", "ml.unbind(2)"] if mom else []) +
                                                 bias) + ")")
             em.line("starts, inputs, deltas = [], [[] for _ in LAYERS], [[] for _ in LAYERS]")
             bias_c = [f"{ident(g, 'go')}_c" for g in self.bias_gates]
-            row = ["k_c", "v_c", "gc_c"] + (["hc_c"] if mom else []) + ["bl_c"] + (["fl_c", "ml_c"] if mom else [])
+            if omega:
+                tail = ", ".join(f"{x}[:, :, :0]" for x in ["kh", "vh"] + [f"{ident(g, 'gh')}[..., None]"
+                                                                           for g in self.bias_gates])
+                em.line(f"tail = ({tail})  # the tokens before a chunk that its windows reach")
+            row = ["k_c", "v_c"] + [f"{x}_c" for x in carried] + ["bl_c"] + (["fl_c", "ml_c"] if mom else [])
             with em.indent(f"for {', '.join(row + bias_c)} in chunks:"):
                 em.line(f"{where(lv.span)} level {comment(lv.name)}, one chunk: k_c [B, H, L, K], v_c [B, H, L, V]")
                 em.line("starts.append(params + buffers)  # the state entering it")
                 span = where((lv.bias.inner or lv.bias).span) or "#"
-                em.line(f"a, d = _layer_grads(params, k_c, v_c{''.join(', ' + b for b in bias_c)})  "
-                        f"{span} per layer at W_0")
+                rows = ["k_c", "v_c"] + bias_c
+                if omega:
+                    window = [r[:-2] + "_w" for r in rows]
+                    em.line(f"({', '.join(window)}), tail = _with_tail(tail, ({', '.join(rows)}))  "
+                            "# the window's P + L tokens")
+                    rows = window
+                em.line(f"a, d = _layer_grads(params, {', '.join(rows)})  {span} per layer at W_0")
+                if omega:
+                    em.line("a, d = _padded(a, k_c.shape[2]), _padded(d, k_c.shape[2])  # [B, H, CW, ...]: "
+                            "the window's rows")
                 with em.indent("for i in range(len(LAYERS)):"):
                     em.line("inputs[i].append(a[i])")
                     em.line("deltas[i].append(d[i])")
                 em.line("# row L - 1 of the coefficients: the state carried on")
                 if mom:
-                    em.line("params, buffers = (_carried((params, buffers), (bl_c, fl_c), gc_c, a, d),")
-                    em.line("                   _carried((buffers,), (ml_c,), hc_c, a, d))")
+                    em.line(f"params, buffers = (_carried((params, buffers), (bl_c, fl_c), {gc}_c, a, d),")
+                    em.line(f"                   _carried((buffers,), (ml_c,), {hc}_c, a, d))")
                 else:
-                    em.line("params = _carried((params,), (bl_c,), gc_c, a, d)")
+                    em.line(f"params = _carried((params,), (bl_c,), {gc}_c, a, d)")
             em.line("starts = [torch.stack(s, 2) for s in zip(*starts)]  # per state tensor [B, H, NT, ...]")
-            em.line("inputs, deltas = [torch.cat(x, 2) for x in inputs], [torch.cat(x, 2) for x in deltas]")
-            coefficients = "(Gr, br, fr)" if mom else "(Gr, br)"
+            em.line("inputs, deltas = [torch.cat(x, 2) for x in inputs], [torch.cat(x, 2) for x in deltas]" +
+                    ("  # [B, H, NT CW, ...]" if omega else ""))
+            coefficients = f"({G}, br, fr)" if mom else f"({G}, br)"
             em.line(f"layer = _dual_layer(dot, starts[N_PARAMS:], inputs, deltas, {coefficients})")
             em.line("o = memory_forward(starts[:N_PARAMS], qh, layer=layer)  # [B, H, T, V], each token at its own weights")
             em.line("return o.transpose(1, 2).to(v.dtype), (_pack(params + buffers) if output_final_state else None)")
+
+
+def render_padded(em) -> None:
+    """`_padded`: a chunk's window rows as all CW rows of its window (omega)."""
+    em.block('''
+def _padded(rows, L):
+    """Per tensor, a chunk's window rows [B, H, P + L, D] (its own L tokens last) as all CW rows of its
+    window: zero rows for the WINDOW - 1 - P before the call's first token and the CHUNK - L past a short
+    last chunk."""
+    return [torch.nn.functional.pad(x, (0, 0, WINDOW - 1 - (x.shape[2] - L), CHUNK - L)) for x in rows]
+''')

@@ -1,16 +1,19 @@
 """Chunked Triton kernels of the frozen-gradient family (a linear memory: a matrix, or an MLP of depth
 1 with nothing around its product) against the reference loop: outputs, final states and the
-gradients of every input (q, k, v, gates, initial state), over the shipped Titans level with a
-matrix memory (`depth = 1`) and every design-space point the kernels take, for T = 1, 63, 100 and head
-dims 16, 32, 64, with gradient chunks that divide neither 63 nor 100.
+gradients of every input (q, k, v, gates, initial state), over the shipped Titans and OmegaNet levels
+with a matrix memory (`depth = 1`) and every design-space point the kernels take (omega windows
+included), for T = 1, 63, 100 and head dims 16, 32, 64, with gradient chunks that divide neither 63 nor
+100, and omega windows narrower than, as wide as and wider than the chunk (reaching back three chunks),
+also over a sequence shorter than the window.
 
 The gradient chunk is part of the rule (`gradient chunk_start(C)`), so each case compiles its own C
 (the reference changes with it). Each case runs the op in mode='triton' (which picks these
 kernels: the level has no fused recurrent ones). Precision as in test_fused_recurrent: fp32 kernels against the float64
 reference on the same inputs, relative error <= 1e-4; bf16 inputs (fp32 states) 2e-2.
 
-On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) the shipped level runs
-three (head dim, T, C) and the design space a fixed sample, one (head dim, T, C) each."""
+On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) Titans runs three (head dim,
+T, C), OmegaNet four (head dim, T, C, window) and the design space a fixed sample, one (head dim, T, C)
+each."""
 from __future__ import annotations
 
 import functools
@@ -25,7 +28,7 @@ from nlc.derive.rules import derive
 from nlc.lower import check
 from nlc.plan import plan
 
-from ..ops.design_space import chunked_points, spec_text
+from ..ops.design_space import BIASES, chunked_points, spec_text
 from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
@@ -41,8 +44,7 @@ def _kernels_take(text):
 
 
 def _design():
-    """(id, spec text) of every frozen-family design point with a linear memory that the kernels take
-    (not omega windows)."""
+    """(id, spec text) of every frozen-family design point with a linear memory that the kernels take."""
     return [(name, text) for name, text in chunked_points(("matrix", "mlp1"), ("chunk",))
             if _kernels_take(text)]
 
@@ -63,6 +65,11 @@ DESIGN = _design()
 CPU_DESIGN = _sample(DESIGN)
 CPU_SIZES = ((16, 100, 16), (32, 63, 5), (64, 1, 24), (16, 63, 2))  # (head dim, T, chunk)
 SHIPPED_CASES = [(d, t, c) for d in DIMS for t in LENGTHS for c in CHUNKS] if GPU else list(CPU_SIZES[:3])
+# (head dim, T, chunk, window): a window narrower than, as wide as and wider than the chunk (its rows
+# reach three chunks back), and a sequence shorter than the window
+OMEGA_SIZES = ((16, 100, 16, 4), (32, 63, 5, 5), (16, 63, 2, 7), (64, 3, 5, 7))
+OMEGA_CASES = [(d, t, c, w) for d in DIMS for t in LENGTHS for _, _, c, w in OMEGA_SIZES[:3]] + \
+    [(d, 3, 5, 7) for d in DIMS] if GPU else list(OMEGA_SIZES)
 DESIGN_CASES = [(n, text, d, 100, 24) for n, text in DESIGN for d in DIMS] + \
     [(n, text, 16, *CPU_SIZES[1 + i % 3][1:]) for i, (n, text) in enumerate(DESIGN)] \
     if GPU else [(n, text, *CPU_SIZES[i % 4]) for i, (n, text) in enumerate(CPU_DESIGN)]
@@ -78,6 +85,12 @@ def _titans(dim, chunk):
     return _compile(SPECS / "titans.nl", heads=HEADS, d_head=dim, depth=1, chunk=chunk)
 
 
+def _omeganet(dim, chunk, window, depth):
+    """The shipped OmegaNet spec (`depth = 1`: a matrix memory) at value head dim `dim` (its keys: 73
+    polynomial features)."""
+    return _compile(SPECS / "omeganet.nl", heads=HEADS, d_head=dim, depth=depth, chunk=chunk, window=window)
+
+
 def _design_program(text, dim, chunk):
     text = re.sub(r"\[heads, 3\]", f"[heads, {dim}]", text).replace("param heads = 1", f"param heads = {HEADS}")
     return _compile(text.replace("chunk_start(2)", f"chunk_start({chunk})"))
@@ -86,6 +99,14 @@ def _design_program(text, dim, chunk):
 @pytest.mark.parametrize("dim,T,chunk", SHIPPED_CASES, ids=[f"D{d}-T{t}-C{c}" for d, t, c in SHIPPED_CASES])
 def test_titans_matrix_memory_matches_the_reference(dim, T, chunk):
     _compare(_titans(dim, chunk).op("memory"), T)
+
+
+@pytest.mark.parametrize("dim,T,chunk,window", OMEGA_CASES,
+                         ids=[f"D{d}-T{t}-C{c}-W{w}" for d, t, c, w in OMEGA_CASES])
+def test_omeganet_matrix_memory_matches_the_reference(dim, T, chunk, window):
+    """Omega windows: each chunk's gradients are those of its window's rows, the WINDOW - 1 tokens
+    before it among them, all at its start state; gamma's gradient comes back through Ω."""
+    _compare(_omeganet(dim, chunk, window, depth=1).op("memory"), T)
 
 
 @pytest.mark.parametrize("name,text,dim,T,chunk", DESIGN_CASES,
@@ -102,6 +123,18 @@ def test_reads_before_the_write_match_the_reference(bias, retention, algorithm):
     _compare(_design_program(text, 16, 5).op("memory"), 63)
 
 
+@pytest.mark.parametrize("bias,algorithm,read", [
+    ("omega(window = 6, gamma = alpha) of huber(delta = alpha, form = mixture)", "momentum", "before"),
+    ("omega(window = 3, gamma = 0.5) of huber(delta = 0.5, form = norm)", "gd", "after")],
+    ids=["gate-in-gamma-bias-decay-momentum-before", "constant-gamma-norm-bias"])
+def test_omega_windows_with_gates_norms_and_reads_before(bias, algorithm, read):
+    """A gate read by gamma, by the bias (at the window's rows) and by the decay (at the chunk's), and
+    momentum with rows shifted by one token; a constant gamma under a bias that reads ||e||."""
+    text = spec_text("matrix", "omega", "decay", algorithm, "chunk").replace(BIASES["omega"], bias)
+    text = text.replace("chunk_start(2)", f"chunk_start(2)\n  read {read}")
+    _compare(_design_program(text, 16, 5).op("memory"), 63)
+
+
 def test_bf16_inputs_with_an_fp32_state():
     _compare(_titans(32, 16).op("memory"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
 
@@ -111,6 +144,7 @@ def test_every_linear_point_has_kernels_and_other_plans_say_why():
     test_chunk_frozen_mlp_kernels); a level of another plan family gets none and says why."""
     assert len(DESIGN) >= 90
     assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
+    assert {n.split("-")[0] for n, _ in DESIGN if "-omega-" in n} == {"matrix", "mlp1"}  # omega windows
     for name, text in DESIGN:
         source = _compile(text).sources["level_memory_triton_chunk.py"]
         assert "def chunk_state_fwd_kernel(" in source, name

@@ -3,24 +3,26 @@ triton_chunk_frozen_mlp.py: Triton scans, bias map and dual-form reads beside Py
 the reference loop: outputs, final states and the gradients of every input (q, k, v, gates, initial
 state). Over the shipped Titans level (depth 2, expand 4, residual, momentum, decay), the other
 shipped levels it takes (biases and a layer norm in ttt_mlp, Huber in yaad, no residual in
-deep_transformer), a gated MLP with a norm-type bias, reads before the write, and every frozen
-design-space point with a depth-2 MLP; for T = 1, 63, 100, head dims 16 and 32, gradient chunks that
-divide neither 63 nor 100.
+deep_transformer), OmegaNet (omega windows narrower than, as wide as and wider than the chunk, and a
+sequence shorter than the window), a gated MLP with a norm-type bias, reads before the write, and
+every frozen design-space point with a depth-2 MLP (omega windows included); for T = 1, 63, 100, head
+dims 16 and 32, gradient chunks that divide neither 63 nor 100.
 
 Each case runs the op in mode='triton' (the level has no fused recurrent kernels, so it picks these at
 every length). Precision as in test_fused_recurrent: fp32 against the float64 reference on the same
 inputs, relative error <= 1e-4; bf16 inputs (fp32 states) 2e-2.
 
 On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) Titans runs three (head
-dim, T, chunk), the other shipped levels one each, and the design space a fixed sample in which
-every bias and every (retention, algorithm) appears, one (head dim, T, chunk) each."""
+dim, T, chunk), OmegaNet four (head dim, T, chunk, window), the other shipped levels one each, and
+the design space a fixed sample in which every bias and every (retention, algorithm) appears, one
+(head dim, T, chunk) each."""
 from __future__ import annotations
 
 import torch
 import pytest
 
-from ..ops.design_space import chunked_points, spec_text
-from .test_chunk_frozen_kernels import _compile, _design_program, _kernels_take
+from ..ops.design_space import BIASES, chunked_points, spec_text
+from .test_chunk_frozen_kernels import OMEGA_SIZES, _compile, _design_program, _kernels_take, _omeganet
 from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
@@ -32,7 +34,7 @@ SHIPPED = {"ttt_mlp": "d_head", "yaad": "d_head", "deep_transformer": "d_head"} 
 
 def _design():
     """(id, spec text) of every frozen-family design point with a depth-2 MLP memory that the kernels
-    take (not omega windows)."""
+    take."""
     return [(name, text) for name, text in chunked_points(("mlp2",), ("chunk",))
             if _kernels_take(text)]
 
@@ -54,6 +56,8 @@ CPU_DESIGN = _sample(DESIGN)
 TITANS_CASES = [(d, t, c) for d in DIMS for t in LENGTHS for c in CHUNKS] if GPU else list(CPU_SIZES)
 SHIPPED_CASES = [(s, d, t, c) for s in SHIPPED for d in DIMS for t, c in ((63, 5), (100, 16))] if GPU else \
     [(s, *CPU_SIZES[i]) for i, s in enumerate(SHIPPED)]
+OMEGA_CASES = [(d, t, c, w) for d in DIMS for t in LENGTHS for _, _, c, w in OMEGA_SIZES[:3]] + \
+    [(d, 3, 5, 7) for d in DIMS] if GPU else [(min(d, DIMS[-1]), t, c, w) for d, t, c, w in OMEGA_SIZES]
 DESIGN_CASES = [(n, text, d, t, c) for n, text in DESIGN for d in DIMS for t, c in ((100, 24), (63, 5))] \
     if GPU else [(n, text, *CPU_SIZES[i % 3]) for i, (n, text) in enumerate(CPU_DESIGN)]
 
@@ -76,6 +80,14 @@ def test_shipped_mlp_levels_match_the_reference(stem, dim, T, chunk):
     _compare(program.op("memory"), T)
 
 
+@pytest.mark.parametrize("dim,T,chunk,window", OMEGA_CASES,
+                         ids=[f"D{d}-T{t}-C{c}-W{w}" for d, t, c, w in OMEGA_CASES])
+def test_omeganet_mlp_memory_matches_the_reference(dim, T, chunk, window):
+    """Omega windows: each chunk's layer gradients a_j, δ_j are those of its window's rows at its
+    start weights, the WINDOW - 1 tokens before it among them."""
+    _compare(_omeganet(dim, chunk, window, depth=2).op("memory"), T)
+
+
 @pytest.mark.parametrize("name,text,dim,T,chunk", DESIGN_CASES,
                          ids=[f"{n}-D{d}-T{t}-C{c}" for n, _, d, t, c in DESIGN_CASES])
 def test_design_space_matches_the_reference(name, text, dim, T, chunk):
@@ -91,6 +103,16 @@ def test_gated_mlp_with_biases_reading_before_the_write():
     _compare(_design_program(text, 16, 5).op("memory"), 63)
 
 
+def test_omega_window_of_a_gated_mlp_with_a_bias_gate_reading_before_the_write():
+    """A window wider than the chunk over a gated MLP with biases, its gamma a gate the bias reads too
+    (through the window's tail tokens), momentum, rows shifted by one token."""
+    text = spec_text("mlp2", "omega", "decay", "momentum", "chunk")
+    text = text.replace("mlp(depth = 2, expand = 1)", "mlp(depth = 2, expand = 2, gated = true, bias = true)")
+    text = text.replace(BIASES["omega"], "omega(window = 7, gamma = delta) of huber(delta = delta, form = mixture)")
+    text = text.replace("chunk_start(2)", "chunk_start(2)\n  read before")
+    _compare(_design_program(text, 16, 5).op("memory"), 63)
+
+
 def test_bf16_inputs_with_an_fp32_state():
     _compare(_titans(32, 16).op("memory"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
 
@@ -100,6 +122,7 @@ def test_every_mlp_point_has_kernels_and_triton_mode_runs_them():
     recurrent ones, so mode='triton' runs them at every length."""
     assert len(DESIGN) >= 40
     assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
+    assert any("-omega-" in n for n, _ in DESIGN)  # omega windows
     for name, text in DESIGN:
         assert "def dual_read_fwd_kernel(" in _compile(text).sources["level_memory_triton_chunk.py"], name
     op = _titans(16, 16).op("memory")

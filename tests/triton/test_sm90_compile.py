@@ -28,10 +28,12 @@ SHARED_LIMIT = 232448  # bytes of shared memory one block may use on an H100 (22
 D = 128
 CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # (spec, level, params, T): a level of every Triton family; T of at least one chunk runs the chunked
-# kernels, T = 1 the fused recurrent ones
+# kernels, T = 1 the fused recurrent ones; omeganet: the frozen kernels with an omega window (chunk 16,
+# window 4: BW = 32 window rows; its 73 polynomial key features take BK = 128 as at head dim 128)
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
-         ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20)]
+         ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
+         ("omeganet", "memory", {"depth": 1}, 20), ("omeganet", "memory", {"depth": 2}, 20)]
 
 
 def _launches(op, T):

@@ -69,6 +69,9 @@ def measure(layer, x, repeats: int, budget: float) -> dict:
             out.setdefault("errors", {})[key] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
         layer.zero_grad(set_to_none=True)
         gc.collect()  # outside the handler: the traceback's frames hold the failed call's tensors
+    if out["forward_tok_s"] is not None:  # a layer that diverges on these inputs times NaN arithmetic
+        with torch.no_grad():
+            out["output_finite"] = bool(torch.isfinite(layer(x)).all())
     return out
 
 
@@ -128,7 +131,8 @@ def main() -> None:
         print(f"{name:18s} {','.join(sorted(set(plans.values()))):18s} "
               f"fwd {cell(c['forward_tok_s'], '9.0f')} tok/s ({cell(row['speedup_forward'], '5.1f')}x)  "
               f"fwd+bwd {cell(c['train_tok_s'], '9.0f')} tok/s ({cell(row['speedup_train'], '5.1f')}x)  "
-              f"reference fwd+bwd {cell(r['train_tok_s'], '7.0f')} tok/s", flush=True)
+              f"reference fwd+bwd {cell(r['train_tok_s'], '7.0f')} tok/s"
+              + ("" if c.get("output_finite", True) else "  (output not finite: timed on NaN)"), flush=True)
         write(args, rows)
     write(args, rows, done=True)
 

@@ -5,16 +5,12 @@ product with it could not run under activation checkpointing (`torch.utils.check
 reentrancy) or saved-tensor offloading. Plain autograd runs under both. The pullback is itself
 differentiable while grad mode is on (the outer backward pass goes through the inner gradient, as
 the frozen, mapped and period families need), and detached under no_grad.
-
-Under torch.compile both run eagerly (`torch.compiler.disable`: a graph break on each side):
-aot_autograd cannot trace a gradient whose graph the outer backward differentiates again.
 """
 from __future__ import annotations
 
 import torch
 
 
-@torch.compiler.disable
 def vjp(fn, *primals, has_aux: bool = False):
     """(fn(*primals), pullback) or, with has_aux, (out, pullback, aux) where fn returns (out, aux).
     out: one tensor; pullback(cotangent shaped like out) -> one tensor per primal, zeros for a
@@ -27,7 +23,6 @@ def vjp(fn, *primals, has_aux: bool = False):
         result = fn(*leaves)
     out, aux = result if has_aux else (result, None)
 
-    @torch.compiler.disable
     def pullback(cotangent):
         with torch.enable_grad():
             grads = torch.autograd.grad(out, leaves, cotangent, retain_graph=True, create_graph=outer,

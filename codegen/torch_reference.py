@@ -467,6 +467,15 @@ def self_target(lv: ir.Level, v: str, at: str = "at") -> str:
 
 def _bcast(mlp: bool, expr: str, like: str) -> str:
     """For MLP memories, scalar gates [B, H] broadcast per tensor; matrix gates are pre-shaped."""
-    if not mlp or expr.replace(".", "").replace("-", "").isdigit():
+    if not mlp or _is_number(expr):
         return expr if not expr.startswith("-") else f"({expr})"
     return f"_per_tensor({expr}, {like})"
+
+
+def _is_number(expr: str) -> bool:
+    """Whether printed source `expr` is a numeric literal ('0.01', '-2', '3.90625e-05')."""
+    try:
+        float(expr)
+    except ValueError:
+        return False
+    return True

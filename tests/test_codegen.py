@@ -595,3 +595,16 @@ def test_golden_layer_calls_the_level_with_prefixed_names():
     assert lines[call + 1].endswith(", self.mode, T, self.kernels_memory, x.device),")
     assert lines[call + 2].startswith("self.recompute, 'memory', 1)(")
     assert lines[call + 3] == "s_q, s_k, s_v, g_alpha=g_alpha, g_beta=g_beta)"
+
+
+def test_mlp_rate_printed_in_exponent_form():
+    """A constant rate that prints as '3.90625e-05' is a literal, not a per-head gate: the MLP
+    reference loop scales by it directly (it used to call `.reshape` on the float) and matches the
+    chunked form."""
+    program = nlc.compile(SPECS_DIR / "cms.nl", d_model=8, chunk=4, chunk_slow=8, lr_mid=3.90625e-05)
+    torch.manual_seed(0)
+    chunked = program.layer(mode="chunk").double()
+    reference = program.layer(mode="reference").double()
+    reference.load_state_dict(chunked.state_dict())
+    x = torch.randn(1, 11, 8, dtype=torch.float64)
+    torch.testing.assert_close(reference(x), chunked(x), rtol=1e-10, atol=1e-12)

@@ -1,15 +1,9 @@
 """The Triton lane: kernels run on a CUDA device when there is one, else on the CPU under Triton's
-interpreter (TRITON_INTERPRET=1, set here before any kernel module is imported), with one launch
-configuration instead of an autotuning sweep (NLC_TRITON_AUTOTUNE=0). `torch.empty` is
-poisoned with NaN so a kernel that misses a write fails."""
-import os
-
+interpreter, with one launch configuration instead of an autotuning sweep (both set in
+tests/conftest.py, before any test module is imported). `torch.empty` is poisoned with NaN so a
+kernel that misses a write fails."""
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("NLC_TRITON_AUTOTUNE", "0")  # one launch configuration: tests check results, not speed
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
 """Whole architectures from specs (Transformer++, Titans MAC/MAG/MAL, ATLAS family, self-modifying
 Titans, CMS, Hope): each compiles to a causal language model, round-trips its state_dict, and its
 in-context behaviour matches the math (CMS periods, Omega window 1, DGD's closed form)."""
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -80,6 +82,29 @@ def test_torch_compile_with_inductor(spec):
         got = torch.compile(model)(ids)
     assert not [w for w in caught if "lru_cache" in str(w.message)]
     torch.testing.assert_close(got, model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_trains_a_layer_with_an_inner_gradient():
+    """Titans' MLP memory takes a vjp inside its forward (its gradient at each chunk start), whose
+    graph the outer backward differentiates again: aot_autograd cannot trace that (no double
+    backward), so `nlc.runtime.vjp` runs eagerly between compiled regions. Same outputs and
+    parameter gradients as eager, in float64."""
+    torch.manual_seed(0)
+    layer = small("titans").layer().double()
+    x = torch.randn(2, 12, layer.d_model, dtype=torch.float64)
+    want = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
+    got = torch.autograd.grad(torch.compile(layer)(x).square().sum(), list(layer.parameters()))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_importing_nlc_leaves_torch_dynamo_unimported():
+    """torch.compile support costs nothing until something compiles: importing torch._dynamo also
+    imports triton.language, which fixes whether triton's library runs interpreted."""
+    code = "import sys, nlc, nlc.runtime.vjp; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 # ---- in-context behaviour against the math (float64, reference loops) -----------------------------

@@ -15,6 +15,11 @@ _ACT = {"gelu": "torch.nn.functional.gelu", "silu": "torch.nn.functional.silu",
         "relu": "torch.relu", "tanh": "torch.tanh"}
 
 
+def has_buffers(level: ir.Level) -> bool:
+    """Whether the level's state carries an optimizer buffer (zeros at the start) per memory tensor."""
+    return level.algorithm.kind in ("momentum", "muon")
+
+
 def param_layout(level: ir.Level) -> list[tuple[str, tuple[str, ...], bool]]:
     """(name, shape in terms of K, V, HIDDEN, is_weight_matrix) for each memory tensor."""
     m = level.memory

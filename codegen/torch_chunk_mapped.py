@@ -167,7 +167,7 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file: 
 def _state_names(rules: LevelRules) -> list[str]:
     lv = rules.level
     names = [n for n, _, _ in torch_arch.param_layout(lv)]
-    buffers = [f"M_{n}" for n in names] if lv.algorithm.kind in ("momentum", "muon") else []
+    buffers = [f"M_{n}" for n in names] if torch_arch.has_buffers(lv) else []
     return [f"A_{n}" for n in names] + buffers if rules.accumulator else names + buffers
 
 

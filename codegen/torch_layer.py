@@ -6,6 +6,7 @@ import nlc
 from nlc import ast, ir, segments, teach
 from nlc.lower import expression_names
 
+from . import torch_arch
 from .emitter import Emitter, comment, ident, where
 
 _ELEMENTWISE = {"silu": "torch.nn.functional.silu({})", "gelu": "torch.nn.functional.gelu({})",
@@ -321,12 +322,13 @@ def _render_node(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, ki
 
 
 def _initial_state(lv: ir.Level, mod: str) -> str:
-    """The level's initial state: its learned parameters (init learned) or its module's default."""
-    default = f"{mod}.initial_state(B, x.dtype, x.device)"
+    """The level's initial state: its learned parameters (init learned) and zero optimizer buffers,
+    or its module's default."""
     if lv.init != "learned":
-        return default
-    return (f"tuple(p.to(x.dtype).expand(B, *p.shape) for p in self.{ident(lv.name, 'init')})"
-            f" + {default}[{mod}.N_PARAMS:]")
+        return f"{mod}.initial_state(B, x.dtype, x.device)"
+    learned = f"self.{ident(lv.name, 'init')}"
+    return (f"tuple(p.to(x.dtype).expand(B, *p.shape) for p in {learned})"
+            + (f" + tuple(x.new_zeros(B, *p.shape) for p in {learned})" if torch_arch.has_buffers(lv) else ""))
 
 
 def _render_level_call(body: Emitter, exprs: _Expressions, checked: ir.CheckedSpec, lv: ir.Level,
@@ -343,8 +345,8 @@ def _render_level_call(body: Emitter, exprs: _Expressions, checked: ir.CheckedSp
         init = f", initial_state={state}, output_final_state=True"
     elif lv.init_from is not None:  # nested: start, and restart, from the source level's state
         source, source_module = checked.level(lv.init_from), exprs.level_modules[lv.init_from]
-        init = (f", initial_state=({_initial_state(source, source_module)})[:{source_module}.N_PARAMS]"
-                f" + {module}.initial_state(B, x.dtype, x.device)[{module}.N_PARAMS:],"
+        buffers = f" + {module}.initial_state(B, x.dtype, x.device)[{module}.N_PARAMS:]" if torch_arch.has_buffers(lv) else ""
+        init = (f", initial_state=({_initial_state(source, source_module)})[:{source_module}.N_PARAMS]{buffers},"
                 f" restart_states={ident(lv.init_from, 'periods')}")
     elif lv.init == "learned":
         init = f", initial_state={_initial_state(lv, module)}"

@@ -18,7 +18,7 @@ def render_level(rules: LevelRules, model: str, file: str) -> str:
     lv, em = rules.level, Emitter()
     gates = [ident(g, "g") for g in lv.gates]
     layout = torch_arch.param_layout(lv)
-    buffers = 1 if lv.algorithm.kind in ("momentum", "muon") else 0
+    buffers = int(torch_arch.has_buffers(lv))
     state_names = [n for n, _, _ in layout]
     state_names += [f"M_{n}" for n in state_names] * buffers
     if rules.accumulator:

@@ -82,3 +82,19 @@ def test_cms_rates_scale_with_width(name):
     with torch.no_grad():
         y = layer(torch.randn(1, 192, 256))
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_layer_forward_draws_no_random_numbers(name, monkeypatch):
+    """A layer's forward builds its levels' initial states from its learned parameters and zeros; it
+    used to draw (and drop) every level's default random state on each call, which cost a d_model
+    256 `cms` layer 36 ms of a 42 ms one-token step."""
+    torch.manual_seed(0)
+    layer = nlc.compile(SPECS / f"{name}.nl").layer()
+    x = torch.randn(1, 3, layer.d_model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the forward drew random numbers")
+    monkeypatch.setattr(torch, "randn", refuse)
+    with torch.no_grad():
+        assert torch.isfinite(layer(x)).all()

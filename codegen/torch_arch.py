@@ -131,7 +131,8 @@ def render_initial_state(em: Emitter, level: ir.Level, kl_axis: str | None, mass
     layout = param_layout(level)
     with em.indent("def initial_state(batch, dtype=torch.float64, device=None):"):
         em.line('"""The default initial state, [B, H, ...] per tensor (a layer passes its own learned one)."""')
-        em.line("generator = torch.Generator().manual_seed(0)")
+        if kl_axis is None and level.init == "learned" and any(is_matrix for _, _, is_matrix in layout):
+            em.line("generator = torch.Generator().manual_seed(0)")
         em.line("params = []")
         for name, shape, is_matrix in layout:
             dims = ", ".join(shape)
@@ -148,3 +149,5 @@ def render_initial_state(em: Emitter, level: ir.Level, kl_axis: str | None, mass
             em.line("return tuple(params) + tuple(torch.zeros_like(p) for p in params)  # + optimizer buffers")
         else:
             em.line("return tuple(params)")
+    em.gap()
+    em.line("default_state = initial_state  # for the ops, whose initial_state argument shadows the name")

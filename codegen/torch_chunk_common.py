@@ -34,7 +34,7 @@ def render_op_inputs(em: Emitter, rules: LevelRules, coeffs: dict, extra_gates=(
     em.line(f"gates {', '.join(lv.gates) or '(none)'}: [B, T, H] (bias gates may be [B, T, H, K|V]).")
     em.line('Returns (o [B, T, H, V], final state or None), exactly as the reference op."""')
     em.line("B, T = k.shape[:2]")
-    em.line("state = initial_state if initial_state is not None else globals()['initial_state'](B, k.dtype, k.device)")
+    em.line("state = initial_state if initial_state is not None else default_state(B, k.dtype, k.device)")
     em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
     em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
     em.line("qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]")
@@ -105,9 +105,7 @@ def _decay_products(a):
     log_a = torch.log(a.abs().clamp_min(torch.finfo(a.dtype).tiny))
     sign = (1 - 2 * (a < 0).to(a.dtype)).cumprod(-1)  # prod_{r<=t} sign(a_r), exactly ±1
     run = torch.exp(log_a.cumsum(-1)) * sign
-    seg = _Segments.apply(log_a)
-    if bool((a < 0).any()):
-        seg = seg * (sign[..., :, None] * sign[..., None, :])
+    seg = _Segments.apply(log_a) * (sign[..., :, None] * sign[..., None, :])  # no data-dependent branch
     return run, seg
 
 

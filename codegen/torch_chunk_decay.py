@@ -12,7 +12,7 @@ channel (it scales v_t). Inside a chunk everything is matmuls; chunks run in seq
 a decay of exactly 0, 1 or a negative one is exact, gradients included. A per-channel decay is
 sub-chunked (fla's secondary chunks): matmuls between sub-chunks, keys carried within them.
 
-The generated module imports `initial_state` and `_pack` from the level's reference module
+The generated module imports `default_state` and `_pack` from the level's reference module
 (`level_<name>.py`, same package) and otherwise only torch and math. The shared pieces (header, gate
 views, step split, runtime helpers, prologue) are used by `torch_chunk_delta` too.
 """
@@ -202,7 +202,7 @@ def preamble(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file:
     header(em, rules, model, file, family, math_lines)
     em.line("import torch")
     em.line()
-    em.line(f"from .level_{plan.level} import _pack, initial_state")
+    em.line(f"from .level_{plan.level} import _pack, default_state")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")
     for text in constants:
@@ -344,7 +344,7 @@ def prologue(em: Emitter, rules: LevelRules) -> None:
     lv = rules.level
     em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
     em.line("B, T, H = k.shape[:3]")
-    em.line("state = initial_state if initial_state is not None else globals()['initial_state'](B, k.dtype, k.device)")
+    em.line("state = initial_state if initial_state is not None else default_state(B, k.dtype, k.device)")
     em.line("(S,) = (state,) if torch.is_tensor(state) else tuple(state)  # [B, H, K, V]")
 
 

@@ -69,11 +69,11 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     if linear:
         em.line("from nlc.runtime.frozen_linear import frozen_linear")
         em.line()
-        em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, output_grad")
+        em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, default_state, output_grad")
     else:
         em.line("from nlc.runtime.vjp import vjp")
         em.line()
-        em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
+        em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, default_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")
     if omega:

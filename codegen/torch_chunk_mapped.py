@@ -62,7 +62,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line()
     em.line("from nlc.runtime.vjp import vjp")
     em.line()
-    imports = ["N_PARAMS", "_pack", "initial_state", "memory_forward", "output_grad"]
+    imports = ["N_PARAMS", "_pack", "default_state", "memory_forward", "output_grad"]
     if not dgd.applies(rules):
         imports += ["accumulate", "psi"] if rules.accumulator else ["retain"]
     if lv.algorithm.kind == "muon":

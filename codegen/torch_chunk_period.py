@@ -59,7 +59,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line()
     em.line("from nlc.runtime.vjp import vjp")
     em.line()
-    em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
+    em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, default_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {unit}  # tokens per unit: reads of a unit see one committed state")
     em.line(f"PERIOD = {period}  # update every PERIOD tokens: reads see the state at the last boundary")

@@ -74,7 +74,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line()
     em.line("from nlc.runtime.amp import autocast_backward, autocast_forward")
     em.line()
-    em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, initial_state, memory_forward, output_grad")
+    em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, default_state, memory_forward, output_grad")
     em.line()
     em.line(f"CHUNK = {copies_every(rules, plan)}  # tokens between the copies of the state kept for the "
             "backward pass" + ("" if lv.init_from is None else " (divides RESTART)"))

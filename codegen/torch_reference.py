@@ -250,7 +250,7 @@ def _render_op(em: Emitter, rules: LevelRules, gates: list[str]) -> None:
         render_nesting_doc(em, lv)
         em.line('Returns (o [B, T, H, V], final state or None)."""')
         em.line("B, T = k.shape[:2]")
-        em.line("state = initial_state if initial_state is not None else globals()['initial_state'](B, k.dtype, k.device)")
+        em.line("state = initial_state if initial_state is not None else default_state(B, k.dtype, k.device)")
         em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
         em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
         em.line("qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]")

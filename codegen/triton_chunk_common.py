@@ -289,7 +289,7 @@ class Kernels:
     def text(self) -> str:
         em, f = self.em, self.f
         self.header()
-        imports(em, self.lv, "_pack, initial_state")
+        imports(em, self.lv, "_pack, default_state")
         em.line("# Launch configuration, kept apart from the kernels (results do not depend on it).")
         self.configuration()
         em.gap()
@@ -939,7 +939,7 @@ def public_head(em: Emitter, lv: ir.Level, state: str, gates: str = "[B, T, H]")
     em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
     em.line("B = k.shape[0]")
     em.line("state = initial_state if initial_state is not None else "
-            "globals()['initial_state'](B, torch.float32, k.device)")
+            "default_state(B, torch.float32, k.device)")
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str, math_lines) -> str:

@@ -169,7 +169,7 @@ class _Kernels:
     def text(self) -> str:
         em = self.em
         self.header()
-        self.preamble("_pack, initial_state")
+        self.preamble("_pack, default_state")
         common.launch_configuration(em)
         em.line(f"NORM = {self.norm}  # the bias reads ||e||: every value channel in one block")
         em.gap()

@@ -143,7 +143,7 @@ class _Renderer:
         em.line()
         em.line(AMP_IMPORT)
         em.line()
-        em.line(f"from .{ident(lv.name, 'level')} import _pack, initial_state")
+        em.line(f"from .{ident(lv.name, 'level')} import _pack, default_state")
         em.gap()
         em.line("# Launch configuration, kept apart from the kernels (results do not depend on it).")
         em.line("BV_MAX = 16  # value channels per program" +
@@ -548,7 +548,7 @@ class _Renderer:
             em.line(f'Returns (o [B, T, H, V] in v\'s dtype, final state {state} float32, or None)."""')
             em.line("B = k.shape[0]")
             em.line("state = initial_state if initial_state is not None else "
-                    "globals()['initial_state'](B, torch.float32, k.device)")
+                    "default_state(B, torch.float32, k.device)")
             em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
             em.line("state = [s.to(torch.float32).contiguous() for s in state]")
             unused = [g for g in lv.gates if g not in x.gates]

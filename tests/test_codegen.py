@@ -29,18 +29,18 @@ ROLE_PREFIXES = ("level", "g", "gs", "go", "gc", "s", "init", "gate", "let", "b_
 
 # Every top-level name a level module may define besides `level_<name>`.
 LEVEL_TOP = {"math", "torch", "HEADS", "K", "V", "HIDDEN", "GATES", "STATE", "N_PARAMS",
-             "memory_forward", "memory_grads", "initial_state", "output_grad", "retain",
+             "memory_forward", "memory_grads", "initial_state", "default_state", "output_grad", "retain",
              "implicit_lr", "accumulate", "psi", "newton_schulz", "_per_tensor", "_record", "_pack"}
 LAYER_TOP = {"torch", "nn", "blocks", "dispatch", "recompute", "Layer"}
-TRITON_TOP = {"torch", "triton", "tl", "_pack", "initial_state", "BV_MAX", "WARP_TILE", "MAX_WARPS",
+TRITON_TOP = {"torch", "triton", "tl", "_pack", "default_state", "BV_MAX", "WARP_TILE", "MAX_WARPS",
               "CHUNK", "fused_recurrent_fwd_kernel", "fused_recurrent_bwd_kernel", "_config",
               "fused_recurrent_fwd", "fused_recurrent_bwd", "FusedRecurrentFunction", "autocast_forward",
               "autocast_backward"}
 # ... and a chunk-parallel module (the hostile table's base level is a delta-family level)
 CHUNK_TOP = {"torch", "CHUNK", "_chunks", "_cumulative", "_pack", "_remaining", "_segments",
-             "_unit_lower_inverse", "initial_state"}
+             "_unit_lower_inverse", "default_state"}
 # ... and chunked Triton kernels (decay and delta families)
-TRITON_CHUNK_TOP = {"os", "torch", "triton", "tl", "_pack", "initial_state", "CHUNK", "BV_MAX", "INTERPRET", "TUNE",
+TRITON_CHUNK_TOP = {"os", "torch", "triton", "tl", "_pack", "default_state", "CHUNK", "BV_MAX", "INTERPRET", "TUNE",
                     "CONFIGS", "MATMUL_TYPES", "chunk_gate_fwd_kernel", "chunk_wy_fwd_kernel",
                     "chunk_state_fwd_kernel", "chunk_output_fwd_kernel", "chunk_state_bwd_kernel",
                     "chunk_grads_bwd_kernel", "chunk_gate_bwd_kernel", "_sizes", "chunk_gate_fwd",

@@ -225,6 +225,6 @@ def test_generated_source_is_self_contained():
         src = _program(name).sources["level_memory_chunk.py"]
         imports = [node for node in ast.parse(src).body if isinstance(node, (ast.Import, ast.ImportFrom))]
         assert [ast.unparse(node) for node in imports] == [
-            "import torch", "from .level_memory import _pack, initial_state"]
+            "import torch", "from .level_memory import _pack, default_state"]
         assert "CHUNK = 16" in src and f"# {_program(name).checked.file}:" in src
     assert plan(_program("gated_delta_before").rules["memory"], 16).family == "delta"

@@ -134,15 +134,18 @@ def _layer_grads(params, x, v, *bias_gates):
     """The pieces of every token's gradient at the chunk-start weights, per layer i of LAYERS:
     inputs[i] a [B, H, L, I] (the layer's input) and deltas[i] δ [B, H, L, O] = ∂<dy_j, M(x_j)>/∂(the
     layer's output at token j), dy = output_grad(M(params; x), v); the weight's gradient is a_j ⊗ δ_j,
-    the bias's δ_j. One forward and one vjp, through zero probes added to every layer's output."""
-    def probed(*probes):
-        inputs = [None] * len(LAYERS)
+    the bias's δ_j. One forward and one vjp, at every layer's (tapped) output."""
+    def tapped(tap):
+        inputs, order = [None] * len(LAYERS), []
 
         def layer(i, h, W, b):
             inputs[i] = h
-            return _product(h, W, b) + probes[i]
-        return memory_forward(params, x, layer=layer), inputs
-    probes = [x.new_zeros(x.shape[:3] + params[w].shape[-1:]) for w, _ in LAYERS]
-    y, pullback, inputs = vjp(probed, *probes, has_aux=True)
-    return inputs, pullback(output_grad(y, v, *bias_gates))
+            order.append(i)  # a gated MLP computes its gate's product before its value's
+            return tap(_product(h, W, b))
+        return memory_forward(params, x, layer=layer), (inputs, order)
+    y, pullback, (inputs, order) = tapped_vjp(tapped, has_aux=True)
+    deltas = [None] * len(LAYERS)
+    for i, d in zip(order, pullback(output_grad(y, v, *bias_gates))):
+        deltas[i] = d
+    return inputs, deltas
 ''')

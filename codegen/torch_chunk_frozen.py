@@ -71,7 +71,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         em.line()
         em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, default_state, output_grad")
     else:
-        em.line("from nlc.runtime.vjp import vjp")
+        em.line("from nlc.runtime.vjp import tapped_vjp")
         em.line()
         em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, default_state, memory_forward, output_grad")
     em.line()

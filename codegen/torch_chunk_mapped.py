@@ -60,7 +60,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     if not dgd.applies(rules):
         em.line("import torch.utils.checkpoint")
     em.line()
-    em.line("from nlc.runtime.vjp import vjp")
+    em.line("from nlc.runtime.vjp import tapped_vjp")
     em.line()
     imports = ["N_PARAMS", "_pack", "default_state", "memory_forward", "output_grad"]
     if not dgd.applies(rules):

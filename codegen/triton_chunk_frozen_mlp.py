@@ -44,7 +44,7 @@ class MlpKernels(_Kernels):
     def text(self) -> str:
         em, lv = self.em, self.lv
         self.header()
-        self.preamble("N_PARAMS, _pack, default_state, memory_forward", "from nlc.runtime.vjp import vjp")
+        self.preamble("N_PARAMS, _pack, default_state, memory_forward", "from nlc.runtime.vjp import tapped_vjp")
         em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
         common.launch_configuration(em)
         em.gap()

@@ -210,6 +210,7 @@ def test_generated_imports_are_torch_and_the_runtime_only(shipped, stem):
         for module in imports(ast.parse(text)):
             runtime = ("nlc.runtime.blocks", "nlc.runtime.dispatch", "nlc.runtime.attention",
                        "nlc.runtime.mlp", "nlc.runtime.recompute", "nlc.runtime.teach", "nlc.runtime.vjp.vjp",
+                       "nlc.runtime.vjp.tapped_vjp",
                        "nlc.runtime.frozen_linear.frozen_linear", "nlc.runtime.amp.autocast_forward",
                        "nlc.runtime.amp.autocast_backward")
             kernels = ("triton", "triton.language", "os") if file.endswith(("_triton.py", "_triton_chunk.py")) \

@@ -1,8 +1,9 @@
 """nlc.runtime.vjp against torch.func.vjp: values, cotangents, aux, a primal that also reaches the
-output through a closed-over tensor, no_grad detachment, and second order (gradcheck)."""
+output through a closed-over tensor, no_grad detachment, and second order (gradcheck); tapped_vjp
+at intermediate tensors."""
 import torch
 
-from nlc.runtime.vjp import vjp
+from nlc.runtime.vjp import tapped_vjp, vjp
 
 
 def _mlp(W1, W2, x):
@@ -62,3 +63,32 @@ def test_pullback_is_differentiable():
     def cotangent(W1, W2, x, dy):
         return vjp(lambda a: _mlp(a, W2, x), W1)[1](dy)[0]
     assert torch.autograd.gradcheck(cotangent, (W1, W2, x, dy))
+
+
+def _tapped_mlp(W1, W2, x):
+    """fn(tap) for the MLP, tapping its two pre-activations."""
+    def fn(tap):
+        z1 = tap(x @ W1)
+        return tap(torch.tanh(z1) @ W2)
+    return fn
+
+
+def test_tapped_vjp_equals_the_vjp_at_the_tapped_tensors():
+    """∂<dy, out>/∂(each tapped tensor), in tap order, equals torch.func.vjp of the rest of the
+    network at that tensor; with grad mode on the results are differentiable in the weights (second
+    order, checked against torch.func twice), under no_grad they are detached."""
+    W1, W2, x, dy = _tensors(3)
+    out, pull = tapped_vjp(_tapped_mlp(W1, W2, x))
+    d_z1, d_z2 = pull(dy)
+    z1 = x @ W1
+    _, pull_z1 = torch.func.vjp(lambda z: torch.tanh(z) @ W2, z1)
+    torch.testing.assert_close(d_z1, pull_z1(dy)[0])
+    torch.testing.assert_close(d_z2, dy)
+    torch.testing.assert_close(out, _mlp(W1, W2, x))
+
+    def inner(W1, W2):
+        return tapped_vjp(_tapped_mlp(W1, W2, x))[1](dy)[0]
+    assert torch.autograd.gradcheck(inner, (W1, W2))
+    with torch.no_grad():
+        out, pull = tapped_vjp(_tapped_mlp(W1, W2, x))
+        assert not out.requires_grad and not any(d.requires_grad for d in pull(dy))

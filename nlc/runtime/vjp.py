@@ -1,4 +1,5 @@
-"""`vjp`: torch.func.vjp's contract by plain autograd, for generated code.
+"""`vjp`: torch.func.vjp's contract by plain autograd, for generated code; `tapped_vjp`: the same
+at tensors computed inside the function (a layer's output), for per-layer gradient factors.
 
 torch.func refuses saved-tensor hooks, so a layer whose forward took an inner vector-Jacobian
 product with it could not run under activation checkpointing (`torch.utils.checkpoint` without
@@ -24,6 +25,21 @@ def vjp(fn, *primals, has_aux: bool = False):
     return _vjp(fn, *primals, has_aux=has_aux)
 
 
+def tapped_vjp(fn, has_aux: bool = False):
+    """A vjp at tensors computed inside fn: fn(tap) returns out (or (out, aux) with has_aux) and
+    passes each such tensor t through tap(t), which returns t. Returns (out, pullback) or (out,
+    pullback, aux); pullback(cotangent like out) -> ∂<cotangent, out>/∂t per tapped t, in the order
+    they were tapped.
+
+    Tapping a layer's output instead of adding a fresh zero leaf to it (the same gradient) keeps the
+    pullback's cost local: autograd skips the part of the graph older than the tensors it
+    differentiates with respect to, and a fresh leaf is older than everything, so each pullback would
+    walk the whole outer graph (quadratic in the number of chunks of a long sequence)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_tapped_vjp)(fn, has_aux=has_aux, eager_pullback=True)
+    return _tapped_vjp(fn, has_aux=has_aux)
+
+
 def _vjp(fn, *primals, has_aux: bool = False, eager_pullback: bool = False):
     outer = torch.is_grad_enabled()
     with torch.enable_grad():
@@ -31,6 +47,24 @@ def _vjp(fn, *primals, has_aux: bool = False, eager_pullback: bool = False):
         # output to the same tensor (through closed-over inputs computed from it), as in torch.func
         leaves = tuple(p.view_as(p) if p.requires_grad else p.detach().requires_grad_() for p in primals)
         result = fn(*leaves)
+    return _with_pullback(result, leaves, has_aux, outer, eager_pullback)
+
+
+def _tapped_vjp(fn, has_aux: bool = False, eager_pullback: bool = False):
+    outer = torch.is_grad_enabled()
+    taps = []
+
+    def tap(t):
+        t = t if t.requires_grad else t.detach().requires_grad_()  # no graph yet: start one
+        taps.append(t)
+        return t
+    with torch.enable_grad():
+        result = fn(tap)
+    return _with_pullback(result, taps, has_aux, outer, eager_pullback)
+
+
+def _with_pullback(result, leaves, has_aux, outer, eager_pullback):
+    """(out, pullback[, aux]) of fn's result, differentiating with respect to leaves."""
     out, aux = result if has_aux else (result, None)
 
     def pullback(cotangent):

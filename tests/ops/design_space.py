@@ -2,6 +2,7 @@
 gradient/update/read knobs) that the checker accepts, as small single-level specs."""
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -69,23 +70,29 @@ def spec_text(memory, bias, retention, algorithm, schedule="token") -> str:
                            algorithm=ALGORITHMS[algorithm], schedule=SCHEDULES[schedule], init=init)
 
 
+@functools.lru_cache(maxsize=None)
+def _checked(text: str):
+    """The checker's result for a point's text, None where it refuses it (cached: several test
+    modules sample overlapping parts of the space, and parsing dominates their collection time)."""
+    try:
+        return check(text)[0]
+    except SpecError:
+        return None
+
+
 def points(memories=tuple(MEMORIES), schedules=("token",)):
     """(id, spec text) for every combination the checker accepts."""
     for memory, bias, retention, algorithm, schedule in itertools.product(
             memories, BIASES, RETENTIONS, ALGORITHMS, schedules):
         text = spec_text(memory, bias, retention, algorithm, schedule)
-        try:
-            check(text)
-        except SpecError:
-            continue
-        yield f"{memory}-{bias}-{retention}-{algorithm}-{schedule}", text
+        if _checked(text) is not None:
+            yield f"{memory}-{bias}-{retention}-{algorithm}-{schedule}", text
 
 
 def chunked_points(memories, schedules):
     """(id, spec text) of the points whose level gets a generated chunk-parallel form."""
     for name, text in points(memories, schedules):
-        checked, _ = check(text)
-        if plan(derive(checked)["memory"], 5).family in CHUNKED_FAMILIES:
+        if plan(derive(_checked(text))["memory"], 5).family in CHUNKED_FAMILIES:
             yield name, text
 
 

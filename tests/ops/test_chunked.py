@@ -73,20 +73,30 @@ def _run(op, inputs, mode):
     return [o, *final, *torch.autograd.grad(loss, leaves, allow_unused=True)]
 
 
-def _assert_same(got, want):
-    """Equal to round-off, NaN where the reference is NaN: an lq map's |A|^(1/3) has no derivative
-    at a zero accumulator, so the gradient of a zero initial state is NaN in both forms."""
+def _assert_same(got, want, scale=1.0):
+    """Equal to round-off (TOL, times scale), NaN where the reference is NaN: an lq map's |A|^(1/3)
+    has no derivative at a zero accumulator, so the gradient of a zero initial state is NaN in both."""
     for a, b in zip(got, want, strict=True):
         if b is None:
             assert a is None or a.abs().max() == 0
         else:
-            torch.testing.assert_close(a, b, **TOL, equal_nan=True)
+            torch.testing.assert_close(a, b, rtol=scale * TOL["rtol"], atol=scale * TOL["atol"],
+                                       equal_nan=True)
 
 
 def _nudged(op, inputs):
-    """The reference's results with the keys moved by one unit in the last place."""
+    """The reference's results with every entry of every input (q, k, v, gates, initial state) moved
+    by a random -1, 0 or +1 unit in the last place (seeded). Random, not uniform: a uniform nudge
+    keeps an exactly symmetric state (KL's uniform point of the simplex) symmetric, where some of
+    the reference's gradients jump by 1e4 once round-off breaks the symmetry (mlp2, kl, muon); and
+    every input, not the keys alone: some points move most with the values (mlp2, omega, lq_miras)."""
     q, k, v, gates, state = inputs
-    return _run(op, (q, k * (1 + torch.finfo(k.dtype).eps), v, gates, state), "reference")
+    g = torch.Generator().manual_seed(0)
+
+    def nudge(x):
+        return x * (1 + torch.finfo(x.dtype).eps * torch.randint(-1, 2, x.shape, generator=g).to(x.dtype))
+    return _run(op, (nudge(q), nudge(k), nudge(v), {n: nudge(x) for n, x in gates.items()},
+                     tuple(nudge(x) for x in state)), "reference")
 
 
 def _spread(a, b) -> float:
@@ -99,49 +109,70 @@ def _spread(a, b) -> float:
 
 
 SENSITIVITY = 10    # a chunked result may sit within 10x the reference's own 1-ulp sensitivity
-CHAOTIC = 1e-3      # beyond this 1-ulp sensitivity a point cannot be tested at all
+CHAOTIC = 1e-3      # beyond this 1-ulp sensitivity a comparison at this length means nothing
 
 
-def _within_sensitivity(got, want, nudged) -> bool:
-    """Where the reference itself moves by more than round-off when its keys move by one ulp, no
-    form can match it to round-off: accept a chunked result whose distance from the reference,
-    relative to each tensor's largest entry, is within SENSITIVITY times that movement (every output,
-    state and gradient) or the tolerance, if the movement is small enough (below CHAOTIC) for the
-    comparison to still mean something."""
+def _verdict(got, want, nudged) -> str:
+    """Where the reference itself moves by more than round-off when its inputs move by one ulp, no
+    form can match it to round-off. Per tensor (every output, state and gradient), relative to its
+    largest entry: 'differs' if the chunked result is further from the reference than SENSITIVITY
+    times that movement (and the tolerance) where the movement is below CHAOTIC; else 'chaotic' if
+    some movement is not below CHAOTIC (that tensor cannot be compared at this length); else 'within'."""
     spreads = [(_spread(a, b), _spread(n, b)) for a, b, n in zip(got, want, nudged, strict=True)]
-    return all(own < CHAOTIC and err <= SENSITIVITY * own + TOL["rtol"] for err, own in spreads)
+    if any(own < CHAOTIC and err > SENSITIVITY * own + TOL["rtol"] for err, own in spreads):
+        return "differs"
+    return "chaotic" if any(own >= CHAOTIC for _, own in spreads) else "within"
 
 
 def _ill_conditioned(want, nudged) -> bool:
-    """Whether the reference fails to match itself, elementwise at the tolerance, when its keys move
-    by one ulp (a gradient of |A|^(1/3) near a zero accumulator mixes 1e25 and 1e-3 in one tensor)."""
+    """Whether the reference fails to match itself, elementwise at the tolerance over SENSITIVITY, when
+    its inputs move by one ulp: two summation orders of the same math cannot be asked to agree more
+    closely than SENSITIVITY times that (a gradient of |A|^(1/3) near a zero accumulator mixes 1e25
+    and 1e-3 in one tensor; an omega window under an lq map moves by 1e-10 over 100 tokens)."""
     try:
-        _assert_same(nudged, want)
+        _assert_same(nudged, want, scale=1 / SENSITIVITY)
     except AssertionError:
         return True
     return False
+
+
+def _stable_reference(op, T, seed, steps=STEPS):
+    """(inputs, step, the reference's results on them), as `_stable_inputs` picks them, with the
+    reference's run with gradients doubling as the finiteness probe (one loop run less per case)."""
+    for step in steps:
+        inputs = op_inputs(op, T, seed, step)
+        want = _run(op, inputs, "reference")
+        if torch.isfinite(want[0]).all():
+            return inputs, step, want
+    inputs, step = _stable_inputs(op, T, seed, steps[-1:])
+    return inputs, step, _run(op, inputs, "reference")
 
 
 def _compare(op, T, seed=0):
     """Chunked == reference to round-off. Where the reference is itself ill-conditioned (l1's
     smoothed sign under momentum, lp(3) fed through an lq map, over hundreds of tokens), the chunked
     result must lie within a few times the reference's own 1-ulp sensitivity, or match at a smaller
-    step size."""
-    inputs, step = _stable_inputs(op, T, seed)
+    step size. Where the reference is chaotic at every step size (an lq map with muon on an MLP over
+    257 tokens: a 1-ulp nudge moves some gradients by more than their size), the comparison is made
+    on the first half of the tokens instead, and so on down."""
+    steps = STEPS
     while True:
-        want, got = _run(op, inputs, "reference"), _run(op, inputs, "chunk")
+        inputs, step, want = _stable_reference(op, T, seed, steps)
+        got = _run(op, inputs, "chunk")
         try:
             return _assert_same(got, want)
         except AssertionError:
             nudged = _nudged(op, inputs)
             if not _ill_conditioned(want, nudged):
                 raise
-            if _within_sensitivity(got, want, nudged):
+            verdict = _verdict(got, want, nudged)
+            if verdict == "within":
                 return
-            smaller = [s for s in STEPS if s < step]
-            if not smaller:
+            steps = [s for s in STEPS if s < step]
+            if not steps:
+                if verdict == "chaotic" and T > 1:
+                    return _compare(op, T // 2, seed)
                 raise
-        inputs, step = _stable_inputs(op, T, seed, smaller)
 
 
 @pytest.mark.parametrize("T", LENGTHS)

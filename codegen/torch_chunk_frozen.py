@@ -41,11 +41,14 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         raise ValueError(f"level {lv.name!r}: not a frozen-family plan with a chunk size "
                          f"({plan.family}, chunk {plan.chunk})")
     state_free = not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
-    if lv.period != 1 or rules.accumulator or rules.retention.form != "elementwise" or not (
-            lv.grad_at == "chunk" or state_free):
+    mapped = lv.maps_at_chunks  # the state is an accumulator A, read as psi_scale(A_0)·A in a chunk
+    affine = rules.retention.form == "elementwise" and not rules.accumulator
+    if lv.period != 1 or not (affine or mapped) or not (lv.grad_at == "chunk" or state_free):
         raise ValueError(f"level {lv.name!r}: the frozen chunked form needs gradients at the chunk "
-                         "start (or a state-free bias), period 1 and an affine retention")
-    if lv.memory.kind not in ("matrix", "mlp") or lv.algorithm.kind not in ("gd", "momentum"):
+                         "start (or a state-free bias), period 1 and an affine retention (or an lq "
+                         "map at chunk boundaries)")
+    algorithms = ("gd", "momentum", "ftrl") if mapped else ("gd", "momentum")
+    if lv.memory.kind not in ("matrix", "mlp") or lv.algorithm.kind not in algorithms:
         raise NotImplementedError(f"level {lv.name!r}: {lv.memory.kind} memory with "
                                   f"{lv.algorithm.kind} is not in the frozen family")
     momentum, omega = lv.algorithm.kind == "momentum", lv.bias.kind == "omega"
@@ -61,7 +64,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     scaled = sympy.sympify(plan.scale) != 1
     if not scaled:
         del coeffs["scale"]  # c_t = 1: no factor to carry
-    linear = _linear(lv.memory) and not omega  # FrozenLinear has no windows
+    linear = _linear(lv.memory) and not (omega or mapped)  # FrozenLinear has neither
     em = Emitter()
     _header(em, rules, plan, coeffs, model, file)
     em.line("import torch")
@@ -73,7 +76,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     else:
         em.line("from nlc.runtime.vjp import tapped_vjp")
         em.line()
-        em.line(f"from .{ident(lv.name, 'level')} import N_PARAMS, _pack, default_state, memory_forward, output_grad")
+        names = "N_PARAMS, _pack, default_state, memory_forward, output_grad" + (", psi_scale" if mapped else "")
+        em.line(f"from .{ident(lv.name, 'level')} import {names}")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")
     if omega:
@@ -96,7 +100,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.gap()
     render_layer_grads(em)
     em.gap()
-    _render_dual_layer(em, momentum)
+    _render_dual_layer(em, momentum, mapped)
     em.gap()
     _render_carried(em)
     if omega:
@@ -146,6 +150,12 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
         em.line("  M_t = beta_t M_{t-1} - lr_t u_t,    W_t = a_t W_{t-1} + c_t M_t")
     else:
         em.line("  W_t = a_t W_{t-1} + c_t (-lr_t u_t)")
+    if lv.maps_at_chunks:
+        em.line("(W here is the lq accumulator A: the state, and the scans, are A's). Its map runs at chunk")
+        em.line(f"boundaries only: W_0 = psi(A_0) = r A_0 with r = psi_scale(A_0) = {show(rules.retention.slope)},")
+        em.line("N = ||A_0|| per tensor, and within the chunk the weights are r A_t, so every read below is")
+        em.line("scaled by its tensor's r (W_0 and M_0 enter scaled, the steps' part is multiplied by r).")
+        em.line("The scan")
     em.line("is then linear with scalar transitions. With b_t = prod_{r<=t} a_r and P[t, i] =")
     em.line("prod_{i<r<=t} a_r (i <= t, else 0), both from log-space sums of each segment's log a:")
     if momentum:
@@ -187,7 +197,7 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
 
 
 def _state_names(lv: ir.Level) -> list[str]:
-    names = [n for n, _, _ in torch_arch.param_layout(lv)]
+    names = [("A_" if lv.accumulates else "") + n for n, _, _ in torch_arch.param_layout(lv)]
     return names + ([f"M_{n}" for n in names] if lv.algorithm.kind == "momentum" else [])
 
 
@@ -227,41 +237,44 @@ def _previous(x, first, dim):
 ''')
 
 
-def _render_dual_layer(em: Emitter, momentum: bool) -> None:
-    if momentum:
-        em.block('''
-def _dual_layer(buffers, inputs, deltas, b, f, G):
-    """The `layer` hook of memory_forward that reads every token t of a chunk at its own weights
-    W_t = b_t W_0 + f_t M_0 - sum_j G[t, j] a_j ⊗ δ_j (biases: δ_j alone), without building them:
-      x_t W_t (+ β_t) = b_t (x_t W_0 (+ β_0)) + f_t (x_t M_0 (+ μ_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j.
-    buffers: M_0 per state tensor; inputs, deltas from _layer_grads; b, f [B, H, L]; G [B, H, L, L]."""
-    minus_G = -G  # the sign on the [L, L] factor: no full-size negation, forward or backward
-
-    def layer(i, x, W, bias):
-        w, c = LAYERS[i]
-        scores = x @ inputs[i].transpose(-1, -2)  # [B, H, L, L]: x_t·a_j
-        if bias is not None:
-            scores = scores + 1.0
-        out = torch.addcmul((scores * minus_G) @ deltas[i], b[..., None], _product(x, W, bias))
-        return torch.addcmul(out, f[..., None], _product(x, buffers[w], None if c is None else buffers[c]))
-    return layer
-''')
+def _render_dual_layer(em: Emitter, momentum: bool, mapped: bool) -> None:
+    """`_dual_layer`; with `mapped` (an lq map at chunk boundaries) it also takes each state tensor's
+    slope at the chunk start, which scales the steps' part of every read."""
+    sig, doc = ("buffers, ", "buffers: M_0 per state tensor; ") if momentum else ("", "")
+    weights = "b_t W_0 + f_t M_0 - sum_j G[t, j] a_j ⊗ δ_j" if momentum else "b_t W_0 - sum_j G[t, j] a_j ⊗ δ_j"
+    read = ("b_t (x_t W_0 (+ β_0)) + f_t (x_t M_0 (+ μ_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j" if momentum
+            else "b_t (x_t W_0 (+ β_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j")
+    if mapped:
+        weights = weights.replace("- sum_j", "- r sum_j")
+        read = read.replace("(x_t·a_j (+ 1))", "(r_W x_t·a_j (+ r_β))")
+        doc += "scales: r [B, H, 1, ...] per state tensor (W_0, M_0 already scaled); "
+    lines = [
+        f"def _dual_layer({sig}inputs, deltas, {'b, f, G' if momentum else 'b, G'}{', scales' if mapped else ''}):",
+        '    """The `layer` hook of memory_forward that reads every token t of a chunk at its own weights',
+        f"    W_t = {weights} (biases: δ_j alone), without building them:",
+        f"      x_t W_t (+ β_t) = {read}.",
+        f"    {doc}inputs, deltas from _layer_grads; b{', f' if momentum else ''} [B, H, L]; G [B, H, L, L].\"\"\"",
+        "    minus_G = -G  # the sign on the [L, L] factor: no full-size negation, forward or backward",
+        "",
+        "    def layer(i, x, W, bias):",
+    ]
+    if momentum or mapped:
+        lines.append("        w, c = LAYERS[i]")
+    if mapped:
+        lines += ["        scores = (x @ inputs[i].transpose(-1, -2)) * scales[w]  # [B, H, L, L]: r_W x_t·a_j",
+                  "        if bias is not None:",
+                  "            scores = scores + scales[c][..., None]"]
     else:
-        em.block('''
-def _dual_layer(inputs, deltas, b, G):
-    """The `layer` hook of memory_forward that reads every token t of a chunk at its own weights
-    W_t = b_t W_0 - sum_j G[t, j] a_j ⊗ δ_j (biases: δ_j alone), without building them:
-      x_t W_t (+ β_t) = b_t (x_t W_0 (+ β_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j.
-    inputs, deltas from _layer_grads; b [B, H, L]; G [B, H, L, L]."""
-    minus_G = -G  # the sign on the [L, L] factor: no full-size negation, forward or backward
-
-    def layer(i, x, W, bias):
-        scores = x @ inputs[i].transpose(-1, -2)  # [B, H, L, L]: x_t·a_j
-        if bias is not None:
-            scores = scores + 1.0
-        return torch.addcmul((scores * minus_G) @ deltas[i], b[..., None], _product(x, W, bias))
-    return layer
-''')
+        lines += ["        scores = x @ inputs[i].transpose(-1, -2)  # [B, H, L, L]: x_t·a_j",
+                  "        if bias is not None:",
+                  "            scores = scores + 1.0"]
+    if momentum:
+        lines += ["        out = torch.addcmul((scores * minus_G) @ deltas[i], b[..., None], _product(x, W, bias))",
+                  "        return torch.addcmul(out, f[..., None], _product(x, buffers[w], None if c is None else buffers[c]))"]
+    else:
+        lines.append("        return torch.addcmul((scores * minus_G) @ deltas[i], b[..., None], _product(x, W, bias))")
+    lines.append("    return layer")
+    em.block("\n" + "\n".join(lines) + "\n")
 
 
 def _render_carried(em: Emitter) -> None:
@@ -333,8 +346,14 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
                 em.line(f"b_c, G_c = b[n][..., :L], {G_c}  # this chunk's rows")
             args = ", ".join(chunk_rows[:-1] if omega else chunk_rows)  # gamma is in the window
             span = where((lv.bias.inner or lv.bias).span) or "#"
-            em.line(f"inputs, deltas = _layer_grads(params, {args})  {span} per layer at W_0")
-            _render_chunk(em, lv.read, momentum, omega)
+            at = "params"
+            if lv.maps_at_chunks:
+                em.line(f"scales = tuple(psi_scale(a) for a in params)  {where(lv.retention.span) or '#'} the lq "
+                        "map's slope at the chunk start, [B, H, 1, ...]")
+                em.line("weights = tuple(c * a for c, a in zip(scales, params))  # W_0 = psi(A_0)")
+                at = "weights"
+            em.line(f"inputs, deltas = _layer_grads({at}, {args})  {span} per layer at W_0")
+            _render_chunk(em, lv.read, momentum, omega, lv.maps_at_chunks)
         em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
         em.line("return o, (_pack(params + buffers) if output_final_state else None)")
 
@@ -394,7 +413,7 @@ def _render_linear_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) ->
         em.line(f"return o.transpose(1, 2), (_pack({state}) if output_final_state else None)")
 
 
-def _render_chunk(em: Emitter, read: str, momentum: bool, omega: bool) -> None:
+def _render_chunk(em: Emitter, read: str, momentum: bool, omega: bool, mapped: bool) -> None:
     rows = "b_c, f_c, G_c" if momentum else "b_c, G_c"
     if read == "after":
         what = "W_t (read after write)"
@@ -402,8 +421,13 @@ def _render_chunk(em: Emitter, read: str, momentum: bool, omega: bool) -> None:
         shifted = ["_previous(b_c, 1.0, -1)"] + (["_previous(f_c, 0.0, -1)"] if momentum else [])
         em.line(f"{rows.replace('_c', '_r')} = {', '.join(shifted + ['_previous(G_c, 0.0, -2)'])}  # W_{{t-1}}")
         rows, what = rows.replace("_c", "_r"), "W_{t-1} (read before write)"
-    em.line(f"layer = _dual_layer({'buffers, ' if momentum else ''}inputs, deltas, {rows})")
-    em.line(f"outputs.append(memory_forward(params, q_c, layer=layer))  # read at {what}, [B, H, L, V]")
+    if mapped:
+        buffers = "tuple(c * m for c, m in zip(scales, buffers)), " if momentum else ""
+        em.line(f"layer = _dual_layer({buffers}inputs, deltas, {rows}, scales)  # reads of psi_scale(A_0)·A_t")
+        em.line(f"outputs.append(memory_forward(weights, q_c, layer=layer))  # read at {what}, [B, H, L, V]")
+    else:
+        em.line(f"layer = _dual_layer({'buffers, ' if momentum else ''}inputs, deltas, {rows})")
+        em.line(f"outputs.append(memory_forward(params, q_c, layer=layer))  # read at {what}, [B, H, L, V]")
     em.line("# row L - 1 of the coefficients: the state carried on, W_{L-1}" + (" and M_{L-1}" if momentum else ""))
     if momentum:
         em.line("params, buffers = (")

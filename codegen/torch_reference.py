@@ -191,17 +191,28 @@ def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
     with em.indent(f"def psi(A{params}):"):
         em.line('"""Weights from the accumulator."""')
         if ret.form == "mirror":
-            p = ret.norm_p
-            em.line("dims = tuple(range(2, A.dim()))")
-            em.line(f"N = (A.abs() ** {to_torch(sympy.sympify(p), {})}).sum(dims, keepdim=True)"
-                    f" ** (1 / {to_torch(sympy.sympify(p), {})})")
-            em.line("N = N.clamp_min(1e-12)")
+            em.line("N = _norm(A)")
             em.line(f"return {to_torch(ret.new, names)}")
         elif ret.form == "threshold":
             em.line(f"centre = {to_torch(rules.retention_new(), names)}")
             em.line(f"return torch.sign(centre) * (centre.abs() - {to_torch(rules.threshold(), names)}).clamp_min(0)")
         else:
             em.line("return A")
+    if ret.form != "mirror":
+        return
+    em.gap()
+    p = to_torch(sympy.sympify(ret.norm_p), {})
+    with em.indent("def _norm(A):"):
+        em.line(f'"""||A||_p (p = {p}) of each state tensor per head, [B, H, 1, ...], guarded away from 0."""')
+        em.line("dims = tuple(range(2, A.dim()))")
+        em.line(f"return ((A.abs() ** {p}).sum(dims, keepdim=True) ** (1 / {p})).clamp_min(1e-12)")
+    if lv.maps_at_chunks:
+        em.gap()
+        with em.indent("def psi_scale(A):"):
+            em.line(f'"""The map\'s slope with its norm held fixed, [B, H, 1, ...]: psi(A) = psi_scale(A)·A.')
+            em.line("Within a chunk the weights are psi_scale(A_0)·A_t (the map at the chunk boundaries).\"\"\"")
+            em.line("N = _norm(A)")
+            em.line(f"return {to_torch(ret.slope, names)}")
 
 
 def _mul(coeff: str, x: str) -> str:
@@ -355,6 +366,9 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     # where the gradient is taken
     if lv.grad_at == "chunk":
         with em.indent(f"if t % {lv.grad_chunk} == 0:  # gradients at the chunk-start state"):
+            if lv.maps_at_chunks:
+                em.line("scales = tuple(psi_scale(a) for a in params)  # the map, at the chunk boundary")
+                em.line("weights = tuple(c * a for c, a in zip(scales, params))")
             em.line("chunk_start = weights")
         em.line("at = chunk_start")
     elif lv.grad_at == "retained":
@@ -429,7 +443,10 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
             syms = sorted(set(ir.gate_names(rules.retention_new()))
                           | set(ir.gate_names(rules.threshold())))
             psi_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in syms)
-        em.line(f"weights = tuple(psi(a{psi_args}) for a in params)")
+        if lv.maps_at_chunks:
+            em.line("weights = tuple(c * a for c, a in zip(scales, params))  # the chunk start's slope")
+        else:
+            em.line(f"weights = tuple(psi(a{psi_args}) for a in params)")
     else:
         syms = ir.gate_names(rules.retention_new())
         if rules.retention.form == "threshold":

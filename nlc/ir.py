@@ -137,6 +137,12 @@ class Level:
         """The state is an FTRL accumulator A, read through weights W = psi(A) (lq or ftrl)."""
         return self.retention.kind == "lq" or self.algorithm.kind == "ftrl"
 
+    @property
+    def maps_at_chunks(self) -> bool:
+        """`lq(apply = chunk)`: the map W = psi(A) runs at the chunk boundaries of `gradient
+        chunk_start(C)`; within a chunk the weights are its linearisation at the chunk start."""
+        return self.retention.kind == "lq" and self.retention.args.get("apply") == "chunk"
+
     def replace(self, **kw) -> "Level":
         return replace(self, **kw)
 

@@ -10,12 +10,13 @@ Families recognised here:
           channels; and the implicit l2 step (DeltaNet, Gated DeltaNet, Longhorn), WY/UT chunked.
 - frozen: gradients frozen at the chunk start (`gradient chunk_start(C)`), any bias (omega windows
           too: banded sums of them), gd or momentum under a scalar affine retention: linear scans within
-          the chunk (Titans, TTT, Miras by GD, OmegaNet).
+          the chunk (Titans, TTT, Miras by GD, OmegaNet); also an lq accumulator whose map runs at
+          chunk boundaries (`lq(apply = chunk)`, Moneta): reads scaled by the map's slope there.
 - mapped: gradients frozen at the chunk start on a matrix or MLP memory, where what turns them into
           weights is not one affine scan of W (MATH.md §3.6 family 4, §3.7, §3.8): accumulators
           W = psi(A) (lq, ftrl), KL's softmax, elastic's threshold, dgd, muon (with or without omega
           windows). The gradients (and window sums) come for the whole chunk at once; the per-token
-          maps, which touch every weight anyway, run token by token (Moneta, Memora, ATLAS, Hope).
+          maps, which touch every weight anyway, run token by token (Memora, ATLAS, Hope).
 - period: `update every P` (MATH.md §4.1-4.2, the CMS): reads see the state at the last period
           boundary; gradients frozen at chunk starts that nest with P (or state-free), gd or momentum
           under a scalar affine retention: units of min(C, P) tokens, one batched read and one
@@ -102,6 +103,8 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
         return _period(rules, affine)
     if lv.retention.kind == "implicit" and lv.grad_at == "current":
         return _implicit(rules, chunk)
+    if lv.maps_at_chunks:
+        return _mapped_at_chunks(rules)
     if affine is None or lv.algorithm.kind == "muon":
         return _mapped(rules, affine)
     if lv.bias.kind == "omega":
@@ -137,6 +140,29 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
     return reference("no chunked family fits this rule yet (reference recurrent form)")
 
 
+def _mapped_at_chunks(rules: LevelRules) -> KernelPlan:
+    """`lq(apply = chunk)`: within a chunk the accumulator's scan is linear and the weights are it
+    times the map's slope at the chunk start (one factor per tensor), so gradients frozen there make
+    it the frozen family with each chunk's reads and steps scaled by that factor."""
+    lv = rules.level
+    decay, algorithm = rules.retention.decay, lv.algorithm.kind
+
+    def reference(reason: str) -> KernelPlan:
+        return KernelPlan(lv.name, "reference", lv.grad_chunk, f"lq map at chunk boundaries: {reason}")
+
+    if lv.grad_chunk == 1:
+        return reference(ONE_TOKEN)
+    if decay.is_number and decay <= 0:
+        return reference(f"a constant decay of {decay} has no log-space chunked form")
+    window = [lv.bias.args["gamma"]] if lv.bias.kind == "omega" else []
+    if not _frozen_fits(rules, decay, sympy.Integer(1), *window, algorithms=("gd", "momentum", "ftrl")):
+        return reference(f"a {lv.memory.kind} memory with {algorithm} and these gates is not in the "
+                         "frozen family (gd, momentum or ftrl, matrix or MLP, per-head scalar gates)")
+    return KernelPlan(lv.name, "frozen", lv.grad_chunk, "gradients frozen at the chunk start and the "
+                      "lq map applied at chunk boundaries: linear scans of the accumulator within a "
+                      "chunk, weights scaled by the map's slope at its start", decay, sympy.Integer(1))
+
+
 def _omega(rules: LevelRules, affine) -> KernelPlan:
     """An omega window under an affine retention: frozen when its gradients are frozen at chunk starts
     (the window sums are a banded matrix of the chunk's gradients, so the scans stay linear), with gd
@@ -154,11 +180,12 @@ def _scan_coefficients(rules: LevelRules, decay, scale) -> list:
     return [decay, scale, rules.lr, rules.level.algorithm.args.get("beta", sympy.Integer(0))]
 
 
-def _frozen_fits(rules: LevelRules, decay, scale, *more) -> bool:
-    """Whether the frozen family's scans take the rule: gradients at chunk starts, gd or momentum, a
-    matrix or MLP memory, and per-head scalar gates in the scan coefficients (and in `more`)."""
+def _frozen_fits(rules: LevelRules, decay, scale, *more, algorithms=("gd", "momentum")) -> bool:
+    """Whether the frozen family's scans take the rule: gradients at chunk starts, one of
+    `algorithms` (ftrl on an accumulator is gd's scan), a matrix or MLP memory, and per-head scalar
+    gates in the scan coefficients (and in `more`)."""
     lv = rules.level
-    return (lv.grad_at == "chunk" and lv.algorithm.kind in ("gd", "momentum")
+    return (lv.grad_at == "chunk" and lv.algorithm.kind in algorithms
             and lv.memory.kind in ("matrix", "mlp")
             and not _per_channel(lv, [*_scan_coefficients(rules, decay, scale), *more]))
 

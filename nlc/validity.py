@@ -5,6 +5,8 @@ from __future__ import annotations
 import sympy
 
 from . import ast, ir
+from .derive import symbols as S
+from .derive.retention import derive_retention
 from .diagnostics import Collector
 
 # Retention arguments that appear as 1/arg in the derived objective (options.RETENTION docs).
@@ -54,6 +56,19 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
                       "limits what the memory can represent (MATH.md §5.7.3)", ret.span)
     if ret.kind == "lq" and _const(ret.args["q"]) is not None and _const(ret.args["q"]) <= 1:
         err("lq retention needs q > 1", ret, "q > 1 (Moneta uses q = 4)")
+    if level.maps_at_chunks:
+        if level.grad_at != "chunk" or level.period != 1:
+            err("lq(apply = chunk) applies its map at the chunk boundaries of the gradient chunks, "
+                "updated every token", ret, "gradient chunk_start(C) and no `update every`/`outer`")
+        slope = sympy.nsimplify(derive_retention(ret).slope)
+        if slope.has(S.A):
+            err(f"lq(apply = chunk) reads A scaled by the map's slope at the chunk start, and this "
+                f"map's slope {slope} is unbounded where an entry of A is 0", ret,
+                "map = miras (W = A / ||A||_q^(q-2): a slope of the norm alone)")
+        elif level.init == "zero" and sympy.limit(slope, S.N, 0, "+") == sympy.oo:
+            err(f"lq(apply = chunk) scales each chunk's reads by the map's slope at its start, "
+                f"{slope}, which is unbounded at the zero initial state", ret,
+                "init learned (or q <= 2)")
     for arg in STRENGTHS.get(ret.kind, ()):
         value = _const(ret.args[arg])
         if value is not None and value <= 0:

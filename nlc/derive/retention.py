@@ -21,7 +21,9 @@ class RetentionRule:
     - 'elementwise': w = new(w0, s)
     - 'threshold':   c = new(w0, s); w = sign(c)·max(|c| - threshold, 0)
     - 'softmax':     w = mass · softmax(new(lw0, s)) over `axis` slices (lw0 = log w0)
-    - 'mirror':      accumulator A' = decay·A + s; w = new(A, N) with N = ||A||_norm_p
+    - 'mirror':      accumulator A' = decay·A + s; w = new(A, N) with N = ||A||_norm_p; slope =
+                     d new / dA with N held fixed (an odd map whose slope is free of A is slope(N)·A:
+                     `apply = chunk` reads w = slope(N_0)·A within a chunk, N_0 at its start)
     - 'implicit':    w = w0 + s with the algorithm's lr replaced by lr_effective(lr, n), n = ||k||^2
     - 'dgd':         w = decay·w0 - lr·a (aᵀ w0) + s, a = the layer's input
     objective: what was solved (for the generated docstring)."""
@@ -32,6 +34,7 @@ class RetentionRule:
     threshold: sympy.Expr | None = None
     decay: sympy.Expr | None = None
     norm_p: sympy.Expr | None = None
+    slope: sympy.Expr | None = None
 
 
 def derive_retention(choice: ir.Choice) -> RetentionRule:
@@ -103,9 +106,9 @@ def _kl(args) -> RetentionRule:
 def _lq(args) -> RetentionRule:
     q = args["q"]
     if args["map"] == "miras":
-        return RetentionRule("lq", "mirror", A / N ** (q - 2),
-                             "Miras' published map: W = A / ||A||_q^(q-2)", decay=args["decay"],
-                             norm_p=q)
+        new = A / N ** (q - 2)
+        return RetentionRule("lq", "mirror", new, "Miras' published map: W = A / ||A||_q^(q-2)",
+                             decay=args["decay"], norm_p=q, slope=_frozen_slope(new))
     # FTRL with R = ||W||_q² / (2(q-1)): W = ∇R*(A), R*(A) = ||A||_p² / (2(p-1)), p = q/(q-1).
     p = q / (q - 1)
     a1, a2 = sympy.symbols("a1 a2", positive=True)
@@ -115,7 +118,15 @@ def _lq(args) -> RetentionRule:
     mapped = (slope * sympy.sign(A)).subs(a1, sympy.Abs(A))
     assert not mapped.has(a2), "mirror map did not reduce to a norm"
     return RetentionRule("lq", "mirror", mapped, "FTRL mirror map of ||W||_q²/(2(q-1))",
-                         decay=args["decay"], norm_p=p)
+                         decay=args["decay"], norm_p=p, slope=_frozen_slope(mapped))
+
+
+def _frozen_slope(new: sympy.Expr) -> sympy.Expr:
+    """d new / dA with the norm N held fixed, for a map odd in A (both lq maps): on A > 0 the
+    derivative of the odd function, at |A| (it is even)."""
+    assert sympy.simplify(new.subs(A, -A) + new) == 0, "mirror map is not odd in the accumulator"
+    positive = sympy.Symbol("A_pos", positive=True)
+    return sympy.simplify(sympy.diff(new.subs(A, positive), positive).subs(positive, sympy.Abs(A)))
 
 
 def _implicit() -> RetentionRule:

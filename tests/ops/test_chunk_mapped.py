@@ -77,10 +77,21 @@ def _shipped(spec):
     return nlc.compile(SPECS / f"{spec}.nl", chunk=5)
 
 
-@pytest.mark.parametrize("spec", ["memora", "atlas", "hope", "moneta"])
+@pytest.mark.parametrize("spec", ["memora", "atlas", "hope"])
 def test_planner_picks_mapped_for_shipped_levels(spec):
     plan = _shipped(spec).plans["memory"]
     assert plan.family == "mapped" and plan.chunk == 5, plan.reason
+
+
+def test_lq_map_at_chunk_boundaries_is_the_frozen_family_and_every_token_the_mapped():
+    """Moneta ships with its map at chunk boundaries (linear within a chunk: frozen family); the
+    same spec with the map at every token needs the per-token maps of the mapped family."""
+    text = (SPECS / "moneta.nl").read_text()
+    assert "apply = chunk" in text
+    chunked = nlc.compile(text, chunk=5).plans["memory"]
+    assert chunked.family == "frozen" and chunked.chunk == 5, chunked.reason
+    per_token = nlc.compile(text.replace("apply = chunk", "apply = token"), chunk=5).plans["memory"]
+    assert per_token.family == "mapped" and per_token.chunk == 5, per_token.reason
 
 
 def test_per_channel_gates_stay_on_the_reference():

@@ -126,7 +126,7 @@ def _frozen_slope(new: sympy.Expr) -> sympy.Expr:
     derivative of the odd function, at |A| (it is even)."""
     assert sympy.simplify(new.subs(A, -A) + new) == 0, "mirror map is not odd in the accumulator"
     positive = sympy.Symbol("A_pos", positive=True)
-    return sympy.simplify(sympy.diff(new.subs(A, positive), positive).subs(positive, sympy.Abs(A)))
+    return sympy.simplify(sympy.diff(new.subs(A, positive), positive)).subs(positive, sympy.Abs(A))
 
 
 def _implicit() -> RetentionRule:

@@ -49,6 +49,8 @@ class LevelRules:
                  f"             dℓ/dy = {self.bias.grad}",
                  f"  retention  {lv.retention.describe()} [{self.retention.form}]: {self.retention.objective}",
                  f"             w = {self.retention.new}"]
+        if lv.maps_at_chunks:
+            lines.append(f"             within a chunk: w = slope·A, slope = {self.retention.slope} at N = the norm of A_0")
         if self.retention.threshold is not None:
             lines.append(f"             threshold = {self.retention.threshold}")
         lines.append(f"  algorithm  {lv.algorithm.describe()}: {ALGORITHM_TEXT[self.algorithm]}")

@@ -135,6 +135,19 @@ def test_lq_miras_map_is_the_published_rescale():
     torch.testing.assert_close(_evaluate(rule.new, A=A, N=N), A / N ** 2)
 
 
+@pytest.mark.parametrize("kind", ["exact", "miras"])
+def test_lq_slope_is_the_derivative_of_the_map_with_its_norm_held_fixed(kind):
+    """The slope that `apply = chunk` linearises with: d psi / dA at fixed N, by autograd, entry by
+    entry; for the miras map it is N^(2-q), free of A, so psi(A) = slope·A."""
+    rule = derive_retention(ir.Choice("lq", {"q": sympy.Integer(4), "decay": sympy.Integer(1),
+                                             "map": kind}, None))
+    A = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    N = torch.tensor(1.7, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(_evaluate(rule.new, A=A, N=N).sum(), A)
+    torch.testing.assert_close(_evaluate(rule.slope, A=A.detach(), N=N).expand(9), expected)
+    assert rule.slope.has(sympy.Symbol("A", real=True)) == (kind == "exact")
+
+
 def test_implicit_step_solves_the_exact_proximal_problem():
     """W = argmin ½||Wk - v||² + ||W - W0||²/(2 lr), solved by a linear system, equals the derived step."""
     rule = derive_retention(ir.Choice("implicit", {}, None))

@@ -62,8 +62,8 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
                 "updated every token", ret, "gradient chunk_start(C) and no `update every`/`outer`")
         slope = sympy.nsimplify(derive_retention(ret).slope)
         if slope.has(S.A):
-            err(f"lq(apply = chunk) reads A scaled by the map's slope at the chunk start, and this "
-                f"map's slope {slope} is unbounded where an entry of A is 0", ret,
+            err(f"lq(apply = chunk) reads A_t times the map's slope at the chunk start, one factor "
+                f"per tensor, and this map's slope {slope} depends on A itself", ret,
                 "map = miras (W = A / ||A||_q^(q-2): a slope of the norm alone)")
         elif level.init == "zero" and sympy.limit(slope, S.N, 0, "+") == sympy.oo:
             err(f"lq(apply = chunk) scales each chunk's reads by the map's slope at its start, "

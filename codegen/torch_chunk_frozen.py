@@ -42,11 +42,15 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
                          f"({plan.family}, chunk {plan.chunk})")
     state_free = not (rules.bias.grad.free_symbols & {S.e, S.r, S.y})
     mapped = lv.maps_at_chunks  # the state is an accumulator A, read as psi_scale(A_0)·A in a chunk
+    lag = lv.lag_token  # KL's softmax step at each chunk's first token, a scan of W after it
     affine = rules.retention.form == "elementwise" and not rules.accumulator
-    if lv.period != 1 or not (affine or mapped) or not (lv.grad_at == "chunk" or state_free):
+    if lv.period != 1 or not (affine or mapped or lag) or not (lv.grad_at == "chunk" or state_free):
         raise ValueError(f"level {lv.name!r}: the frozen chunked form needs gradients at the chunk "
                          "start (or a state-free bias), period 1 and an affine retention (or an lq "
-                         "map at chunk boundaries)")
+                         "map at chunk boundaries, or KL's lag token)")
+    if lag and (lv.bias.kind == "omega" or plan.chunk < 2):
+        raise ValueError(f"level {lv.name!r}: KL's lag token is in the frozen chunked form without "
+                         "omega windows and with chunks of 2 tokens or more")
     algorithms = ("gd", "momentum", "ftrl") if mapped else ("gd", "momentum")
     if lv.memory.kind not in ("matrix", "mlp") or lv.algorithm.kind not in algorithms:
         raise NotImplementedError(f"level {lv.name!r}: {lv.memory.kind} memory with "
@@ -61,10 +65,11 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
             raise NotImplementedError(
                 f"level {lv.name!r}: the frozen chunked form needs scalar gates in the {role} "
                 f"coefficient; {', '.join(vector)} is per channel")
-    scaled = sympy.sympify(plan.scale) != 1
+    # with momentum the lag token's factor on the step is set to 0 (its step is taken apart)
+    scaled = sympy.sympify(plan.scale) != 1 or (lag and momentum)
     if not scaled:
         del coeffs["scale"]  # c_t = 1: no factor to carry
-    linear = _linear(lv.memory) and not (omega or mapped)  # FrozenLinear has neither
+    linear = _linear(lv.memory) and not (omega or mapped or lag)  # FrozenLinear has none of these
     em = Emitter()
     _header(em, rules, plan, coeffs, model, file)
     em.line("import torch")
@@ -76,7 +81,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     else:
         em.line("from nlc.runtime.vjp import tapped_vjp")
         em.line()
-        names = "N_PARAMS, _pack, default_state, memory_forward, output_grad" + (", psi_scale" if mapped else "")
+        names = "N_PARAMS, _pack, default_state, memory_forward, output_grad" + (
+            ", psi_scale" if mapped else ", _per_tensor, retain" if lag else "")
         em.line(f"from .{ident(lv.name, 'level')} import {names}")
     em.line()
     em.line(f"CHUNK = {int(plan.chunk)}")
@@ -103,6 +109,9 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     _render_dual_layer(em, momentum, mapped)
     em.gap()
     _render_carried(em)
+    if lag:
+        em.gap()
+        _render_lag_step(em, momentum)
     if omega:
         em.gap()
         _render_window_helpers(em)
@@ -156,6 +165,13 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
         em.line("N = ||A_0|| per tensor, and within the chunk the weights are r A_t, so every read below is")
         em.line("scaled by its tensor's r (W_0 and M_0 enter scaled, the steps' part is multiplied by r).")
         em.line("The scan")
+    if lv.lag_token:
+        a, c = rules.lag_scan()
+        em.line("KL's lag token (kl(apply = chunk), MATH.md §3.7): at each chunk's first token the exact step")
+        em.line("W_1 = retain(W_0, s_1), the softmax, with its gradient at the state entering the chunk; the")
+        em.line("recurrence above runs on W itself over the chunk's other tokens, their gradients at W_1")
+        em.line(f"(a_t = {show(a)}, c_t = {show(c)}: the step's own coefficients). In the scans the first")
+        em.line("token is the identity (a = 1, lr = 0; with momentum beta = 1, c = 0), so W_0 below is W_1. The scan")
     em.line("is then linear with scalar transitions. With b_t = prod_{r<=t} a_r and P[t, i] =")
     em.line("prod_{i<r<=t} a_r (i <= t, else 0), both from log-space sums of each segment's log a:")
     if momentum:
@@ -300,6 +316,29 @@ def _carried(starts, scales, row, inputs, deltas):
 ''')
 
 
+def _render_lag_step(em: Emitter, momentum: bool) -> None:
+    """`_lag_step`: KL's exact step at a chunk's first token (`kl(apply = chunk)`)."""
+    if momentum:
+        head = "def _lag_step(params, buffers, inputs, deltas, lr, beta, *gates):"
+        doc, returns = "M_1 = beta M_0 - lr u, s = M_1", "(W_1, M_1)"
+        extra = ["    buffers = steps = tuple(_per_tensor(beta, m) * m + s for m, s in zip(buffers, steps))"]
+        result = "params, buffers"
+    else:
+        head, doc, returns, extra, result = ("def _lag_step(params, inputs, deltas, lr, *gates):",
+                                             "s = -lr u", "W_1", [], "params")
+    lines = [
+        head,
+        f'    """The lag token\'s step (MATH.md §3.7): W_1 = retain(W_0, s), the softmax, with {doc}; u = a ⊗ δ',
+        "    its gradient at W_0 (inputs, deltas of one token from _layer_grads); lr" + (", beta" if momentum else ""),
+        f'    and the retention\'s gates [B, H] at that token. Returns {returns}."""',
+        "    steps = _carried((), (), lr[..., None], inputs, deltas)  # -lr u per state tensor",
+        *extra,
+        "    params = tuple(retain(w, s, *(_per_tensor(g, w) for g in gates)) for w, s in zip(params, steps))",
+        f"    return {result}",
+    ]
+    em.block("\n" + "\n".join(lines) + "\n")
+
+
 def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
     lv = rules.level
     omega = lv.bias.kind == "omega"
@@ -310,6 +349,8 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
         render_op_inputs(em, rules, coeffs, ir.gate_names(gamma) if omega else ())
         em.line("qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()  # one copy, none per chunk matmul")
         render_scan_coefficients(em, lv, coeffs, heads)
+        if lv.lag_token:
+            _render_lag_coefficients(em, rules, coeffs, momentum)
         if omega:
             text = f"{to_torch(gamma, heads)}[..., None]" if gamma.free_symbols else \
                 f"torch.full_like(kh[..., :1], {to_torch(gamma, heads)})"
@@ -352,10 +393,40 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
                         "map's slope at the chunk start, [B, H, 1, ...]")
                 em.line("weights = tuple(c * a for c, a in zip(scales, params))  # W_0 = psi(A_0)")
                 at = "weights"
+            if lv.lag_token:
+                _render_lag_token(em, rules, chunk_rows, momentum)
             em.line(f"inputs, deltas = _layer_grads({at}, {args})  {span} per layer at W_0")
-            _render_chunk(em, lv.read, momentum, omega, lv.maps_at_chunks)
+            _render_chunk(em, lv.read, momentum, omega, lv.maps_at_chunks, lv.lag_token)
         em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
         em.line("return o, (_pack(params + buffers) if output_final_state else None)")
+
+
+def _render_lag_coefficients(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
+    """The lag tokens' own coefficients (and the retention's gates there), [B, H, NC] unbound per
+    chunk; then those tokens become the identity in the scans."""
+    lv = rules.level
+    gates = [ident(g, "gh") for g in sorted(ir.gate_names(rules.retention_new()))]
+    lag = ["lr", *(["beta"] if momentum else []), *gates]
+    em.line(f"{where(lv.retention.span) or '#'} KL's lag token: each chunk's first token takes the exact softmax "
+            "step apart, with")
+    em.line("# its own rates and gates (at_lag, one tuple of [B, H] per chunk); in the scans it is the identity")
+    em.line(f"at_lag = tuple(zip(*(x[..., ::CHUNK].unbind(-1) for x in ({', '.join(lag)},))))")
+    em.line("lag = torch.arange(T, device=k.device) % CHUNK == 0  # [T]")
+    em.line("decay, lr = torch.where(lag, 1.0, decay), torch.where(lag, 0.0, lr)")
+    if momentum:
+        em.line("beta, scale = torch.where(lag, 1.0, beta), torch.where(lag, 0.0, scale)")
+    assert "scale" in coeffs or not momentum
+
+
+def _render_lag_token(em: Emitter, rules: LevelRules, chunk_rows: list[str], momentum: bool) -> None:
+    """In the chunk loop: the read of the first token before its step (read before), and the step."""
+    lv = rules.level
+    first = ", ".join(f"{x}[:, :, :1]" for x in chunk_rows)
+    if lv.read == "before":
+        em.line("o_lag = memory_forward(params, q_c[:, :, :1])  # the lag token reads the state entering the chunk")
+    em.line(f"inputs, deltas = _layer_grads(params, {first})  # the lag token's gradient, at that state")
+    state = "params, buffers" if momentum else "params"
+    em.line(f"{state} = _lag_step({state}, inputs, deltas, *at_lag[n])  {where(lv.retention.span)} the softmax step: W_1")
 
 
 def _render_window_helpers(em: Emitter) -> None:
@@ -413,7 +484,7 @@ def _render_linear_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) ->
         em.line(f"return o.transpose(1, 2), (_pack({state}) if output_final_state else None)")
 
 
-def _render_chunk(em: Emitter, read: str, momentum: bool, omega: bool, mapped: bool) -> None:
+def _render_chunk(em: Emitter, read: str, momentum: bool, omega: bool, mapped: bool, lag: bool) -> None:
     rows = "b_c, f_c, G_c" if momentum else "b_c, G_c"
     if read == "after":
         what = "W_t (read after write)"
@@ -427,7 +498,11 @@ def _render_chunk(em: Emitter, read: str, momentum: bool, omega: bool, mapped: b
         em.line(f"outputs.append(memory_forward(weights, q_c, layer=layer))  # read at {what}, [B, H, L, V]")
     else:
         em.line(f"layer = _dual_layer({'buffers, ' if momentum else ''}inputs, deltas, {rows})")
-        em.line(f"outputs.append(memory_forward(params, q_c, layer=layer))  # read at {what}, [B, H, L, V]")
+        if lag and read == "before":
+            em.line(f"o_c = memory_forward(params, q_c, layer=layer)  # read at {what}, [B, H, L, V]")
+            em.line("outputs.append(torch.cat([o_lag, o_c[:, :, 1:]], dim=2))  # the first token's: before its step")
+        else:
+            em.line(f"outputs.append(memory_forward(params, q_c, layer=layer))  # read at {what}, [B, H, L, V]")
     em.line("# row L - 1 of the coefficients: the state carried on, W_{L-1}" + (" and M_{L-1}" if momentum else ""))
     if momentum:
         em.line("params, buffers = (")

@@ -63,7 +63,7 @@ def render_level(rules: LevelRules, model: str, file: str) -> str:
         em.gap()
         _render_newton_schulz(em)
     em.gap()
-    if lv.memory.kind == "mlp":
+    if lv.memory.kind == "mlp" or lv.lag_token:  # the chunked form's lag step uses it too
         em.gap()
         with em.indent("def _per_tensor(g, like):"):
             em.line('"""A per-head scalar [B, H] shaped to broadcast against a state tensor [B, H, ...]."""')
@@ -163,6 +163,14 @@ def _render_retention(em: Emitter, rules: LevelRules) -> None:
             with em.indent("if a is not None:  # (decay I - lr a a^T) acting on the layer's input side"):
                 em.line(f"w = w - {lr} * a[..., :, None] * (a[..., None, :] @ w0)")
             em.line("return w")
+    if lv.lag_token:
+        em.gap()
+        within = expr.subs(S.lw0, S.w0)
+        with em.indent(f"def retain_within(w0, s{params}):  {span}"):
+            em.line('"""Within a chunk (kl apply = chunk, the lag token): the step\'s coefficients on W itself,')
+            em.line(f"w = {comment(str(within).replace('gate_', ''))}; the softmax runs at each chunk's first "
+                    'token only."""')
+            em.line(f"return {to_torch(within, names)}")
 
 
 def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
@@ -364,7 +372,10 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     for g in sorted(set(bias_args) | set(window_gates)):
         em.line(f"{ident(g, 'go')} = {_view(lv, g, 'output')}  # gate {comment(g)} at t, shaped for outputs")
     # where the gradient is taken
-    if lv.grad_at == "chunk":
+    if lv.lag_token:
+        em.line(f"lag = t % {lv.grad_chunk} == 0  # the chunk's first token: the softmax step, gradient at the state now")
+        em.line("at = weights if lag else chunk_start  # the others' gradients: at the state after the lag token")
+    elif lv.grad_at == "chunk":
         with em.indent(f"if t % {lv.grad_chunk} == 0:  # gradients at the chunk-start state"):
             if lv.maps_at_chunks:
                 em.line("scales = tuple(psi_scale(a) for a in params)  # the map, at the chunk boundary")
@@ -463,6 +474,12 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
                     f"{where(lv.retention.span)}")
         elif rules.retention.form == "implicit":
             em.line("params = tuple(w + s for w, s in zip(params, steps))")
+        elif lv.lag_token:
+            with em.indent("if lag:"):
+                em.line(f"params = chunk_start = tuple(retain(w, s{args}) for w, s in zip(params, steps))  "
+                        f"{where(lv.retention.span)}")
+            with em.indent("else:"):
+                em.line(f"params = tuple(retain_within(w, s{args}) for w, s in zip(params, steps))")
         else:
             em.line(f"params = tuple(retain(w, s{args}) for w, s in zip(params, steps))  "
                     f"{where(lv.retention.span)}")

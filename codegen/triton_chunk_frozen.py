@@ -66,6 +66,8 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
         return f"plan family {plan.family!r}, not 'frozen'"
     if lv.maps_at_chunks:
         return "an lq map at chunk boundaries (an accumulator state, reads scaled per chunk) is not in the kernels"
+    if lv.lag_token:
+        return "KL's lag token (a softmax step at each chunk's first token) is not in the kernels"
     if lv.target != "value" or lv.init_from is not None:
         return "a self-generated target or a restart (init from) is not in the chunked frozen kernels"
     vector = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] != "scalar"]

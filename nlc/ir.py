@@ -143,6 +143,13 @@ class Level:
         chunk_start(C)`; within a chunk the weights are its linearisation at the chunk start."""
         return self.retention.kind == "lq" and self.retention.args.get("apply") == "chunk"
 
+    @property
+    def lag_token(self) -> bool:
+        """`kl(apply = chunk)`, MATH.md §3.7's lag token: the exact softmax step at the first token of
+        each chunk of `gradient chunk_start(C)`, and the same coefficients on W itself (a decay scan,
+        gradients at the state after that token) at the chunk's other tokens."""
+        return self.retention.kind == "kl" and self.retention.args.get("apply") == "chunk"
+
     def replace(self, **kw) -> "Level":
         return replace(self, **kw)
 

@@ -50,7 +50,10 @@ RETENTION = {
               doc="map every token, or at the chunk boundaries of gradient chunk_start(C)")),
     "kl": (_a("decay", default=None, doc="coefficient on log W (Memora's alpha)"),
            _a("global", default=None, doc="entropy strength alpha (derived coefficient)"),
-           _a("axis", "enum", "row", choices=("row", "column")), _a("mass", "number", 1.0)),
+           _a("axis", "enum", "row", choices=("row", "column")), _a("mass", "number", 1.0),
+           _a("apply", "enum", "token", choices=("token", "chunk"),
+              doc="softmax step every token, or at the first token of each chunk of gradient "
+                  "chunk_start(C) with the same coefficients on W within it (the lag token)")),
     "elastic": (_a("l1", required=True), _a("l2", required=True)),
     "implicit": (),
     "dgd": (_a("decay", required=True, doc="alpha in (alpha I - eta k k^T)"),),

@@ -11,7 +11,9 @@ Families recognised here:
 - frozen: gradients frozen at the chunk start (`gradient chunk_start(C)`), any bias (omega windows
           too: banded sums of them), gd or momentum under a scalar affine retention: linear scans within
           the chunk (Titans, TTT, Miras by GD, OmegaNet); also an lq accumulator whose map runs at
-          chunk boundaries (`lq(apply = chunk)`, Moneta): reads scaled by the map's slope there.
+          chunk boundaries (`lq(apply = chunk)`, Moneta): reads scaled by the map's slope there;
+          and KL's lag token (`kl(apply = chunk)`, Memora): the softmax step at each chunk's first
+          token, then a scan of W with the step's coefficients.
 - mapped: gradients frozen at the chunk start on a matrix or MLP memory, where what turns them into
           weights is not one affine scan of W (MATH.md §3.6 family 4, §3.7, §3.8): accumulators
           W = psi(A) (lq, ftrl), KL's softmax, elastic's threshold, dgd, muon (with or without omega
@@ -105,6 +107,8 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
         return _implicit(rules, chunk)
     if lv.maps_at_chunks:
         return _mapped_at_chunks(rules)
+    if lv.lag_token:
+        return _lag_token(rules)
     if affine is None or lv.algorithm.kind == "muon":
         return _mapped(rules, affine)
     if lv.bias.kind == "omega":
@@ -156,11 +160,36 @@ def _mapped_at_chunks(rules: LevelRules) -> KernelPlan:
         return reference(f"a constant decay of {decay} has no log-space chunked form")
     window = [lv.bias.args["gamma"]] if lv.bias.kind == "omega" else []
     if not _frozen_fits(rules, decay, sympy.Integer(1), *window, algorithms=("gd", "momentum", "ftrl")):
-        return reference(f"a {lv.memory.kind} memory with {algorithm} and these gates is not in the "
+        return reference(f"memory {lv.memory.kind} with {algorithm} and these gates is not in the "
                          "frozen family (gd, momentum or ftrl, matrix or MLP, per-head scalar gates)")
     return KernelPlan(lv.name, "frozen", lv.grad_chunk, "gradients frozen at the chunk start and the "
                       "lq map applied at chunk boundaries: linear scans of the accumulator within a "
                       "chunk, weights scaled by the map's slope at its start", decay, sympy.Integer(1))
+
+
+def _lag_token(rules: LevelRules) -> KernelPlan:
+    """`kl(apply = chunk)`: the softmax step at each chunk's first token, then W_t = a_t W_{t-1} +
+    c_t s_t with gradients at the state after it: the frozen family's scans from that state, with the
+    first token's step taken apart."""
+    lv = rules.level
+    decay, scale = rules.lag_scan()
+
+    def reference(reason: str) -> KernelPlan:
+        return KernelPlan(lv.name, "reference", lv.grad_chunk, f"KL lag token: {reason}")
+
+    if lv.grad_chunk == 1:
+        return reference(ONE_TOKEN)
+    if lv.bias.kind == "omega":
+        return reference("an omega window reaches back over the lag token, whose gradient is at "
+                         "another state: not in the frozen chunked form")
+    if decay.is_number and decay <= 0:
+        return reference(f"a constant decay of {decay} has no log-space chunked form")
+    if not _frozen_fits(rules, decay, scale):
+        return reference(f"memory {lv.memory.kind} with {lv.algorithm.kind} and these gates is not "
+                         "in the frozen family (gd or momentum, matrix or MLP, per-head scalar gates)")
+    return KernelPlan(lv.name, "frozen", lv.grad_chunk, "KL lag token: the softmax step at each chunk's "
+                      "first token, then linear scans of W with gradients frozen at the state after it",
+                      decay, scale)
 
 
 def _omega(rules: LevelRules, affine) -> KernelPlan:

@@ -56,6 +56,9 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
                       "limits what the memory can represent (MATH.md §5.7.3)", ret.span)
     if ret.kind == "lq" and _const(ret.args["q"]) is not None and _const(ret.args["q"]) <= 1:
         err("lq retention needs q > 1", ret, "q > 1 (Moneta uses q = 4)")
+    if level.lag_token and (level.grad_at != "chunk" or level.period != 1):
+        err("kl(apply = chunk) takes its softmax step at the first token of each gradient chunk, "
+            "updated every token", ret, "gradient chunk_start(C) and no `update every`/`outer`")
     if level.maps_at_chunks:
         if level.grad_at != "chunk" or level.period != 1:
             err("lq(apply = chunk) applies its map at the chunk boundaries of the gradient chunks, "

@@ -8,7 +8,7 @@ import sympy
 from .. import ir
 from .bias import BiasRule, derive_bias
 from .retention import RetentionRule, derive_retention
-from .symbols import lr
+from .symbols import lr, lw0, s, w0
 
 # The algorithms' state recurrences (u: the bias gradient at the gradient point, M: a buffer).
 ALGORITHM_TEXT = {
@@ -39,6 +39,14 @@ class LevelRules:
         """The retention's map with the local strength bound to the algorithm's learning rate."""
         return self.retention.new.subs(lr, self.lr)
 
+    def lag_scan(self) -> tuple[sympy.Expr, sympy.Expr]:
+        """(a, c) of KL's step in log space, z = a·log w0 + c·s: with `kl(apply = chunk)` the scan
+        w = a·w0 + c·s runs on W itself within a chunk (MATH.md §3.7's lag token)."""
+        new = self.retention_new()
+        a, c = sympy.diff(new, lw0), sympy.diff(new, s)
+        assert sympy.simplify(new - a * lw0 - c * s) == 0, "KL step is not affine in log w0 and s"
+        return a, c
+
     def threshold(self) -> sympy.Expr:
         return self.retention.threshold.subs(lr, self.lr)
 
@@ -51,6 +59,9 @@ class LevelRules:
                  f"             w = {self.retention.new}"]
         if lv.maps_at_chunks:
             lines.append(f"             within a chunk: w = slope·A, slope = {self.retention.slope} at N = the norm of A_0")
+        if lv.lag_token:
+            lines.append(f"             at a chunk's first token only; within it: w = "
+                         f"{self.retention.new.subs(lw0, w0)} (the lag token)")
         if self.retention.threshold is not None:
             lines.append(f"             threshold = {self.retention.threshold}")
         lines.append(f"  algorithm  {lv.algorithm.describe()}: {ALGORITHM_TEXT[self.algorithm]}")

@@ -23,6 +23,7 @@ RETENTIONS = {"none": "none", "decay": "decay(alpha)", "l2": "l2(global = 2)",
               "lq": "lq(q = 4, decay = alpha)", "lq_miras": "lq(q = 4, map = miras)",
               "lq_chunk": "lq(q = 4, map = miras, apply = chunk)",
               "kl": "kl(decay = alpha)", "kl_global": "kl(global = 2)",
+              "kl_chunk": "kl(decay = alpha, apply = chunk)",
               "elastic": "elastic(l1 = 20, l2 = 2)", "implicit": "implicit", "dgd": "dgd(decay = alpha)"}
 ALGORITHMS = {"gd": "gd(lr = eta)", "momentum": "momentum(lr = eta, beta = theta)",
               "muon": "muon(lr = eta, beta = theta, steps = 3)", "ftrl": "ftrl(lr = eta)"}
@@ -66,7 +67,7 @@ output = linear(memory)
 
 
 def spec_text(memory, bias, retention, algorithm, schedule="token") -> str:
-    init = "learned" if memory != "matrix" or retention in ("kl", "kl_global", "lq_chunk") else "zero"
+    init = "learned" if memory != "matrix" or retention in ("kl", "kl_global", "kl_chunk", "lq_chunk") else "zero"
     return TEMPLATE.format(memory=MEMORIES[memory], bias=BIASES[bias], retention=RETENTIONS[retention],
                            algorithm=ALGORITHMS[algorithm], schedule=SCHEDULES[schedule], init=init)
 

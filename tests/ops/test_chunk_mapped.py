@@ -77,7 +77,7 @@ def _shipped(spec):
     return nlc.compile(SPECS / f"{spec}.nl", chunk=5)
 
 
-@pytest.mark.parametrize("spec", ["memora", "atlas", "hope"])
+@pytest.mark.parametrize("spec", ["atlas", "hope"])
 def test_planner_picks_mapped_for_shipped_levels(spec):
     plan = _shipped(spec).plans["memory"]
     assert plan.family == "mapped" and plan.chunk == 5, plan.reason
@@ -92,6 +92,29 @@ def test_lq_map_at_chunk_boundaries_is_the_frozen_family_and_every_token_the_map
     assert chunked.family == "frozen" and chunked.chunk == 5, chunked.reason
     per_token = nlc.compile(text.replace("apply = chunk", "apply = token"), chunk=5).plans["memory"]
     assert per_token.family == "mapped" and per_token.chunk == 5, per_token.reason
+
+
+def test_kl_lag_token_is_the_frozen_family_and_every_token_the_mapped():
+    """Memora ships with KL's lag token (the softmax at each chunk's first token, a scan of W after
+    it: frozen family); the softmax at every token needs the mapped family's per-token maps."""
+    text = (SPECS / "memora.nl").read_text()
+    assert "apply = chunk" in text
+    lag = nlc.compile(text, chunk=5).plans["memory"]
+    assert lag.family == "frozen" and lag.chunk == 5 and "lag token" in lag.reason, lag.reason
+    per_token = nlc.compile(text.replace("apply = chunk", "apply = token"), chunk=5).plans["memory"]
+    assert per_token.family == "mapped" and per_token.chunk == 5, per_token.reason
+
+
+@pytest.mark.parametrize("T", (1, 7, 20))
+@pytest.mark.parametrize("memory", ["matrix", "mlp(depth = 2, expand = 1, bias = true)"])
+def test_kl_lag_token_read_before_momentum_and_global_form(memory, T):
+    """The lag token reads the state entering its chunk (read before); momentum's step there is
+    taken apart from the scan (c = 0 on it); kl(global) derives both coefficients."""
+    program = nlc.compile(TEMPLATE.format(
+        memory=memory, bias="l2", retention="kl(global = 2, axis = column, mass = 2, apply = chunk)",
+        algorithm="momentum(lr = eta, beta = theta)", chunk=3, read="before"))
+    assert program.plans["memory"].family == "frozen", program.plans["memory"].reason
+    _compare(program.op("memory"), T)
 
 
 def test_per_channel_gates_stay_on_the_reference():

@@ -768,8 +768,12 @@ def suffix_sums(b_x):
             em.line("BV = max(16, triton.next_power_of_2(V) if NORM else min(triton.next_power_of_2(V), BV_MAX))")
             em.line('DOT = "ieee" if q.dtype == torch.float32 else "tf32"')
             em.line("DT = tl.float32 if INTERPRET else MATMUL_TYPES[q.dtype]")
+            if self.omega:
+                em.line("BW = max(16, triton.next_power_of_2(CW))")
+                em.line("BV = min(BV, 32) if BW * BK >= 128 * 128 and not NORM else BV  # [BW, BK] tiles this wide: "
+                        "fewer value channels per block")
             em.line("return B, T, H, K, V, BT, triton.cdiv(T, CHUNK), BK, BV, DOT, DT" +
-                    (", max(16, triton.next_power_of_2(CW))" if self.omega else ""))
+                    (", BW" if self.omega else ""))
         em.gap()
         launch = "T, NT, H=H, K=K, V=V, C=CHUNK, BT=BT, BK=BK, BV=BV, DOT=DOT, DT=DT" + \
             (", CW=CW, BW=BW" if self.omega else "")

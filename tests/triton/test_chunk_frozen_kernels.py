@@ -66,10 +66,11 @@ CPU_DESIGN = _sample(DESIGN)
 CPU_SIZES = ((16, 100, 16), (32, 63, 5), (64, 1, 24), (16, 63, 2))  # (head dim, T, chunk)
 SHIPPED_CASES = [(d, t, c) for d in DIMS for t in LENGTHS for c in CHUNKS] if GPU else list(CPU_SIZES[:3])
 # (head dim, T, chunk, window): a window narrower than, as wide as and wider than the chunk (its rows
-# reach three chunks back), and a sequence shorter than the window
-OMEGA_SIZES = ((16, 100, 16, 4), (32, 63, 5, 5), (16, 63, 2, 7), (64, 3, 5, 7))
+# reach three chunks back), a sequence shorter than the window, and a window of 64 (128 window rows
+# by 128 key features: 32 value channels per block, two blocks at head dim 64)
+OMEGA_SIZES = ((16, 100, 16, 4), (32, 63, 5, 5), (16, 63, 2, 7), (64, 3, 5, 7), (64, 20, 5, 64))
 OMEGA_CASES = [(d, t, c, w) for d in DIMS for t in LENGTHS for _, _, c, w in OMEGA_SIZES[:3]] + \
-    [(d, 3, 5, 7) for d in DIMS] if GPU else list(OMEGA_SIZES)
+    [(d, 3, 5, 7) for d in DIMS] + [(d, 100, 16, 64) for d in DIMS] if GPU else list(OMEGA_SIZES)
 DESIGN_CASES = [(n, text, d, 100, 24) for n, text in DESIGN for d in DIMS] + \
     [(n, text, 16, *CPU_SIZES[1 + i % 3][1:]) for i, (n, text) in enumerate(DESIGN)] \
     if GPU else [(n, text, *CPU_SIZES[i % 4]) for i, (n, text) in enumerate(CPU_DESIGN)]

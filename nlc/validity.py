@@ -54,7 +54,8 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
         if mem.kind == "mlp":
             diag.warn(f"level '{level.name}': KL retention keeps every MLP weight positive, which "
                       "limits what the memory can represent (MATH.md §5.7.3)", ret.span)
-    if ret.kind == "lq" and _const(ret.args["q"]) is not None and _const(ret.args["q"]) <= 1:
+    bad_q = ret.kind == "lq" and _const(ret.args["q"]) is not None and _const(ret.args["q"]) <= 1
+    if bad_q:
         err("lq retention needs q > 1", ret, "q > 1 (Moneta uses q = 4)")
     if level.lag_token and (level.grad_at != "chunk" or level.period != 1):
         err("kl(apply = chunk) takes its softmax step at the first token of each gradient chunk, "
@@ -63,15 +64,8 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
         if level.grad_at != "chunk" or level.period != 1:
             err("lq(apply = chunk) applies its map at the chunk boundaries of the gradient chunks, "
                 "updated every token", ret, "gradient chunk_start(C) and no `update every`/`outer`")
-        slope = sympy.nsimplify(derive_retention(ret).slope)
-        if slope.has(S.A):
-            err(f"lq(apply = chunk) reads A_t times the map's slope at the chunk start, one factor "
-                f"per tensor, and this map's slope {slope} depends on A itself", ret,
-                "map = miras (W = A / ||A||_q^(q-2): a slope of the norm alone)")
-        elif level.init == "zero" and sympy.limit(slope, S.N, 0, "+") == sympy.oo:
-            err(f"lq(apply = chunk) scales each chunk's reads by the map's slope at its start, "
-                f"{slope}, which is unbounded at the zero initial state", ret,
-                "init learned (or q <= 2)")
+        if not bad_q:  # q <= 1 has no map to take the slope of (refused above)
+            _check_chunk_slope(level, ret, err)
     for arg in STRENGTHS.get(ret.kind, ()):
         value = _const(ret.args[arg])
         if value is not None and value <= 0:
@@ -110,6 +104,20 @@ def check_level(level: ir.Level, streams: dict[str, ir.Stream], diag: Collector)
     if delta_type and not _normalized(streams[level.key]):
         diag.warn(f"level '{level.name}': delta-type updates are stable only for unit-norm keys "
                   f"(MATH.md §5.7.6); key stream '{level.key}' is not l2norm(...)", level.span)
+
+
+def _check_chunk_slope(level: ir.Level, ret: ir.Choice, err) -> None:
+    """lq(apply = chunk) reads slope(A_0)·A_t in a chunk: the derived slope must be free of A, and
+    bounded at A = 0 when the state starts there."""
+    slope = sympy.nsimplify(derive_retention(ret).slope)
+    if slope.has(S.A):
+        err(f"lq(apply = chunk) reads A_t times the map's slope at the chunk start, one factor "
+            f"per tensor, and this map's slope {slope} depends on A itself", ret,
+            "map = miras (W = A / ||A||_q^(q-2): a slope of the norm alone)")
+    elif level.init == "zero" and sympy.limit(slope, S.N, 0, "+") == sympy.oo:
+        err(f"lq(apply = chunk) scales each chunk's reads by the map's slope at its start, "
+            f"{slope}, which is unbounded at the zero initial state", ret,
+            "init learned (or q <= 2)")
 
 
 def _const(v) -> float | None:

@@ -19,7 +19,7 @@ Substituting S_(i-1) gives, per value channel, the lower-triangular system
 e_i = c_i gam_(i-1): for retained c_i seg(i-1, j) = seg(i, j), for current it is seg(i-1, j). With no
 value-channel factor the system is one per chunk: d = U - W S_0, U = A^-1 V, W = A^-1 (e * K),
 A = I + G, none of which depends on S_0 (all chunks at once). With one it is one system per value
-channel: the inverses (I + diag(bv) G)^-1 go all chunks at once, their products with the right-hand
+channel: the inverses (I + diag(bv) G)^-1 go all chunks at once (channels last), their products with the right-hand
 sides chunk by chunk, over chunks of STEP ~ sqrt(K) tokens (a system costs about C^2 per channel and
 token, the recurrence K). Reads: o_i = gam_i S_0^T q_i + sum_(j<=i) seg(i, j)
 (q_i . u_j) d_j (read after) or gam_(i-1) S_0^T q_i + sum_(j<i) seg(i-1, j) (q_i . u_j) d_j (before).
@@ -56,7 +56,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         if per_channel else []
     preamble(em, rules, plan, model, file, "delta family, MATH.md §3.2-3.3",
              _math(lv, plan, key_step, value_step), helpers, constants)
-    em.block(_INVERSE)
+    em.block(_INVERSE_CHANNELS if per_channel else _INVERSE)
     em.gap()
     with op_signature(em, rules):
         prologue(em, rules)
@@ -78,9 +78,8 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
             decay_chunks(em, rules, plan, vector=False, step=step)
         e = _render_terms(em, lv, decayed)
         if per_channel:
-            em.line("inverse = _unit_lower_inverse(b_c.transpose(-1, -2)[..., :, None] * G[:, :, :, None])"
-                    "  # [B, H, N, V, C, C]:")
-            em.line("# (I + diag(bv) G)^-1 per value channel, all chunks at once")
+            em.line("inverse = _unit_lower_inverse(G[..., None] * b_c[..., :, None, :])  # [B, H, N, C, C, V]:")
+            em.line("# (I + diag(bv) G)^-1 per value channel (channels last), all chunks at once")
         else:
             em.line("inverse = _unit_lower_inverse(G)  # [B, H, N, C, C]: (I + G)^-1, all chunks at once")
             e_k = f"{e} * k_c" if e else "k_c"
@@ -166,8 +165,8 @@ def _render_loop(em: Emitter, per_channel: bool, decayed: bool, e: str | None) -
     with em.indent():
         if per_channel:
             error = "e_n * (k_n @ S)" if e else "k_n @ S"
-            em.line(f"rhs = (b_n * (v_n - {error})).transpose(-1, -2)[..., None]  # [B, H, V, C, 1]")
-            em.line("D = (inverse_n @ rhs)[..., 0].transpose(-1, -2)  # [B, H, C, V]")
+            em.line(f"rhs = b_n * (v_n - {error})  # [B, H, C, V]")
+            em.line("D = (inverse_n * rhs[:, :, None]).sum(-2)  # [B, H, C, V]: one C x C system per channel")
         else:
             em.line("D = U_n - W_n @ S  # [B, H, C, V]")
         em.line("starts.append(S)")
@@ -179,6 +178,21 @@ def _step(chunk: int, d_key: int) -> int:
     """Tokens per solve for per-channel step sizes: a power of two near sqrt(K), at most the chunk."""
     return min(int(chunk), 1 << (math.isqrt(d_key).bit_length() - 1))
 
+
+_INVERSE_CHANNELS = '''
+def _unit_lower_inverse(L):
+    """(I + L)^-1 for strictly lower triangular L [..., C, C, V], one system per channel (channels
+    last, so that every op runs along V), row by row: row i of the inverse is e_i minus the sum of
+    L[i, m] times row m over m < i. C is STEP, a few tokens: C - 1 rounds of elementwise ops, against
+    log2(C) rounds of [C, C] matmuls that a channels-first layout would batch over every channel."""
+    C = L.shape[-2]
+    eye = torch.eye(C, dtype=L.dtype, device=L.device)[..., None]  # [C, C, 1]
+    rows = [eye[0].expand(L[..., 0, :, :].shape)]  # [..., C, V] each
+    for i in range(1, C):
+        done = torch.stack(rows, -3)  # [..., i, C, V]: the rows above row i
+        rows.append(eye[i] - (L[..., i, :i, None, :] * done).sum(-3))
+    return torch.stack(rows, -3)
+'''
 
 _INVERSE = '''
 def _unit_lower_inverse(L):

@@ -78,7 +78,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
             decay_chunks(em, rules, plan, vector=False, step=step)
         e = _render_terms(em, lv, decayed)
         if per_channel:
-            em.line("inverse = _unit_lower_inverse(G[..., None] * b_c[..., :, None, :])  # [B, H, N, C, C, V]:")
+            em.line("inverse = _channel_inverses(G[..., None] * b_c[..., :, None, :])  # [B, H, N, C, C, V]:")
             em.line("# (I + diag(bv) G)^-1 per value channel (channels last), all chunks at once")
         else:
             em.line("inverse = _unit_lower_inverse(G)  # [B, H, N, C, C]: (I + G)^-1, all chunks at once")
@@ -180,7 +180,7 @@ def _step(chunk: int, d_key: int) -> int:
 
 
 _INVERSE_CHANNELS = '''
-def _unit_lower_inverse(L):
+def _channel_inverses(L):
     """(I + L)^-1 for strictly lower triangular L [..., C, C, V], one system per channel (channels
     last, so that every op runs along V), row by row: row i of the inverse is e_i minus the sum of
     L[i, m] times row m over m < i. C is STEP, a few tokens: C - 1 rounds of elementwise ops, against

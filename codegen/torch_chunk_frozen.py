@@ -404,6 +404,7 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
 def _render_lag_coefficients(em: Emitter, rules: LevelRules, coeffs, momentum: bool) -> None:
     """The lag tokens' own coefficients (and the retention's gates there), [B, H, NC] unbound per
     chunk; then those tokens become the identity in the scans."""
+    assert "scale" in coeffs or not momentum, "momentum's lag token needs c_t in the scans (set to 0 there)"
     lv = rules.level
     gates = [ident(g, "gh") for g in sorted(ir.gate_names(rules.retention_new()))]
     lag = ["lr", *(["beta"] if momentum else []), *gates]
@@ -415,7 +416,6 @@ def _render_lag_coefficients(em: Emitter, rules: LevelRules, coeffs, momentum: b
     em.line("decay, lr = torch.where(lag, 1.0, decay), torch.where(lag, 0.0, lr)")
     if momentum:
         em.line("beta, scale = torch.where(lag, 1.0, beta), torch.where(lag, 0.0, scale)")
-    assert "scale" in coeffs or not momentum
 
 
 def _render_lag_token(em: Emitter, rules: LevelRules, chunk_rows: list[str], momentum: bool) -> None:

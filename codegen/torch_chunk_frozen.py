@@ -166,11 +166,10 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, model: str
         em.line("scaled by its tensor's r (W_0 and M_0 enter scaled, the steps' part is multiplied by r).")
         em.line("The scan")
     if lv.lag_token:
-        a, c = rules.lag_scan()
         em.line("KL's lag token (kl(apply = chunk), MATH.md §3.7): at each chunk's first token the exact step")
         em.line("W_1 = retain(W_0, s_1), the softmax, with its gradient at the state entering the chunk; the")
         em.line("recurrence above runs on W itself over the chunk's other tokens, their gradients at W_1")
-        em.line(f"(a_t = {show(a)}, c_t = {show(c)}: the step's own coefficients). In the scans the first")
+        em.line("(a_t and c_t are the step's own coefficients on log W and s). In the scans the first")
         em.line("token is the identity (a = 1, lr = 0; with momentum beta = 1, c = 0), so W_0 below is W_1. The scan")
     em.line("is then linear with scalar transitions. With b_t = prod_{r<=t} a_r and P[t, i] =")
     em.line("prod_{i<r<=t} a_r (i <= t, else 0), both from log-space sums of each segment's log a:")

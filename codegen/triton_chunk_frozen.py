@@ -1,7 +1,9 @@
 """Render a frozen-gradient level with a linear memory (a matrix W, or an MLP of depth 1 with nothing
 around its product; MATH.md §3.4, §3.6) as chunked Triton kernels, forward and backward:
 `level_<name>_triton_chunk.py`, a real file in the cache (Triton reads kernel source from disk). An
-MLP memory's file comes from triton_chunk_frozen_mlp.py, which reuses these coefficient kernels.
+MLP memory's file comes from triton_chunk_frozen_mlp.py, which reuses these coefficient kernels, and
+so does a level with an lq map or KL's lag token at chunk boundaries (a step between chunks that its
+PyTorch loop runs).
 
 Every gradient of a chunk of C tokens (the spec's `gradient chunk_start(C)`: part of the rule, so the
 file's CHUNK is C, passed to the kernels as the constexpr C, in a block of BT >= 16 rows) is taken at
@@ -64,10 +66,6 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
     lv = rules.level
     if plan.family != "frozen":
         return f"plan family {plan.family!r}, not 'frozen'"
-    if lv.maps_at_chunks:
-        return "an lq map at chunk boundaries (an accumulator state, reads scaled per chunk) is not in the kernels"
-    if lv.lag_token:
-        return "KL's lag token (a softmax step at each chunk's first token) is not in the kernels"
     if lv.target != "value" or lv.init_from is not None:
         return "a self-generated target or a restart (init from) is not in the chunked frozen kernels"
     vector = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] != "scalar"]
@@ -86,9 +84,11 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
 
 
 def _kernels(lv: ir.Level):
-    """The renderer of a level's file: these kernels for a linear memory (one matrix), or for an MLP
-    memory those of triton_chunk_frozen_mlp.py (its matmuls in PyTorch)."""
-    if linear_memory(lv.memory):
+    """The renderer of a level's file: these kernels for a linear memory (one matrix), or those of
+    triton_chunk_frozen_mlp.py (its matmuls in PyTorch, its chunks in a PyTorch loop) for an MLP memory
+    and for a step between chunks that is not linear in the state (an lq map at chunk boundaries, KL's
+    lag token): that loop runs it, where these kernels carry the state across chunks in one launch."""
+    if linear_memory(lv.memory) and not (lv.maps_at_chunks or lv.lag_token):
         return _Kernels
     from .triton_chunk_frozen_mlp import MlpKernels  # it builds on _Kernels: imported after this module
     return MlpKernels
@@ -99,9 +99,11 @@ class _Kernels:
 
     def __init__(self, rules: LevelRules, plan: KernelPlan, model: str, file: str):
         lv = self.lv = rules.level
-        self.plan, self.model, self.file = plan, model, file
+        self.rules, self.plan, self.model, self.file = rules, plan, model, file
         self.momentum = lv.algorithm.kind == "momentum"
         self.after = lv.read == "after"
+        self.mapped = lv.maps_at_chunks  # an lq map at chunk boundaries: reads of psi_scale(A_0)·A_t
+        self.lag = lv.lag_token  # KL's softmax step at each chunk's first token, apart from the scans
         self.roles = {"a": sympy.sympify(plan.decay), "c": sympy.sympify(plan.scale),
                       "lr": sympy.sympify(rules.lr)}
         if self.momentum:
@@ -364,6 +366,14 @@ def suffix_sums(b_x):
         for role, expr in self.roles.items():
             em.line(f"b_{role} = tl.where(m_t, {self.tok(expr)}, {pad[role]})  "
                     f"{where(spans[role]) or '#'} {role}_t = {show(expr)}")
+        if self.lag:
+            em.line(f"m_lag = o_i == 0  {where(lv.retention.span) or '#'} KL's lag token, the chunk's first: its step "
+                    "is taken apart,")
+            em.line("# so in the scans it is the identity (a = 1, lr = 0" + (", beta = 1, c = 0)" if self.momentum
+                                                                               else ")"))
+            em.line("b_a, b_lr = tl.where(m_lag, 1.0, b_a), tl.where(m_lag, 0.0, b_lr)")
+            if self.momentum:
+                em.line("b_beta, b_c = tl.where(m_lag, 1.0, b_beta), tl.where(m_lag, 0.0, b_c)")
         em.line("b_la, b_ga, b_sa = log_products(b_a, m_t)  # log a_t, g_t = log b_t and the sign of b_t")
         em.line("m_c = o_i[:, None] >= o_i[None, :]  # causal: j <= t")
         if self.momentum:
@@ -715,6 +725,11 @@ def suffix_sums(b_x):
             em.line("b_dla = suffix_sums(b_dga + b_dgr)  # ∂/∂ log|a_r| = sum_(t>=r) ∂/∂g_t")
         else:
             em.line("b_dla = suffix_sums(b_dga) + suffix_sums(b_dgr) - b_dgr  # the read's g_t sums r < t")
+        if self.lag:
+            em.line("# the lag token's factors in the scans are constants: no gradient to its gates through them")
+            names = ["b_dla", "b_dc", "b_dlr"] + (["b_dlbeta"] if self.momentum else [])
+            for name in names:
+                em.line(f"{name} = tl.where(m_lag, 0.0, {name})")
 
     def gate_grads(self, through_bias: bool = True) -> None:
         """Store each gate's gradient through the scan coefficients (and through D: `through_bias`)."""

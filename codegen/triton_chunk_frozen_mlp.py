@@ -1,5 +1,6 @@
 """Render a frozen-gradient level with an MLP memory (depth >= 2, or a depth-1 layer with a residual,
-gate, bias or norm around it; MATH.md §3.4-3.6) as chunked Triton kernels beside PyTorch matmuls:
+gate, bias or norm around it; MATH.md §3.4-3.6), or any memory with a step between chunks that is not
+linear in the state (below), as chunked Triton kernels beside PyTorch matmuls:
 `level_<name>_triton_chunk.py`, a real file in the cache (Triton reads kernel source from disk).
 
 Every gradient of a chunk of C tokens is taken at the chunk-start weights W_0 (`gradient
@@ -16,6 +17,12 @@ hand-written backward (autograd differentiates the PyTorch parts, the vjp twice)
                 x_t W_t (+ β_t) = b_t (x_t W_0 (+ β_0)) + f_t (x_t M_0 (+ μ_0)) - sum_j G[t, j] (x_t·a_j (+ 1)) δ_j,
                 so the per-token weights are never built; memory_forward supplies what lies between
                 the layers (activation, gate, norm, residual).
+Steps between chunks that are not linear in the state run in that loop too, so a matrix memory with
+one of them gets this file as well: an lq map at chunk boundaries (`lq(apply = chunk)`, MATH.md §3.7:
+each chunk's W_0 = psi_scale(A_0)·A_0 enters the reads, whose steps' part `_scaled` multiplies by each
+state tensor's slope) and KL's lag token (`kl(apply = chunk)`: the softmax step of each chunk's first
+token, `_lag_step`, before the chunk's gradients; the coefficient kernels make that token the identity
+in the scans, and a read before the write puts back its read of the state entering the chunk).
 An omega window (MATH.md §3.8) works as in the linear kernels (triton_chunk_frozen.py): the per-chunk
 loop runs `_layer_grads` on the window's P + L tokens (`_with_tail`, the c - 1 before the chunk at
 its W_0) and pads them to the window's CW rows (`_padded`); the coefficient kernels print G Ω and the
@@ -26,12 +33,13 @@ from __future__ import annotations
 
 from nlc import ir
 from nlc.derive import symbols as S
+from nlc.derive.printer import to_torch
 
 from . import torch_arch
 from . import triton_chunk_common as common
 from .emitter import comment, ident, where
 from .torch_chunk_common import render_layer_grads, render_product, show
-from .torch_chunk_frozen import _render_carried, render_with_tail
+from .torch_chunk_frozen import _render_carried, _render_lag_step, render_with_tail
 from .triton_chunk_frozen import _Kernels, render_windows
 from .triton_recurrent import decorators, diff, first_order_only
 
@@ -44,7 +52,9 @@ class MlpKernels(_Kernels):
     def text(self) -> str:
         em, lv = self.em, self.lv
         self.header()
-        self.preamble("N_PARAMS, _pack, default_state, memory_forward", "from nlc.runtime.vjp import tapped_vjp")
+        names = "N_PARAMS, _pack, default_state, memory_forward" + (
+            ", psi_scale" if self.mapped else ", _per_tensor, retain" if self.lag else "")
+        self.preamble(names, "from nlc.runtime.vjp import tapped_vjp")
         em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
         common.launch_configuration(em)
         em.gap()
@@ -54,9 +64,12 @@ class MlpKernels(_Kernels):
             em.gap()
             part()
         for part in (render_product, render_layer_grads, _render_carried) + (
-                (render_windows, render_with_tail, render_padded) if self.omega else ()):
+                (render_windows, render_with_tail, render_padded) if self.omega else ()) + (
+                (render_scaled,) if self.mapped else ()):
             em.gap()
             part(em)
+        if self.lag:
+            _render_lag_step(em, self.momentum)
         em.gap()
         self.public()
         return em.text()
@@ -80,12 +93,30 @@ class MlpKernels(_Kernels):
                         "reads before the write: rows of b, f, G at t - 1 (b = 1, f = 0, G = 0 at t = 0)") +
                 "; the state carried on is row L-1")
         self.window_doc("a_j, δ_j")
+        self.map_doc()
         em.line("Triton: the coefficients (all chunks at once), D = dℓ/dy, and each layer's read in dual form")
         em.line("(all chunks at once, at the saved chunk-start states); PyTorch: per chunk in order, the MLP at")
         em.line("W_0 on the keys with one vjp (a_j, δ_j) and the carried state; each kernel has its backward.")
         em.line("Layout: q, k [B, T, H, K]; v [B, T, H, V]; gates [B, T, H]; inside, [B, H, T, ...] fp32. The")
         em.line(f"state is the reference's: {comment(', '.join(self.state_names()))}, float32.")
         em.line('"""')
+
+    def map_doc(self) -> None:
+        """The docstring's lines on a step between chunks that is not linear in the state."""
+        em = self.em
+        if self.mapped:
+            em.line("lq map at chunk boundaries (lq(apply = chunk), MATH.md §3.7): the state is an accumulator A,")
+            em.line("W_0 = psi(A_0) = r A_0 with r = psi_scale(A_0) per state tensor, and within the chunk the weights")
+            em.line("are r A_t: the reads' W_0 and M_0 enter scaled, and their steps' part takes a_j r_W (with a layer")
+            em.line("bias, a_j r_W / r_β and δ_j r_β, so that (x·a_j + 1) δ_j reads r_W x·a_j δ_j + r_β δ_j); the")
+            em.line("carried rows stay in A.")
+        if self.lag:
+            em.line("KL's lag token (kl(apply = chunk), MATH.md §3.7): each chunk's first token takes the exact")
+            em.line("softmax step W_1 = retain(W_0, -lr u), its gradient u at the state entering the chunk")
+            em.line("(`_lag_step`, in PyTorch's loop); in the scans that token is the identity (a = 1, lr = 0" +
+                    (", beta = 1, c = 0)" if self.momentum else ")") + " and the")
+            em.line("chunk's other gradients are taken at W_1" +
+                    (", its read (read before) at the state entering the chunk." if not self.after else "."))
 
     def state_names(self) -> list[str]:
         names = [n for n, _, _ in torch_arch.param_layout(self.lv)]
@@ -531,7 +562,8 @@ class MlpKernels(_Kernels):
             em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
             em.line('dot = "ieee" if q.dtype == torch.float32 else "tf32"  # the kernels\' matmul precision')
             em.line("qh, kh, vh = (x.transpose(1, 2).to(torch.float32).contiguous() for x in (q, k, v))  # [B, H, T, D]")
-            read = sorted(set(self.gates) | set(self.window_gates))
+            lag_gates = sorted(ir.gate_names(self.rules.retention_new())) if self.lag else []
+            read = sorted(set(self.gates) | set(self.window_gates) | set(lag_gates))
             unused = [g for g in lv.gates if g not in read]
             if unused:
                 em.line(f"# gate(s) {comment(', '.join(unused))}: not read by this level's rule")
@@ -546,6 +578,8 @@ class MlpKernels(_Kernels):
             names = [n for n, _ in self.outputs()]
             em.line(f"{where(lv.algorithm.span) or '#'} {comment(lv.algorithm.describe())}: the scans' coefficients")
             em.line(f"{', '.join(names)} = _Coefficients.apply(kh, {', '.join(gates)})")
+            if self.lag:
+                self.lag_coefficients(lag_gates)
             bias = [f"{ident(g, 'gh')}[..., None].split(CHUNK, 2)" for g in self.bias_gates]
             carried = [gc] + ([hc] if mom else [])
             by_chunk = [f"{x}.unbind(2)" if omega else f"{x}.split(CHUNK, 2)" for x in carried]
@@ -559,23 +593,45 @@ class MlpKernels(_Kernels):
                                                                            for g in self.bias_gates])
                 em.line(f"tail = ({tail})  # the tokens before a chunk that its windows reach")
             row = ["k_c", "v_c"] + [f"{x}_c" for x in carried] + ["bl_c"] + (["fl_c", "ml_c"] if mom else [])
-            with em.indent(f"for {', '.join(row + bias_c)} in chunks:"):
+            if self.lag and not self.after:
+                em.line("o_lag = []  # per chunk, the lag token's read of the state entering it [B, H, 1, V]")
+            loop = f"for n, ({', '.join(row + bias_c)}) in enumerate(chunks):" if self.lag else \
+                f"for {', '.join(row + bias_c)} in chunks:"
+            with em.indent(loop):
                 em.line(f"{where(lv.span)} level {comment(lv.name)}, one chunk: k_c [B, H, L, K], v_c [B, H, L, V]")
-                em.line("starts.append(params + buffers)  # the state entering it")
                 span = where((lv.bias.inner or lv.bias).span) or "#"
                 rows = ["k_c", "v_c"] + bias_c
+                if self.lag:
+                    self.lag_token(rows, span)
+                at = "params"
+                if self.mapped:
+                    em.line(f"scales = tuple(psi_scale(x) for x in params)  {where(lv.retention.span) or '#'} the lq "
+                            "map's slope at the chunk start, [B, H, 1, ...]")
+                    em.line("weights = tuple(r * x for r, x in zip(scales, params))  # W_0 = psi(A_0)")
+                    em.line("starts.append(weights + tuple(r * m for r, m in zip(scales, buffers)))  "
+                            "# the state entering it, as the reads see it")
+                    at = "weights"
+                else:
+                    em.line("starts.append(params + buffers)  # " + ("W_1: the state the chunk's scans start from"
+                                                                     if self.lag else "the state entering it"))
                 if omega:
                     window = [r[:-2] + "_w" for r in rows]
                     em.line(f"({', '.join(window)}), tail = _with_tail(tail, ({', '.join(rows)}))  "
                             "# the window's P + L tokens")
                     rows = window
-                em.line(f"a, d = _layer_grads(params, {', '.join(rows)})  {span} per layer at W_0")
+                em.line(f"a, d = _layer_grads({at}, {', '.join(rows)})  {span} per layer at "
+                        f"{'W_1' if self.lag else 'W_0'}")
+                read_a, read_d = ("a_r", "d_r") if self.mapped else ("a", "d")
+                if self.mapped:
+                    em.line("a_r, d_r = _scaled(a, d, scales)  # as the reads of r A_t take them")
                 if omega:
-                    em.line("a, d = _padded(a, k_c.shape[2]), _padded(d, k_c.shape[2])  # [B, H, CW, ...]: "
-                            "the window's rows")
+                    pairs = [("a", "d")] + ([("a_r", "d_r")] if self.mapped else [])
+                    em.line(", ".join(f"{x}, {y}" for x, y in pairs) + " = " +
+                            ", ".join(f"_padded({x}, k_c.shape[2]), _padded({y}, k_c.shape[2])" for x, y in pairs) +
+                            "  # [B, H, CW, ...]: the window's rows")
                 with em.indent("for i in range(len(LAYERS)):"):
-                    em.line("inputs[i].append(a[i])")
-                    em.line("deltas[i].append(d[i])")
+                    em.line(f"inputs[i].append({read_a}[i])")
+                    em.line(f"deltas[i].append({read_d}[i])")
                 em.line("# row L - 1 of the coefficients: the state carried on")
                 if mom:
                     em.line(f"params, buffers = (_carried((params, buffers), (bl_c, fl_c), {gc}_c, a, d),")
@@ -588,7 +644,58 @@ class MlpKernels(_Kernels):
             coefficients = f"({G}, br, fr)" if mom else f"({G}, br)"
             em.line(f"layer = _dual_layer(dot, starts[N_PARAMS:], inputs, deltas, {coefficients})")
             em.line("o = memory_forward(starts[:N_PARAMS], qh, layer=layer)  # [B, H, T, V], each token at its own weights")
+            if self.lag and not self.after:
+                em.line("# each chunk's first token read before its step: the state entering the chunk")
+                em.line("o = o.index_copy(2, torch.arange(0, o.shape[2], CHUNK, device=o.device), torch.cat(o_lag, 2))")
             em.line("return o.transpose(1, 2).to(v.dtype), (_pack(params + buffers) if output_final_state else None)")
+
+    def lag_coefficients(self, gates: list[str]) -> None:
+        """at_lag: per chunk, its first token's lr (and beta) and the retention's gates, [B, H] each."""
+        em, lv = self.em, self.lv
+        heads = {ir.gate_symbol(g): f"{ident(g, 'gh')}[..., ::CHUNK]" for g in lv.gates}
+        values = [("lr", self.roles["lr"])] + ([("beta", self.roles["beta"])] if self.momentum else [])
+        em.line(f"{where(lv.retention.span) or '#'} KL's lag token: each chunk's first token takes the exact softmax "
+                "step apart (_lag_step),")
+        em.line("# with its own rates and gates, [B, H, NT]; the coefficient kernels make it the identity in the scans")
+        for role, expr in values:
+            text = to_torch(expr, heads)
+            em.line(f"{role}_lag = " + (text if expr.free_symbols else f"torch.full_like(kh[:, :, ::CHUNK, 0], {text})"))
+        lags = [f"{role}_lag" for role, _ in values] + [f"{ident(g, 'gh')}[..., ::CHUNK]" for g in gates]
+        em.line(f"at_lag = tuple(zip(*(x.unbind(-1) for x in ({', '.join(lags)},))))")
+
+    def lag_token(self, rows: list[str], span: str) -> None:
+        """In the chunk loop: the lag token's read (read before), its gradient at the entering state and
+        the softmax step, before the chunk's other tokens."""
+        em = self.em
+        if not self.after:
+            em.line("o_lag.append(memory_forward(params, qh[:, :, n * CHUNK:n * CHUNK + 1]))  "
+                    "# the lag token's read: before its step")
+        first = ", ".join(f"{x}[:, :, :1]" for x in rows)
+        em.line(f"a, d = _layer_grads(params, {first})  {span} the lag token's gradient, at the entering state")
+        state = "params, buffers" if self.momentum else "params"
+        em.line(f"{state} = _lag_step({state}, a, d, *at_lag[n])  {where(self.lv.retention.span)} the softmax step: W_1")
+
+
+def render_scaled(em) -> None:
+    """`_scaled`: a chunk's layer gradients as the dual reads take them under an lq map at chunk
+    boundaries."""
+    em.block('''
+def _scaled(inputs, deltas, scales):
+    """The layer gradients a_j, δ_j [B, H, L, I|O] as the dual reads of r A_t take them (r per state
+    tensor [B, H, 1, ...], psi_scale at the chunk start): a read's steps part is r_W x·a_j δ_j
+    (+ r_β δ_j for a layer bias), and the kernels' (x·a_j + 1) δ_j gives it with a_j r_W / r_β and δ_j r_β
+    (a_j r_W alone without a bias). psi_scale keeps r finite and above 0."""
+    out_a, out_d = [], []
+    for (w, c), a, d in zip(LAYERS, inputs, deltas):
+        if c is None:
+            out_a.append(a * scales[w])
+            out_d.append(d)
+        else:
+            r = scales[c][..., None]  # [B, H, 1, 1]
+            out_a.append(a * (scales[w] / r))
+            out_d.append(d * r)
+    return out_a, out_d
+''')
 
 
 def render_padded(em) -> None:

@@ -3,10 +3,12 @@ triton_chunk_frozen_mlp.py: Triton scans, bias map and dual-form reads beside Py
 the reference loop: outputs, final states and the gradients of every input (q, k, v, gates, initial
 state). Over the shipped Titans level (depth 2, expand 4, residual, momentum, decay), the other
 shipped levels it takes (biases and a layer norm in ttt_mlp, Huber in yaad, no residual in
-deep_transformer), OmegaNet (omega windows narrower than, as wide as and wider than the chunk, and a
-sequence shorter than the window), a gated MLP with a norm-type bias, reads before the write, and
-every frozen design-space point with a depth-2 MLP (omega windows included); for T = 1, 63, 100, head
-dims 16 and 32, gradient chunks that divide neither 63 nor 100.
+deep_transformer; Moneta's lq map and Memora's KL lag token at chunk boundaries), OmegaNet (omega
+windows narrower than, as wide as and wider than the chunk, and a sequence shorter than the window), a
+gated MLP with a norm-type bias, reads before the write, every frozen design-space point with a depth-2
+MLP (omega windows included) and every one with a linear memory and a step between chunks (an lq map,
+a lag token: this file's loop runs it); for T = 1, 63, 100, head dims 16 and 32, gradient chunks that
+divide neither 63 nor 100.
 
 Each case runs the op in mode='triton' (the level has no fused recurrent kernels, so it picks these at
 every length). Precision as in test_fused_recurrent: fp32 against the float64 reference on the same
@@ -22,29 +24,33 @@ import torch
 import pytest
 
 from ..ops.design_space import BIASES, chunked_points, spec_text
-from .test_chunk_frozen_kernels import OMEGA_SIZES, _compile, _design_program, _kernels_take, _omeganet
-from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare
+from .test_chunk_frozen_kernels import (OMEGA_SIZES, _compile, _design_program, _kernels_take, _omeganet,
+                                        steps_between_chunks)
+from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare, _inputs, _stable_inputs
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
 
 LENGTHS, DIMS, CHUNKS = (1, 63, 100), (16, 32), (5, 16, 24)
 CPU_SIZES = ((16, 100, 16), (32, 63, 5), (16, 1, 24))  # (head dim, T, chunk)
-SHIPPED = {"ttt_mlp": "d_head", "yaad": "d_head", "deep_transformer": "d_head"}  # spec -> its head-dim param
+SHIPPED = {"ttt_mlp": "d_head", "yaad": "d_head", "deep_transformer": "d_head", "moneta": "d_head",
+           "memora": "d_head"}  # spec -> its head-dim param
 
 
 def _design():
-    """(id, spec text) of every frozen-family design point with a depth-2 MLP memory that the kernels
-    take."""
-    return [(name, text) for name, text in chunked_points(("mlp2",), ("chunk",))
-            if _kernels_take(text)]
+    """(id, spec text) of every frozen-family design point that these kernels take: those with a depth-2
+    MLP memory, and those with a linear memory and a step between chunks."""
+    deep = [(name, text) for name, text in chunked_points(("mlp2",), ("chunk",)) if _kernels_take(text)]
+    return deep + [(name, text) for name, text in chunked_points(("matrix", "mlp1"), ("chunk",))
+                   if _kernels_take(text) and steps_between_chunks(text)]
 
 
 def _sample(design):
-    """A fixed sample: each point that brings a bias or a (retention, algorithm) not yet seen."""
+    """A fixed sample: each point that brings a bias, a (retention, algorithm) or a (memory, retention)
+    not yet seen."""
     seen, out = set(), []
     for name, text in design:
-        _, bias, retention, algorithm, _ = name.split("-")
-        keys = {("bias", bias), ("rule", retention, algorithm)}
+        memory, bias, retention, algorithm, _ = name.split("-")
+        keys = {("bias", bias), ("rule", retention, algorithm), ("memory", memory, retention)}
         if not keys <= seen:
             seen |= keys
             out.append((name, text))
@@ -55,7 +61,7 @@ DESIGN = _design()
 CPU_DESIGN = _sample(DESIGN)
 TITANS_CASES = [(d, t, c) for d in DIMS for t in LENGTHS for c in CHUNKS] if GPU else list(CPU_SIZES)
 SHIPPED_CASES = [(s, d, t, c) for s in SHIPPED for d in DIMS for t, c in ((63, 5), (100, 16))] if GPU else \
-    [(s, *CPU_SIZES[i]) for i, s in enumerate(SHIPPED)]
+    [(s, *CPU_SIZES[i % 3]) for i, s in enumerate(SHIPPED)]
 OMEGA_CASES = [(d, t, c, w) for d in DIMS for t in LENGTHS for _, _, c, w in OMEGA_SIZES[:3]] + \
     [(d, 3, 5, 7) for d in DIMS] if GPU else [(min(d, DIMS[-1]), t, c, w) for d, t, c, w in OMEGA_SIZES]
 DESIGN_CASES = [(n, text, d, t, c) for n, text in DESIGN for d in DIMS for t, c in ((100, 24), (63, 5))] \
@@ -77,7 +83,16 @@ def test_shipped_mlp_levels_match_the_reference(stem, dim, T, chunk):
     text = (SPECS / f"{stem}.nl").read_text()
     assert "chunk_start(chunk)" in text, stem  # the gradient chunk is the `chunk` parameter
     program = _compile(SPECS / f"{stem}.nl", heads=HEADS, chunk=chunk, **{SHIPPED[stem]: dim})
-    _compare(program.op("memory"), T)
+    op = program.op("memory")
+    _compare(op, T, inputs=_slow_decay(op, T) if stem == "moneta" else None)
+
+
+def _slow_decay(op, T):
+    """Moneta's test inputs with its decay alpha in (0.98, 0.998), as its learned offset of 4 starts it
+    (sigmoid(4) = 0.982): its map reads A / ||A||_4^2 at each chunk start, so the test range's faster
+    decay (0.6-0.95 per token) shrinks A over a chunk until the reads reach 1e16."""
+    q, k, v, gates, state = _inputs(op, T, 0, 1.0)
+    return q, k, v, {**gates, "alpha": 0.95 + 0.05 * gates["alpha"]}, state
 
 
 @pytest.mark.parametrize("dim,T,chunk,window", OMEGA_CASES,
@@ -113,6 +128,28 @@ def test_omega_window_of_a_gated_mlp_with_a_bias_gate_reading_before_the_write()
     _compare(_design_program(text, 16, 5).op("memory"), 63)
 
 
+@pytest.mark.parametrize("retention,algorithm", [("kl_chunk", "momentum"), ("lq_chunk", "momentum"),
+                                                 ("kl_chunk", "gd")])
+def test_steps_between_chunks_on_a_gated_mlp_with_biases_reading_before_the_write(retention, algorithm):
+    """KL's lag token (its read before its step: the state entering the chunk, put back in the chunk's
+    first row) and the lq map at chunk boundaries, on a gated MLP with biases, ||e|| in the bias."""
+    text = spec_text("mlp2", "huber_norm", retention, algorithm, "chunk")
+    text = text.replace("mlp(depth = 2, expand = 1)", "mlp(depth = 2, expand = 2, gated = true, bias = true)")
+    text = text.replace("chunk_start(2)", "chunk_start(2)\n  read before")
+    _compare(_design_program(text, 16, 5).op("memory"), 63)
+
+
+def test_lq_map_at_chunk_boundaries_scales_a_layer_bias_by_its_own_slope():
+    """Under an lq map the reads of r A_t scale a layer's weight and its bias by their own slopes r_W,
+    r_β: with the bias accumulator started small its slope is about 100 times r_W's, so a read that
+    scaled the bias's steps by r_W (or by 1) would miss by far more than round-off."""
+    text = spec_text("mlp1", "l2", "lq_chunk", "gd", "chunk").replace("mlp(depth = 1)", "mlp(depth = 1, bias = true)")
+    op = _design_program(text, 16, 5).op("memory")
+    assert op.state_names == ("A_W1", "A_b1")
+    q, k, v, gates, (weight, bias) = _stable_inputs(op, 63, 0)
+    _compare(op, 63, inputs=(q, k, v, gates, (weight, 0.1 * bias)))
+
+
 def test_bf16_inputs_with_an_fp32_state():
     _compare(_titans(32, 16).op("memory"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
 
@@ -123,6 +160,8 @@ def test_every_mlp_point_has_kernels_and_triton_mode_runs_them():
     assert len(DESIGN) >= 40
     assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
     assert any("-omega-" in n for n, _ in DESIGN)  # omega windows
+    for memory in ("matrix", "mlp1", "mlp2"):  # steps between chunks, whatever the memory
+        assert {n.split("-")[2] for n, _ in DESIGN if n.startswith(memory)} >= {"lq_chunk", "kl_chunk"}, memory
     for name, text in DESIGN:
         assert "def dual_read_fwd_kernel(" in _compile(text).sources["level_memory_triton_chunk.py"], name
     op = _titans(16, 16).op("memory")

@@ -154,8 +154,9 @@ def _names(op):
             *(f"d gate {g}" for g in op.gates), *(f"d initial {s}" for s in op.state_names)]
 
 
-def _compare(op, T, seed=0, dtype=torch.float32, rtol=RTOL):
-    inputs = _stable_inputs(op, T, seed)
+def _compare(op, T, seed=0, dtype=torch.float32, rtol=RTOL, inputs=None):
+    """The op in mode='triton' against the float64 reference on `inputs` (default `_stable_inputs`)."""
+    inputs = inputs or _stable_inputs(op, T, seed)
     rounded = tuple(x.to(dtype).double() if torch.is_tensor(x) else
                     ({n: g.to(dtype).double() for n, g in x.items()} if isinstance(x, dict) else
                      tuple(s.to(dtype).double() for s in x)) for x in inputs)

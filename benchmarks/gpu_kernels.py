@@ -1,7 +1,8 @@
 """nlc's generated Triton kernels beside fla's hand-written ones on one GPU: forward and forward+backward
 milliseconds of the chunked gated delta and delta rules, with nlc's fused recurrent kernels and its
-chunked PyTorch forms for reference; the Titans ops (matrix and MLP memory); and whole Titans layers
-(`layer` rows, bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
+chunked PyTorch forms for reference; the Titans ops (matrix and MLP memory); the Miras MLP ops with a
+step between chunks (Moneta's lq map, Memora's KL lag token); and whole Titans layers (`layer` rows,
+bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
 
     python benchmarks/gpu_kernels.py --json benchmarks/results/gpu_kernels.json   # B=8 T=4096 H=16 D=128 bf16
     python benchmarks/gpu_kernels.py --small                                       # a quick smoke run
@@ -28,6 +29,9 @@ C = 64 the chunk length:
          titans_mlp forward (C = 16, layers of I x O with sum I O = 8 D^2 and sum (I + O) = 10 D): N (96 D^2
          + 20 C D) (keys at W_0, the vjp, carried W and M, reads at W_0 and M_0: 12 sum I O; the dual
          reads' scores and G-weighted sums: 2 C sum (I + O));
+         miras_mlp forward (Moneta, Memora: depth 2, expand 2, C = 16, so sum I O = 4 D^2 and
+         sum (I + O) = 6 D): N (48 D^2 + 12 C D), the same count, leaving out the map or softmax step
+         at each chunk start (a few passes over one state per chunk);
          forward+backward: 3x forward.
 Peaks compared against: H100 SXM, 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16.
 """
@@ -66,6 +70,7 @@ FORMULAS = {
     "flops_decay_forward": "N (2CK + 2CV + 4KV)",
     "flops_titans_matrix_forward": "N (2CK + 2CV + 10KV), C = 16",
     "flops_titans_mlp_forward": "N (96 D^2 + 20 C D), C = 16 (depth 2, expand 4)",
+    "flops_miras_mlp_forward": "N (48 D^2 + 12 C D), C = 16 (depth 2, expand 2)",
     "flops_forward_backward": "3 x flops_forward",
     "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
 }
@@ -122,6 +127,27 @@ def _titans_rows(B, T, H, D):
                 return _op_callables(lambda q, k, v, **gs: op(q, k, v, **gs, mode="triton", recompute=RECOMPUTE)[0],
                                      q, k, v, gs)
             rows.append((f"nlc triton recompute {rule}", rule, segmented))  # segments of RECOMPUTE tokens
+    return rows
+
+
+def _miras_rows(B, T, H, D):
+    """Moneta (lq map at chunk boundaries) and Memora (KL's lag token) at their shipped MLP memory (depth 2,
+    expand 2, gradients frozen at chunk starts of TITANS_CHUNK tokens): the chunked Triton kernels (scans
+    and reads in Triton, the step between chunks in PyTorch's loop) and the chunked PyTorch form. The
+    decay starts near 1, as the specs' learned offset of 4 does (Moneta's reads of A / ||A||^2 grow as a
+    fast decay shrinks A)."""
+    ranges = {"alpha": (0.98, 0.998), "eta": (0.0, 0.1)}
+    rows = []
+    for spec in ("moneta", "memora"):
+        program = nlc.compile(ROOT / "specs" / f"{spec}.nl", heads=H, d_head=D, chunk=TITANS_CHUNK)
+        for label, module in (("nlc triton chunk", "level_memory_triton_chunk"),
+                              ("nlc torch chunk", "level_memory_chunk")):
+            def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
+                function = program.module(module).level_memory
+                q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype, ranges=ranges)
+                return _op_callables(
+                    lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
+            rows.append((f"{label} {spec}", "miras_mlp", build))
     return rows
 
 
@@ -254,6 +280,9 @@ def _estimates(rule, B, T, H, D, gates, element):
     elif rule == "titans_mlp":
         C = TITANS_CHUNK
         forward_flops = N * (96 * D * D + 20 * C * D)
+    elif rule == "miras_mlp":
+        C = TITANS_CHUNK
+        forward_flops = N * (48 * D * D + 12 * C * D)
     else:
         forward_flops = N * (2 * C * K + 2 * C * V + 4 * K * V)
     return {"forward": (forward_bytes, forward_flops), "forward_backward": (3 * forward_bytes, 3 * forward_flops)}
@@ -274,7 +303,8 @@ def main(argv=None):
     repeats = args.repeats if args.repeats is not None else (1 if args.small or device == "cpu" else 10)
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
-    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
+    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _fla_rows(B, T, H, D) + \
+        _layer_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]
@@ -290,7 +320,7 @@ def main(argv=None):
             if rule.startswith("layer"):  # a whole layer: no kernel estimates
                 print(f"{name:<30} {entry['forward_ms']:>9.3f} {entry['forward_backward_ms']:>11.3f}")
             else:
-                gates = {"gated_delta": 2, "titans_matrix": 3, "titans_mlp": 3}.get(rule, 1)
+                gates = {"gated_delta": 2, "titans_matrix": 3, "titans_mlp": 3, "miras_mlp": 2}.get(rule, 1)
                 est = _estimates(rule, B, T, H, D, gates, torch.finfo(dtype).bits // 8)
                 for mode in ("forward", "forward_backward"):
                     seconds = entry[f"{mode}_ms"] / 1e3

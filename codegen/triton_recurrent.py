@@ -8,7 +8,8 @@ sequence, fp32) -> launchers (blocks, allocation, grid) -> a `torch.autograd.Fun
 
 What one token does is printed from the level's derived rules (sympy -> `triton_printer`): the bias
 gradient d = dℓ/dy, elementwise in the error e = Aᵀk - v (or in e and r = ||e||, or free of the
-state), the learning rate and momentum factor, and the retention's elementwise map S = R(S0, s).
+state), the learning rate and momentum factor, and the retention's elementwise map S = R(S0, s)
+(elastic net's soft threshold as its branches, `soft_threshold`).
 The backward kernel runs backwards in time; its partial derivatives (∂R/∂S0, ∂R/∂s, ∂d/∂e, ∂/∂gate
 ...) are `sympy.diff` of the same expressions. The forward saves the state every CHUNK tokens; the
 backward recomputes one chunk's states from its checkpoint into a per-program buffer, then walks the
@@ -43,7 +44,7 @@ def unsupported(rules: LevelRules) -> str | None:
         return f"algorithm {lv.algorithm.kind} is not elementwise in the gradient (gd and momentum are)"
     if lv.bias.kind == "omega":
         return "omega windows sum gradients over the last tokens' keys: not one outer product"
-    if rules.accumulator or ret.form not in ("elementwise", "implicit"):
+    if rules.accumulator or ret.form not in ("elementwise", "implicit", "threshold"):
         return f"retention {lv.retention.kind} is a {ret.form} map, not elementwise in the state"
     keyed = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] == "key"]
     if keyed:
@@ -63,12 +64,21 @@ class _Exprs:
         self.implicit = rules.retention.form == "implicit"
         self.grad = sympy.sympify(rules.bias.grad).subs(S.y, S.e + S.v)        # d(e, r, v)
         self.retain = S.w0 + S.s if self.implicit else rules.retention_new()   # R(w0, s)
+        if rules.retention.form == "threshold":  # elastic net: the soft threshold of the smooth centre
+            self.retain = soft_threshold(self.retain, rules.threshold())
         self.lr = sympy.sympify(rules.retention_new() if self.implicit else rules.lr)
         self.beta = sympy.sympify(lv.algorithm.args["beta"]) if lv.algorithm.kind == "momentum" else None
         self.state_free = not (self.grad.free_symbols & {S.e, S.r})
         self.norm = S.r in self.grad.free_symbols
         used = [x for x in (self.grad, self.retain, self.lr, self.beta) if x is not None]
         self.gates = sorted(set().union(*(ir.gate_names(x) for x in used)))
+
+
+def soft_threshold(centre, threshold) -> sympy.Expr:
+    """sign(c)·max(|c| - t, 0) as branches, which sympy differentiates branch by branch; a branch
+    holds at |c| = t as well, where the reference's clamp_min passes its gradient through."""
+    return sympy.Piecewise((centre - threshold, centre >= threshold), (centre + threshold, centre <= -threshold),
+                           (0, True))
 
 
 def diff(expr, symbol) -> sympy.Expr:

@@ -70,7 +70,22 @@ def _design():
 
 SHIPPED = _shipped()
 DESIGN = _design()
-CPU_DESIGN = DESIGN[::9]  # a fixed sample: every bias, retention, algorithm and schedule appears
+
+
+def _sample(design):
+    """A fixed sample: each point that brings a bias, a retention, an algorithm or a schedule not yet
+    seen, then every twelfth point of the rest."""
+    seen, out = set(), []
+    for name, text in design:
+        _, bias, retention, algorithm, schedule = name.split("-")
+        keys = {("bias", bias), ("retention", retention), ("algorithm", algorithm), ("schedule", schedule)}
+        if not keys <= seen:
+            seen |= keys
+            out.append((name, text))
+    return out + [point for point in design if point not in out][::12]
+
+
+CPU_DESIGN = _sample(DESIGN)
 
 CPU_SIZES = ((16, 100), (32, 63), (64, 1))  # (head dim, T) on the CPU, besides D = 16 at every T
 SHIPPED_CASES = [(s, lv, d, t) for s, lv in SHIPPED for d in DIMS for t in LENGTHS
@@ -201,11 +216,14 @@ def test_bf16_inputs_with_an_fp32_state(stem, level):
 
 
 def test_every_supported_point_is_covered_here():
-    """The renderer takes the shipped delta and decay-family levels and the per-token matrix points."""
+    """The renderer takes the shipped delta and decay-family levels and the per-token matrix points
+    (elastic net's soft threshold among their retentions)."""
     assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
                                        "longhorn", "mamba2", "retnet"}
-    assert len(DESIGN) >= 128
-    assert {n.split("-")[1] for n, _ in CPU_DESIGN} == {n.split("-")[1] for n, _ in DESIGN}
+    assert len(DESIGN) >= 160
+    for part in range(1, 5):  # bias, retention, algorithm, schedule
+        assert {n.split("-")[part] for n, _ in CPU_DESIGN} == {n.split("-")[part] for n, _ in DESIGN}
+    assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit"}
 
 
 def test_unsupported_levels_say_why():

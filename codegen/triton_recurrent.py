@@ -9,7 +9,9 @@ sequence, fp32) -> launchers (blocks, allocation, grid) -> a `torch.autograd.Fun
 What one token does is printed from the level's derived rules (sympy -> `triton_printer`): the bias
 gradient d = dℓ/dy, elementwise in the error e = Aᵀk - v (or in e and r = ||e||, or free of the
 state), the learning rate and momentum factor, and the retention's elementwise map S = R(S0, s)
-(elastic net's soft threshold as its branches, `soft_threshold`).
+(elastic net's soft threshold as its branches, `soft_threshold`), or KL's S = mass·softmax(z) over
+one axis of the tile with z = R(log S0, s) (the whole axis in one block; its backward is softmax's
+vector-Jacobian product, then z's derivatives).
 The backward kernel runs backwards in time; its partial derivatives (∂R/∂S0, ∂R/∂s, ∂d/∂e, ∂/∂gate
 ...) are `sympy.diff` of the same expressions. The forward saves the state every CHUNK tokens; the
 backward recomputes one chunk's states from its checkpoint into a per-program buffer, then walks the
@@ -44,7 +46,7 @@ def unsupported(rules: LevelRules) -> str | None:
         return f"algorithm {lv.algorithm.kind} is not elementwise in the gradient (gd and momentum are)"
     if lv.bias.kind == "omega":
         return "omega windows sum gradients over the last tokens' keys: not one outer product"
-    if rules.accumulator or ret.form not in ("elementwise", "implicit", "threshold"):
+    if rules.accumulator or ret.form not in ("elementwise", "implicit", "threshold", "softmax"):
         return f"retention {lv.retention.kind} is a {ret.form} map, not elementwise in the state"
     keyed = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] == "key"]
     if keyed:
@@ -66,6 +68,12 @@ class _Exprs:
         self.retain = S.w0 + S.s if self.implicit else rules.retention_new()   # R(w0, s)
         if rules.retention.form == "threshold":  # elastic net: the soft threshold of the smooth centre
             self.retain = soft_threshold(self.retain, rules.threshold())
+        # KL: S = mass·softmax(z) over each column's key channels (axis row) or each row's value
+        # channels (axis column), z = retain(log S0, s) affine in both; retain holds z then
+        self.softmax = rules.retention.form == "softmax"
+        if self.softmax:
+            self.axis = 0 if lv.retention.args["axis"] == "row" else 1  # of the state tile [BK, BV]
+            self.mass = float(lv.retention.args["mass"])
         self.lr = sympy.sympify(rules.retention_new() if self.implicit else rules.lr)
         self.beta = sympy.sympify(lv.algorithm.args["beta"]) if lv.algorithm.kind == "momentum" else None
         self.state_free = not (self.grad.free_symbols & {S.e, S.r})
@@ -126,7 +134,31 @@ class _Renderer:
         """Names in the state tile's context [BK, BV]: gates broadcast by their channel axis."""
         view = {"scalar": "", "key": "[:, None]", "value": "[None, :]"}
         names = {ir.gate_symbol(g): ident(g, "b_g") + view[self.gate_axis(g)] for g in self.x.gates}
-        return names | {S.w0: "b_h", S.s: "b_s", S.n: "b_n"}
+        return names | {S.w0: "b_h", S.s: "b_s", S.n: "b_n", S.lw0: "b_lw"}
+
+    def broadcast(self) -> str:
+        """A [BV] (axis 0) or [BK] (axis 1) reduction of the tile, shaped back against it."""
+        return "[None, :]" if self.x.axis == 0 else "[:, None]"
+
+    def softmax(self, target: str, z, note: str) -> None:
+        """`target` = mass·softmax(z) over the retention's axis of the tile (z of b_h, b_s); padded
+        entries 0. `note`: the comment on z, or none."""
+        em, ax, b = self.em, self.x.axis, self.broadcast()
+        em.line("b_lw = tl.log(tl.maximum(b_h, 1e-30))" + ("  # log S0, clamped as the reference does" if note else ""))
+        em.line(f"b_z = tl.where(m_h, {self.tile(z)}, -1e30)" + (f"  # z{note}" if note else ""))
+        em.line(f"b_z = tl.exp(b_z - tl.max(b_z, {ax}){b})")
+        mass = "" if self.x.mass == 1 else f"{self.x.mass!r} * "
+        em.line(f"{target} = tl.where(m_h, {mass}b_z / tl.sum(b_z, {ax}){b}, 0.0)")
+
+    def softmax_back(self, target: str, w: str, dw: str) -> None:
+        """`target` = ∂/∂z of w = mass·softmax(z) from dw: w (dw - sum(w dw) / mass) along the axis."""
+        mass = "" if self.x.mass == 1 else f" / {self.x.mass!r}"
+        self.em.line(f"{target} = tl.where(m_h, {w} * ({dw} - tl.sum({w} * {dw}, {self.x.axis}){self.broadcast()}"
+                     f"{mass}), 0.0)")
+
+    def through_log(self, z, dz: str) -> str:
+        """∂/∂S0 through z's log S0 = log(max(S0, 1e-30)) (none where clamped, as clamp_min gives)."""
+        return f"tl.where(b_h >= 1e-30, {_times(self.tile(diff(z, S.lw0)), dz)} / tl.maximum(b_h, 1e-30), 0.0)"
 
     def value_names(self) -> dict:
         """Names in the value channels' context [BV] (the bias gradient)."""
@@ -198,7 +230,12 @@ class _Renderer:
                     f"lr = {lr}, beta = {_show(x.beta)}")
         else:
             em.line(f"  s_t = -lr_t k_t d_t^T;  lr = {lr}")
-        em.line(f"  S_t = R(S_(t-1), s_t) = {_show(x.retain)}  (elementwise)")
+        if x.softmax:
+            over = "key channels (each column)" if x.axis == 0 else "value channels (each row)"
+            em.line(f"  S_t = {x.mass!r}·softmax(z) over {over},  z = {_show(x.retain)},")
+            em.line("        w0 = S_(t-1), lw0 = log(max(w0, 1e-30))")
+        else:
+            em.line(f"  S_t = R(S_(t-1), s_t) = {_show(x.retain)}  (elementwise)")
         em.line(f"  o_t = {'S_t' if self.after else 'S_(t-1)'}^T q_t")
         em.line("Grid: one program per (block of BV value channels, batch x head); the state tile [BK, BV]")
         em.line("stays in registers for all T tokens. The forward saves the state every CHUNK tokens; the")
@@ -248,7 +285,7 @@ class _Renderer:
         if comments:
             em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
         a = "b_h"
-        if self.retained and not x.state_free:
+        if self.retained and not x.state_free:  # the checker allows it after a decay only (elementwise)
             em.line(f"b_a = {self.tile(x.retain.subs(S.s, 0))}" +
                     c(f"{where(lv.retention.span) or '#'} A_t: the retained state".strip()))
             a = "b_a"
@@ -270,8 +307,13 @@ class _Renderer:
             em.line(f"b_s = {new_m}")
         else:
             em.line("b_s = -b_lr * b_u" + c("# s_t = -lr_t u_t"))
-        em.line(f"{new} = {self.tile(x.retain)}" +
-                c(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t)".strip()))
+        if x.softmax:
+            if comments:
+                em.line(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t) = mass·softmax(z)".strip())
+            self.softmax(new, x.retain, " = retain(log S_(t-1), s_t)" if comments else "")
+        else:
+            em.line(f"{new} = {self.tile(x.retain)}" +
+                    c(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t)".strip()))
 
     def forward_kernel(self) -> None:
         em = self.em
@@ -380,9 +422,15 @@ class _Renderer:
             em.line("b_dq = tl.sum(b_hn * b_do[None, :], 1)")
         else:
             em.line("b_dhn = b_dh  # ∂/∂S_t")
-        em.line(f"b_dh = {_times(self.tile(diff(x.retain, S.w0)), 'b_dhn')}  # through S_t = R(S_(t-1), s_t)")
-        em.line(f"b_ds = {_times(self.tile(diff(x.retain, S.s)), 'b_dhn')}")
-        gate_terms(x.retain, "b_dhn")
+        if x.softmax:
+            self.softmax_back("b_dz", "b_hn", "b_dhn")
+            em.line(f"b_dh = {self.through_log(x.retain, 'b_dz')}  # through S_t = mass·softmax(z)")
+            em.line(f"b_ds = {_times(self.tile(diff(x.retain, S.s)), 'b_dz')}")
+            gate_terms(x.retain, "b_dz")
+        else:
+            em.line(f"b_dh = {_times(self.tile(diff(x.retain, S.w0)), 'b_dhn')}  # through S_t = R(S_(t-1), s_t)")
+            em.line(f"b_ds = {_times(self.tile(diff(x.retain, S.s)), 'b_dhn')}")
+            gate_terms(x.retain, "b_dhn")
         step = "b_ds"
         if self.momentum:
             em.line("b_dmn = b_dm + b_ds  # ∂/∂M_t")
@@ -461,6 +509,8 @@ class _Renderer:
             em.line("BK = triton.next_power_of_2(K)")
             if x.norm:
                 em.line("BV = triton.next_power_of_2(V)  # ||e|| reads every value channel")
+            elif x.softmax and x.axis == 1:
+                em.line("BV = triton.next_power_of_2(V)  # the softmax runs over every value channel")
             else:
                 em.line("BV = min(triton.next_power_of_2(V), BV_MAX)")
             em.line("return BK, BV, min(MAX_WARPS, max(1, BK * BV // WARP_TILE))")

@@ -217,13 +217,26 @@ def test_bf16_inputs_with_an_fp32_state(stem, level):
 
 def test_every_supported_point_is_covered_here():
     """The renderer takes the shipped delta and decay-family levels and the per-token matrix points
-    (elastic net's soft threshold among their retentions)."""
+    (elastic net's soft threshold and KL's softmax among their retentions)."""
     assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
                                        "longhorn", "mamba2", "retnet"}
-    assert len(DESIGN) >= 160
+    assert len(DESIGN) >= 220
     for part in range(1, 5):  # bias, retention, algorithm, schedule
         assert {n.split("-")[part] for n, _ in CPU_DESIGN} == {n.split("-")[part] for n, _ in DESIGN}
-    assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit"}
+    assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit", "kl", "kl_global"}
+
+
+@pytest.mark.parametrize("retention,algorithm,schedule", [
+    ("kl(decay = alpha, axis = column, mass = 2)", "momentum", "before"),
+    ("kl(global = 2, axis = column)", "gd", "token"),
+    ("kl(decay = alpha, mass = 3)", "gd", "before")], ids=["column-mass-momentum-before", "column-global",
+                                                           "row-mass-before"])
+def test_kl_softmax_over_either_axis_with_any_mass(retention, algorithm, schedule):
+    """KL's softmax over each row's value channels (then every value channel in one block) as well as
+    over each column's key channels, with a mass other than 1."""
+    text = next(t for n, t in points(("matrix",), (schedule,)) if n == f"matrix-l2-kl-{algorithm}-{schedule}")
+    text = text.replace("kl(decay = alpha)", retention)
+    _compare(_design_op(text, 32), 63)
 
 
 def test_unsupported_levels_say_why():

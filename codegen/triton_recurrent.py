@@ -11,7 +11,8 @@ gradient d = dℓ/dy, elementwise in the error e = Aᵀk - v (or in e and r = ||
 state), the learning rate and momentum factor, and the retention's elementwise map S = R(S0, s)
 (elastic net's soft threshold as its branches, `soft_threshold`), or KL's S = mass·softmax(z) over
 one axis of the tile with z = R(log S0, s) (the whole axis in one block; its backward is softmax's
-vector-Jacobian product, then z's derivatives).
+vector-Jacobian product, then z's derivatives), or DGD's S = R(S0, s) - lr k (kᵀ S0) (every key
+channel is in the tile, so kᵀ S0 is one reduction over it).
 The backward kernel runs backwards in time; its partial derivatives (∂R/∂S0, ∂R/∂s, ∂d/∂e, ∂/∂gate
 ...) are `sympy.diff` of the same expressions. The forward saves the state every CHUNK tokens; the
 backward recomputes one chunk's states from its checkpoint into a per-program buffer, then walks the
@@ -46,7 +47,7 @@ def unsupported(rules: LevelRules) -> str | None:
         return f"algorithm {lv.algorithm.kind} is not elementwise in the gradient (gd and momentum are)"
     if lv.bias.kind == "omega":
         return "omega windows sum gradients over the last tokens' keys: not one outer product"
-    if rules.accumulator or ret.form not in ("elementwise", "implicit", "threshold", "softmax"):
+    if rules.accumulator or ret.form not in ("elementwise", "implicit", "threshold", "softmax", "dgd"):
         return f"retention {lv.retention.kind} is a {ret.form} map, not elementwise in the state"
     keyed = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] == "key"]
     if keyed:
@@ -71,6 +72,7 @@ class _Exprs:
         # KL: S = mass·softmax(z) over each column's key channels (axis row) or each row's value
         # channels (axis column), z = retain(log S0, s) affine in both; retain holds z then
         self.softmax = rules.retention.form == "softmax"
+        self.dgd = rules.retention.form == "dgd"  # S = retain(S0, s) - lr k (kᵀ S0): delta gradient descent
         if self.softmax:
             self.axis = 0 if lv.retention.args["axis"] == "row" else 1  # of the state tile [BK, BV]
             self.mass = float(lv.retention.args["mass"])
@@ -234,6 +236,8 @@ class _Renderer:
             over = "key channels (each column)" if x.axis == 0 else "value channels (each row)"
             em.line(f"  S_t = {x.mass!r}·softmax(z) over {over},  z = {_show(x.retain)},")
             em.line("        w0 = S_(t-1), lw0 = log(max(w0, 1e-30))")
+        elif x.dgd:
+            em.line(f"  S_t = R(S_(t-1), s_t) - lr_t k_t (k_t^T S_(t-1)),  R = {_show(x.retain)}  (DGD)")
         else:
             em.line(f"  S_t = R(S_(t-1), s_t) = {_show(x.retain)}  (elementwise)")
         em.line(f"  o_t = {'S_t' if self.after else 'S_(t-1)'}^T q_t")
@@ -311,6 +315,10 @@ class _Renderer:
             if comments:
                 em.line(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t) = mass·softmax(z)".strip())
             self.softmax(new, x.retain, " = retain(log S_(t-1), s_t)" if comments else "")
+        elif x.dgd:
+            em.line("b_kh = tl.sum(b_k[:, None] * b_h, 0)" + c("# [BV]: k_t^T S_(t-1)"))
+            em.line(f"{new} = {self.tile(x.retain)} - b_lr * b_k[:, None] * b_kh[None, :]" +
+                    c(f"{where(lv.retention.span) or '#'} S_t = S_(t-1) (decay I - lr k k^T) + s_t".strip()))
         else:
             em.line(f"{new} = {self.tile(x.retain)}" +
                     c(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t)".strip()))
@@ -431,6 +439,12 @@ class _Renderer:
             em.line(f"b_dh = {_times(self.tile(diff(x.retain, S.w0)), 'b_dhn')}  # through S_t = R(S_(t-1), s_t)")
             em.line(f"b_ds = {_times(self.tile(diff(x.retain, S.s)), 'b_dhn')}")
             gate_terms(x.retain, "b_dhn")
+        if x.dgd:  # through -lr k (k^T S_(t-1))
+            em.line("b_kd = tl.sum(b_k[:, None] * b_dhn, 0)  # [BV]: k_t^T ∂/∂S_t")
+            em.line("b_dh -= b_lr * b_k[:, None] * b_kd[None, :]")
+            em.line("b_dkg = -b_lr * (tl.sum(b_dhn * b_kh[None, :], 1) + tl.sum(b_h * b_kd[None, :], 1))")
+            if ir.gate_names(x.lr):
+                em.line("b_dlr = -b_k[:, None] * b_kh[None, :] * b_dhn  # lr's share, as a tile")
         step = "b_ds"
         if self.momentum:
             em.line("b_dmn = b_dm + b_ds  # ∂/∂M_t")
@@ -441,9 +455,11 @@ class _Renderer:
             step = "b_dmn"
         em.line(f"b_du = -b_lr * {step}")
         if ir.gate_names(x.lr) or x.implicit:
-            em.line(f"b_dlr = -b_u * {step}")
+            em.line(f"b_dlr -= b_u * {step}" if x.dgd else f"b_dlr = -b_u * {step}")
             gate_terms(x.lr, "b_dlr")
         em.line("b_dk = tl.sum(b_du * b_d[None, :], 1)  # through u_t = k_t d_t^T")
+        if x.dgd:
+            em.line("b_dk += b_dkg")
         em.line("b_dd = tl.sum(b_du * b_k[:, None], 0)")
         gate_terms(x.grad, "b_dd", vec_terms, self.vec)
         dv = []

@@ -217,13 +217,14 @@ def test_bf16_inputs_with_an_fp32_state(stem, level):
 
 def test_every_supported_point_is_covered_here():
     """The renderer takes the shipped delta and decay-family levels and the per-token matrix points
-    (elastic net's soft threshold and KL's softmax among their retentions)."""
+    (elastic net's soft threshold, KL's softmax and DGD among their retentions)."""
     assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
                                        "longhorn", "mamba2", "retnet"}
-    assert len(DESIGN) >= 220
+    assert len(DESIGN) >= 240
     for part in range(1, 5):  # bias, retention, algorithm, schedule
         assert {n.split("-")[part] for n, _ in CPU_DESIGN} == {n.split("-")[part] for n, _ in DESIGN}
-    assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit", "kl", "kl_global"}
+    assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit", "kl", "kl_global",
+                                                   "dgd"}
 
 
 @pytest.mark.parametrize("retention,algorithm,schedule", [

@@ -32,16 +32,18 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # window 4: BW = 32 window rows; its 73 polynomial key features take BK = 128 as at head dim 128), and
 # with momentum and window 64 (BW = 128: its gradient kernel needed 248,832 bytes with 64 value
 # channels per block, 150,528 with 32); memora: the MLP kernels with KL's lag token in the coefficients;
-# retnet_kl: the fused recurrent kernels with KL's softmax over each column's key channels
+# retnet_kl, retnet_dgd: the fused recurrent kernels with KL's softmax over each column's key channels,
+# and with DGD's k (kᵀ S)
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
          ("omeganet", "memory", {"depth": 1}, 20), ("omeganet", "memory", {"depth": 2}, 20),
          ("omeganet_momentum", "memory", {"depth": 1, "window": 64}, 20), ("memora", "memory", {"chunk": 16}, 20),
-         ("retnet_kl", "memory", {}, 20)]
+         ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
-            "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned")}
+            "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),
+            "retnet_dgd": ("retnet", "retention decay(gamma)", "retention dgd(decay = gamma)")}
 
 
 def _launches(op, T):

@@ -69,10 +69,10 @@ class _Exprs:
         self.retain = S.w0 + S.s if self.implicit else rules.retention_new()   # R(w0, s)
         if rules.retention.form == "threshold":  # elastic net: the soft threshold of the smooth centre
             self.retain = soft_threshold(self.retain, rules.threshold())
+        self.dgd = rules.retention.form == "dgd"  # S = retain(S0, s) - lr k (kᵀ S0): delta gradient descent
         # KL: S = mass·softmax(z) over each column's key channels (axis row) or each row's value
         # channels (axis column), z = retain(log S0, s) affine in both; retain holds z then
         self.softmax = rules.retention.form == "softmax"
-        self.dgd = rules.retention.form == "dgd"  # S = retain(S0, s) - lr k (kᵀ S0): delta gradient descent
         if self.softmax:
             self.axis = 0 if lv.retention.args["axis"] == "row" else 1  # of the state tile [BK, BV]
             self.mass = float(lv.retention.args["mass"])

@@ -62,6 +62,7 @@ PEAK_BYTES, PEAK_FLOPS = 3.35e12, 989e12
 CHUNK = 64
 TITANS_CHUNK = 16  # Titans' gradient chunk (part of its rule: gradients at each chunk's start state)
 LAYER_CHUNK = 64  # the whole-layer Titans rows' chunk, as benchmarks/peers.py on the CPU
+CHUNKED = (("nlc triton chunk", "level_memory_triton_chunk"), ("nlc torch chunk", "level_memory_chunk"))  # label, module
 RECOMPUTE = 512  # tokens per recomputed segment of the Titans MLP op's extra row (nlc.runtime.recompute)
 FORMULAS = {
     "bytes_forward": "N (2K + 2V) s + N G s",
@@ -95,13 +96,19 @@ def _nlc_rows(B, T, H, D):
         for label, module in (("nlc triton chunk", "level_memory_triton_chunk"),
                               ("nlc triton recurrent", "level_memory_triton"),
                               ("nlc torch chunk", "level_memory_chunk")):
-            def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
-                function = program.module(module).level_memory
-                q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype)
-                return _op_callables(
-                    lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
-            rows.append((f"{label} {rule}", rule, build))
+            rows.append(_module_row(f"{label} {rule}", rule, program, module, (B, T, H, D)))
     return rows
+
+
+def _module_row(name, rule, program, module, shape, ranges=None):
+    """(row name, rule, build): one generated module's op `level_memory` of `program`, timed on
+    `_inputs` of `shape` (B, T, H, D) with the gates in `ranges`."""
+    def build(device, dtype):
+        function = program.module(module).level_memory
+        q, k, v, gs = _inputs(*shape, program.op("memory").gates, device, dtype, ranges=ranges)
+        return _op_callables(
+            lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
+    return name, rule, build
 
 
 def _titans_rows(B, T, H, D):
@@ -113,14 +120,8 @@ def _titans_rows(B, T, H, D):
     rows = []
     for rule, depth in (("titans_matrix", 1), ("titans_mlp", 2)):
         program = nlc.compile(ROOT / "specs" / "titans.nl", heads=H, d_head=D, depth=depth, chunk=TITANS_CHUNK)
-        for label, module in (("nlc triton chunk", "level_memory_triton_chunk"),
-                              ("nlc torch chunk", "level_memory_chunk")):
-            def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
-                function = program.module(module).level_memory
-                q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype, ranges=ranges)
-                return _op_callables(
-                    lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
-            rows.append((f"{label} {rule}", rule, build))
+        for label, module in CHUNKED:
+            rows.append(_module_row(f"{label} {rule}", rule, program, module, (B, T, H, D), ranges))
         if depth > 1:  # every chunk's start weights of all T tokens do not fit at B=8, T=4096
             def segmented(device, dtype, op=program.op("memory")):
                 q, k, v, gs = _inputs(B, T, H, D, op.gates, device, dtype, ranges=ranges)
@@ -140,14 +141,8 @@ def _miras_rows(B, T, H, D):
     rows = []
     for spec in ("moneta", "memora"):
         program = nlc.compile(ROOT / "specs" / f"{spec}.nl", heads=H, d_head=D, chunk=TITANS_CHUNK)
-        for label, module in (("nlc triton chunk", "level_memory_triton_chunk"),
-                              ("nlc torch chunk", "level_memory_chunk")):
-            def build(device, dtype, program=program, module=module, gates=program.op("memory").gates):
-                function = program.module(module).level_memory
-                q, k, v, gs = _inputs(B, T, H, D, gates, device, dtype, ranges=ranges)
-                return _op_callables(
-                    lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
-            rows.append((f"{label} {spec}", "miras_mlp", build))
+        for label, module in CHUNKED:
+            rows.append(_module_row(f"{label} {spec}", "miras_mlp", program, module, (B, T, H, D), ranges))
     return rows
 
 

@@ -175,13 +175,8 @@ def _render_retention(em: Emitter, rules: LevelRules) -> None:
 
 def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
     """FTRL form: accumulate A, read W = psi(A) (MATH.md §1.4, §2.13)."""
-    ret, lv = rules.retention, rules.level
-    if ret.form == "mirror":
-        decay = ret.decay
-    elif lv.retention.kind == "decay":
-        decay = lv.retention.args["rate"]
-    else:
-        decay = sympy.Integer(1)
+    ret = rules.retention
+    decay = rules.accumulator_decay()
     args = ir.gate_names(decay)
     params = "".join(f", {ident(g, 'g')}" for g in args)
     names = {ir.gate_symbol(g): ident(g, "g") for g in args}
@@ -214,7 +209,7 @@ def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
         em.line(f'"""||A||_p (p = {p}) of each state tensor per head, [B, H, 1, ...], guarded away from 0."""')
         em.line("dims = tuple(range(2, A.dim()))")
         em.line(f"return ((A.abs() ** {p}).sum(dims, keepdim=True) ** (1 / {p})).clamp_min(1e-12)")
-    if lv.maps_at_chunks:
+    if rules.level.maps_at_chunks:
         em.gap()
         with em.indent("def psi_scale(A):"):
             em.line(f'"""The map\'s slope with its norm held fixed, [B, H, 1, ...]: psi(A) = psi_scale(A)·A.')
@@ -445,8 +440,7 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
     # retention
     if rules.accumulator:
         decay_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in
-                             ir.gate_names(rules.retention.decay if rules.retention.decay is not None
-                                                else lv.retention.args.get("rate", sympy.Integer(1))))
+                             ir.gate_names(rules.accumulator_decay()))
         em.line(f"params = tuple(accumulate(a, s{decay_args}) for a, s in zip(params, steps))  "
                 f"{where(lv.retention.span)}")
         psi_args = ""

@@ -48,8 +48,8 @@ from nlc.plan import KernelPlan
 from . import triton_chunk_common as common
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import show
-from .triton_printer import to_triton
-from .triton_recurrent import decorators, diff, first_order_only
+from .triton_printer import diff, to_triton
+from .triton_recurrent import decorators, first_order_only
 
 ROLES = {"a": "the retention's factor on the old state", "c": "its factor on the step",
          "lr": "the learning rate", "beta": "the momentum's factor"}

@@ -41,7 +41,8 @@ from .emitter import comment, ident, where
 from .torch_chunk_common import render_layer_grads, render_product, show
 from .torch_chunk_frozen import _render_carried, _render_lag_step, render_with_tail
 from .triton_chunk_frozen import _Kernels, render_windows
-from .triton_recurrent import decorators, diff, first_order_only
+from .triton_printer import diff
+from .triton_recurrent import decorators, first_order_only
 
 
 class MlpKernels(_Kernels):

@@ -5,7 +5,7 @@ names in the kernel); nothing from a spec reaches the output unsanitised.
 Triton has no `**`, `sign` or `tanh` on blocks: integer powers print as products, half-integer ones
 through `tl.sqrt`, other real powers as exp(p·log x) (x > 0, as torch's `**` needs for them too);
 sign as nested `tl.where`. A Dirac delta (the derivative of sign or of a branch switch) prints as 0:
-autograd takes the same derivative."""
+autograd takes the same derivative (`diff`). `times` and `join` build sums of printed terms."""
 from __future__ import annotations
 
 import sympy
@@ -55,3 +55,25 @@ class _TritonPrinter(Printer):
 
     def _simple(self, e) -> bool:
         return e.func in self.FUNCS or isinstance(e, (sympy.Piecewise, sympy.sign, sympy.Max, sympy.Min))
+
+
+def diff(expr, symbol) -> sympy.Expr:
+    """∂expr/∂symbol with the derivative of sign (a Dirac delta) taken as 0, as autograd does."""
+    return sympy.diff(expr, symbol).replace(sympy.DiracDelta, lambda *args: sympy.Integer(0))
+
+
+def times(coeff: str, x: str) -> str:
+    """coeff * x, dropping a factor of ±1."""
+    if coeff in ("1.0", "(1.0)"):
+        return x
+    if coeff in ("-1.0", "(-1.0)"):
+        return f"-{x}"
+    return f"{coeff} * {x}"
+
+
+def join(terms: list[str]) -> str:
+    """The sum of printed terms, a leading minus turned into a subtraction."""
+    out = terms[0]
+    for t in terms[1:]:
+        out += f" - {t[1:]}" if t.startswith("-") else f" + {t}"
+    return out

@@ -7,12 +7,14 @@ sequence, fp32) -> launchers (blocks, allocation, grid) -> a `torch.autograd.Fun
 `level_<name>` with the reference op's signature, state layout and return convention.
 
 What one token does is printed from the level's derived rules (sympy -> `triton_printer`): the bias
-gradient d = dℓ/dy, elementwise in the error e = Aᵀk - v (or in e and r = ||e||, or free of the
-state), the learning rate and momentum factor, and the retention's elementwise map S = R(S0, s)
-(elastic net's soft threshold as its branches, `soft_threshold`), or KL's S = mass·softmax(z) over
-one axis of the tile with z = R(log S0, s) (the whole axis in one block; its backward is softmax's
-vector-Jacobian product, then z's derivatives), or DGD's S = R(S0, s) - lr k (kᵀ S0) (every key
-channel is in the tile, so kᵀ S0 is one reduction over it).
+gradient d = dℓ/dy, elementwise in the error e = Pᵀk - v (or in e and r = ||e||, or free of the
+state; or summed over an omega window's tokens, `triton_recurrent_window`), the learning rate and
+momentum factor (muon: Newton-Schulz on the whole momentum matrix, `triton_newton_schulz`), and the
+retention's elementwise map S = R(S0, s) (elastic net's soft threshold as its branches,
+`soft_threshold`), or KL's S = mass·softmax(z) over one axis of the tile with z = R(log S0, s), or DGD's
+S = R(S0, s) - lr k (kᵀ S0) (every key channel is in the tile, so kᵀ S0 is one reduction over it), or
+an FTRL accumulator A = decay·A + s read through W = psi(A) (lq's mirror maps with the norm of the
+whole state; `triton_recurrent_maps` has the softmax and psi).
 The backward kernel runs backwards in time; its partial derivatives (∂R/∂S0, ∂R/∂s, ∂d/∂e, ∂/∂gate
 ...) are `sympy.diff` of the same expressions. The forward saves the state every CHUNK tokens; the
 backward recomputes one chunk's states from its checkpoint into a per-program buffer, then walks the
@@ -27,8 +29,11 @@ from nlc import ir
 from nlc.derive import symbols as S
 from nlc.derive.rules import ALGORITHM_TEXT, LevelRules
 
+from . import triton_newton_schulz as newton_schulz
 from .emitter import Emitter, comment, ident, where
-from .triton_printer import to_triton
+from .triton_printer import diff, join, times, to_triton
+from .triton_recurrent_maps import RetentionMaps
+from .triton_recurrent_window import OmegaWindow
 
 
 def unsupported(rules: LevelRules) -> str | None:
@@ -41,13 +46,11 @@ def unsupported(rules: LevelRules) -> str | None:
         return f"update {when}: reads of a committed state are not in the fused recurrent kernels"
     if lv.grad_at not in ("current", "retained"):
         return "gradients frozen at chunk starts: a chunked form, not a per-token recurrence"
+    if rules.accumulator and lv.grad_at != "current":
+        return "an accumulator's gradient at the retained state is not in the fused recurrent kernels"
     if lv.target == "self" or lv.init_from is not None:
         return "a self-generated target or a restart (init from) is not in the fused recurrent kernels"
-    if lv.algorithm.kind not in ("gd", "momentum"):
-        return f"algorithm {lv.algorithm.kind} is not elementwise in the gradient (gd and momentum are)"
-    if lv.bias.kind == "omega":
-        return "omega windows sum gradients over the last tokens' keys: not one outer product"
-    if rules.accumulator or ret.form not in ("elementwise", "implicit", "threshold", "softmax", "dgd"):
+    if not rules.accumulator and ret.form not in ("elementwise", "implicit", "threshold", "softmax", "dgd"):
         return f"retention {lv.retention.kind} is a {ret.form} map, not elementwise in the state"
     keyed = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] == "key"]
     if keyed:
@@ -66,9 +69,22 @@ class _Exprs:
         lv = rules.level
         self.implicit = rules.retention.form == "implicit"
         self.grad = sympy.sympify(rules.bias.grad).subs(S.y, S.e + S.v)        # d(e, r, v)
-        self.retain = S.w0 + S.s if self.implicit else rules.retention_new()   # R(w0, s)
-        if rules.retention.form == "threshold":  # elastic net: the soft threshold of the smooth centre
-            self.retain = soft_threshold(self.retain, rules.threshold())
+        # FTRL (ftrl, lq): the state is the accumulator A_t = decay·A_(t-1) + s_t (w0 stands for A),
+        # read through the weights W = psi(A): elementwise in A, or (mirror maps) in A and N = ||A||_p
+        self.accumulator, self.psi = rules.accumulator, None
+        self.mirror = rules.retention.form == "mirror"
+        if self.accumulator:
+            self.retain = rules.accumulator_decay() * S.w0 + S.s
+            self.psi = rules.retention.new if self.mirror else S.A
+            if rules.retention.form == "threshold":  # elastic net: of the centre at w0 = 0, s = A
+                self.psi = soft_threshold(rules.retention_new().subs({S.w0: 0, S.s: S.A}), rules.threshold())
+            self.norm_p = sympy.sympify(rules.retention.norm_p) if self.mirror else None
+        else:
+            self.retain = S.w0 + S.s if self.implicit else rules.retention_new()   # R(w0, s)
+            if rules.retention.form == "threshold":  # elastic net: the soft threshold of the smooth centre
+                self.retain = soft_threshold(self.retain, rules.threshold())
+        # psi that reads gates (at the token that made A) has none before the first token: W_(-1) = A_(-1)
+        self.psi_gated = self.accumulator and bool(ir.gate_names(self.psi))
         self.dgd = rules.retention.form == "dgd"  # S = retain(S0, s) - lr k (kᵀ S0): delta gradient descent
         # KL: S = mass·softmax(z) over each column's key channels (axis row) or each row's value
         # channels (axis column), z = retain(log S0, s) affine in both; retain holds z then
@@ -77,11 +93,16 @@ class _Exprs:
             self.axis = 0 if lv.retention.args["axis"] == "row" else 1  # of the state tile [BK, BV]
             self.mass = float(lv.retention.args["mass"])
         self.lr = sympy.sympify(rules.retention_new() if self.implicit else rules.lr)
-        self.beta = sympy.sympify(lv.algorithm.args["beta"]) if lv.algorithm.kind == "momentum" else None
+        self.beta = sympy.sympify(lv.algorithm.args["beta"]) if lv.algorithm.kind in ("momentum", "muon") else None
         self.state_free = not (self.grad.free_symbols & {S.e, S.r})
         self.norm = S.r in self.grad.free_symbols
-        used = [x for x in (self.grad, self.retain, self.lr, self.beta) if x is not None]
+        # omega: u_t = Σ_(i = t-WINDOW+1 .. t) gamma_i k_i d_i^T, every d_i at the state token t reads
+        self.window = int(lv.bias.args["window"]) if lv.bias.kind == "omega" else 0
+        self.gamma = sympy.sympify(lv.bias.args["gamma"]) if self.window else None
+        used = [x for x in (self.grad, self.retain, self.lr, self.beta, self.psi, self.gamma) if x is not None]
         self.gates = sorted(set().union(*(ir.gate_names(x) for x in used)))
+        self.window_gates = sorted(set(ir.gate_names(self.grad)) | set(ir.gate_names(self.gamma))) \
+            if self.window else []
 
 
 def soft_threshold(centre, threshold) -> sympy.Expr:
@@ -89,11 +110,6 @@ def soft_threshold(centre, threshold) -> sympy.Expr:
     holds at |c| = t as well, where the reference's clamp_min passes its gradient through."""
     return sympy.Piecewise((centre - threshold, centre >= threshold), (centre + threshold, centre <= -threshold),
                            (0, True))
-
-
-def diff(expr, symbol) -> sympy.Expr:
-    """∂expr/∂symbol with the derivative of sign (a Dirac delta) taken as 0, as autograd does."""
-    return sympy.diff(expr, symbol).replace(sympy.DiracDelta, lambda *args: sympy.Integer(0))
 
 
 def render(rules: LevelRules, model: str, file: str) -> str:
@@ -119,11 +135,13 @@ def first_order_only(em: Emitter) -> None:
     em.line("                       \"derivatives run the level with mode='chunk' or 'reference'\")")
 
 
-class _Renderer:
+class _Renderer(RetentionMaps, OmegaWindow):
     def __init__(self, rules: LevelRules, model: str, file: str):
         self.lv, self.x = rules.level, _Exprs(rules)
         self.model, self.file = model, file
         self.momentum = self.lv.algorithm.kind == "momentum"
+        self.muon = self.lv.algorithm.kind == "muon"  # M_t = beta M_(t-1) + u_t, s_t = -lr NS(M_t)
+        self.steps = int(self.lv.algorithm.args["steps"]) if self.muon else 0
         self.retained = self.lv.grad_at == "retained"
         self.after = self.lv.read == "after"
         self.em = Emitter()
@@ -138,44 +156,43 @@ class _Renderer:
         names = {ir.gate_symbol(g): ident(g, "b_g") + view[self.gate_axis(g)] for g in self.x.gates}
         return names | {S.w0: "b_h", S.s: "b_s", S.n: "b_n", S.lw0: "b_lw"}
 
-    def broadcast(self) -> str:
-        """A [BV] (axis 0) or [BK] (axis 1) reduction of the tile, shaped back against it."""
-        return "[None, :]" if self.x.axis == 0 else "[:, None]"
-
-    def softmax(self, target: str, z, note: str) -> None:
-        """`target` = mass·softmax(z) over the retention's axis of the tile (z of b_h, b_s); padded
-        entries 0. `note`: the comment on z, or none."""
-        em, ax, b = self.em, self.x.axis, self.broadcast()
-        em.line("b_lw = tl.log(tl.maximum(b_h, 1e-30))" + ("  # log S0, clamped as the reference does" if note else ""))
-        em.line(f"b_z = tl.where(m_h, {self.tile(z)}, -1e30)" + (f"  # z{note}" if note else ""))
-        em.line(f"b_z = tl.exp(b_z - tl.max(b_z, {ax}){b})")
-        mass = "" if self.x.mass == 1 else f"{self.x.mass!r} * "
-        em.line(f"{target} = tl.where(m_h, {mass}b_z / tl.sum(b_z, {ax}){b}, 0.0)")
-
-    def softmax_back(self, target: str, w: str, dw: str) -> None:
-        """`target` = ∂/∂z of w = mass·softmax(z) from dw: w (dw - sum(w dw) / mass) along the axis."""
-        mass = "" if self.x.mass == 1 else f" / {self.x.mass!r}"
-        self.em.line(f"{target} = tl.where(m_h, {w} * ({dw} - tl.sum({w} * {dw}, {self.x.axis}){self.broadcast()}"
-                     f"{mass}), 0.0)")
-
-    def through_log(self, z, dz: str) -> str:
-        """∂/∂S0 through z's log S0 = log(max(S0, 1e-30)) (none where clamped, as clamp_min gives)."""
-        return f"tl.where(b_h >= 1e-30, {_times(self.tile(diff(z, S.lw0)), dz)} / tl.maximum(b_h, 1e-30), 0.0)"
-
-    def value_names(self) -> dict:
-        """Names in the value channels' context [BV] (the bias gradient)."""
-        names = {ir.gate_symbol(g): ident(g, "b_g") for g in self.x.gates}
-        return names | {S.e: "b_e", S.r: "b_r", S.v: "b_v"}
+    def value_names(self, sfx: str = "") -> dict:
+        """Names in the value channels' context [BV] (the bias gradient); `sfx` "i": a window token's."""
+        names = {ir.gate_symbol(g): ident(g, "b_g" + sfx) for g in self.x.gates}
+        return names | {S.e: f"b_e{sfx}", S.r: f"b_r{sfx}", S.v: f"b_v{sfx}"}
 
     def tile(self, expr) -> str:
         return to_triton(sympy.sympify(expr), self.tile_names())
 
-    def vec(self, expr) -> str:
-        return to_triton(sympy.sympify(expr), self.value_names())
+    def vec(self, expr, sfx: str = "") -> str:
+        return to_triton(sympy.sympify(expr), self.value_names(sfx))
 
     def state_args(self) -> list[str]:
-        """The state tensors' short names: h (S) and, with momentum, m (M)."""
-        return ["h", "m"] if self.momentum else ["h"]
+        """The state tensors' short names: h (S, or an accumulator's A) and, with momentum, m (M)."""
+        return ["h", "m"] if self.momentum or self.muon else ["h"]
+
+    def saved_args(self) -> list[str]:
+        """What the forward checkpoints: the state and, for an accumulator, its weights w (W)."""
+        return self.state_args() + (["w"] if self.x.accumulator else [])
+
+    def gpu_run(self) -> bool:
+        """Whether kernels of this kind have run on a GPU: not yet those with KL's softmax, DGD, elastic
+        net's threshold, an accumulator, muon or an omega window."""
+        x = self.x
+        return not (x.softmax or x.dgd or x.accumulator or self.muon or x.window or
+                    self.lv.retention.kind == "elastic")
+
+    def level_params(self) -> str:
+        """The kernels' constexpr parameters that depend on the level: muon's orientation flag TALL
+        (Newton-Schulz transposes a state with K > V) and omega's WINDOW."""
+        return (" TALL: tl.constexpr," if self.muon else "") + (" WINDOW: tl.constexpr," if self.x.window else "")
+
+    def level_args(self) -> str:
+        return (" TALL=K > V," if self.muon else "") + (" WINDOW=WINDOW," if self.x.window else "")
+
+    def read_tile(self) -> str:
+        """The tile a token reads and takes its gradient at: S, or an accumulator's weights W."""
+        return "b_w" if self.x.accumulator else "b_h"
 
     # ---- the file ---------------------------------------------------------------------------
     def text(self) -> str:
@@ -189,13 +206,26 @@ class _Renderer:
         em.line()
         em.line(f"from .{ident(lv.name, 'level')} import _pack, default_state")
         em.gap()
+        if not self.gpu_run():
+            em.line("AUTO = False  # checked under Triton's interpreter, not yet on a GPU: mode='auto' leaves these "
+                    "kernels to mode='triton'")
+            em.line()
         em.line("# Launch configuration, kept apart from the kernels (results do not depend on it).")
         em.line("BV_MAX = 16  # value channels per program" +
                 (" (not here: ||e|| needs every value channel in one program)" if self.x.norm else ""))
         em.line("WARP_TILE = 512  # state-tile elements per warp (16 per thread)")
         em.line("MAX_WARPS = 16")
         em.line("CHUNK = 64  # tokens between saved states: the backward recomputes one chunk at a time")
+        if self.muon:
+            em.line("MUON_MAX = 64  # the largest K, V: at 128 Newton-Schulz's tl.dot operands outgrow a block's "
+                    "shared memory")
+        if self.x.window:
+            em.line()
+            em.line(f"WINDOW = {self.x.window}  # the level's omega window: the tokens whose gradients each step sums")
         em.gap()
+        if self.muon:
+            newton_schulz.helpers(em)
+            em.gap()
         self.forward_kernel()
         em.gap()
         self.backward_kernel()
@@ -219,16 +249,19 @@ class _Renderer:
             em.line(f"  {key:<10} {comment(value)}")
         em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
         em.line("Per token t (row convention, S [K, V]):")
-        at = "R(S_(t-1), 0)  (the retained state)" if self.retained else "S_(t-1)"
-        em.line(f"  A_t = {at}")
+        at = "R(S_(t-1), 0)  (the retained state)" if self.retained else ("W_(t-1)" if x.accumulator else "S_(t-1)")
+        em.line(f"  P_t = {at}  (the gradient point)")
         if x.state_free:
             em.line(f"  d_t = dℓ/dy = {_show(x.grad)}  (free of the state)")
         else:
-            em.line("  e_t = A_t^T k_t - v_t" + (",  r_t = ||e_t||" if x.norm else ""))
+            em.line("  e_t = P_t^T k_t - v_t" + (",  r_t = ||e_t||" if x.norm else ""))
             em.line(f"  d_t = dℓ/dy = {_show(x.grad)}")
         lr = _show(x.lr) + ("  (n = ||k_t||^2)" if x.implicit else "")
         if self.momentum:
             em.line("  M_t = beta_t M_(t-1) - lr_t k_t d_t^T,  s_t = M_t;  "
+                    f"lr = {lr}, beta = {_show(x.beta)}")
+        elif self.muon:
+            em.line(f"  M_t = beta_t M_(t-1) + k_t d_t^T,  s_t = -lr_t NS_{self.steps}(M_t) (Newton-Schulz);  "
                     f"lr = {lr}, beta = {_show(x.beta)}")
         else:
             em.line(f"  s_t = -lr_t k_t d_t^T;  lr = {lr}")
@@ -238,14 +271,19 @@ class _Renderer:
             em.line("        w0 = S_(t-1), lw0 = log(max(w0, 1e-30))")
         elif x.dgd:
             em.line(f"  S_t = R(S_(t-1), s_t) - lr_t k_t (k_t^T S_(t-1)),  R = {_show(x.retain)}  (DGD)")
+        elif x.accumulator:
+            em.line(f"  A_t = {_show(x.retain.subs(S.w0, S.A))}  (the accumulator; the state S is A)")
+            norm = f",  N = ||A_t||_{_show(x.norm_p)}" if x.mirror else ""
+            em.line(f"  W_t = psi(A_t) = {_show(x.psi)}{norm}")
         else:
             em.line(f"  S_t = R(S_(t-1), s_t) = {_show(x.retain)}  (elementwise)")
-        em.line(f"  o_t = {'S_t' if self.after else 'S_(t-1)'}^T q_t")
+        read = ('W_t' if self.after else 'W_(t-1)') if x.accumulator else ('S_t' if self.after else 'S_(t-1)')
+        em.line(f"  o_t = {read}^T q_t")
         em.line("Grid: one program per (block of BV value channels, batch x head); the state tile [BK, BV]")
         em.line("stays in registers for all T tokens. The forward saves the state every CHUNK tokens; the")
         em.line("backward recomputes each chunk's states into a per-program buffer and walks it backwards.")
         em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; vector gates")
-        state = "(S, M), each" if self.momentum else "S"
+        state = "(S, M), each" if len(self.state_args()) == 2 else "S"
         em.line(f"[B, T, H, K or V]. State: {state} [B, H, K, V], float32.")
         em.line('"""')
 
@@ -276,11 +314,40 @@ class _Renderer:
         if grads:
             em.line("b_do = tl.load(do + i_t * V + o_v, mask=m_v, other=0.0).to(tl.float32)")
 
-    def gate_load(self, g: str) -> str:
+    def gate_load(self, g: str, row: str = "i_t") -> str:
         p = ident(g, "g")
-        at = {"scalar": f"{p} + i_t", "key": f"{p} + i_t * K + o_k, mask=m_k, other=0.0",
-              "value": f"{p} + i_t * V + o_v, mask=m_v, other=0.0"}[self.gate_axis(g)]
+        at = {"scalar": f"{p} + {row}", "key": f"{p} + {row} * K + o_k, mask=m_k, other=0.0",
+              "value": f"{p} + {row} * V + o_v, mask=m_v, other=0.0"}[self.gate_axis(g)]
         return f"tl.load({at}).to(tl.float32)"
+
+    def bias_gradient(self, a: str, sfx: str, c) -> None:
+        """b_d<sfx> [BV] = dℓ/dy of the token whose key and value are b_k<sfx>, b_v<sfx>, read at the
+        gradient point `a`."""
+        em, x = self.em, self.x
+        if not x.state_free:
+            em.line(f"b_y{sfx} = tl.sum({a} * b_k{sfx}[:, None], 0)" + c("# [BV]: y = P_t^T k"))
+            e = f"b_y{sfx} - b_v{sfx}"
+            em.line(f"b_e{sfx} = {f'tl.where(m_v, {e}, 0.0)' if x.norm else e}" + c("# e"))
+        if x.norm:
+            em.line(f"b_norm{sfx} = tl.sqrt(tl.sum(b_e{sfx} * b_e{sfx}))")
+            em.line(f"b_r{sfx} = tl.maximum(b_norm{sfx}, 1e-12)" + c("# r = ||e||, clamped as the reference does"))
+        em.line(f"b_d{sfx} = {self.vec(x.grad, sfx)}" + c(f"{where(self.lv.bias.span) or '#'} [BV]: d = dℓ/dy".strip()))
+
+    def bias_gradient_back(self, sfx: str) -> None:
+        """From b_dd<sfx> = ∂/∂d: b_de<sfx> (where d reads the state) and b_dv<sfx>."""
+        em, x = self.em, self.x
+        dv = []
+        if not x.state_free:
+            em.line(f"b_de{sfx} = {times(self.vec(diff(x.grad, S.e), sfx), f'b_dd{sfx}')}  # through d = dℓ/dy(e, ...)")
+            if x.norm:
+                em.line(f"b_dr{sfx} = tl.sum({times(self.vec(diff(x.grad, S.r), sfx), f'b_dd{sfx}')})")
+                em.line(f"b_de{sfx} += tl.where(b_norm{sfx} > 1e-12, b_dr{sfx} / b_r{sfx}, 0.0) * b_e{sfx}  "
+                        "# ∂r/∂e = e / r")
+            dv.append(f"-b_de{sfx}")
+        dgv = diff(x.grad, S.v)
+        if dgv != 0:
+            dv.insert(0, times(self.vec(dgv, sfx), f"b_dd{sfx}"))
+        em.line(f"b_dv{sfx} = {join(dv) if dv else 'tl.zeros([BV], dtype=tl.float32)'}")
 
     def step(self, new: str, new_m: str, comments: bool) -> None:
         """One token's forward: from b_h (and b_m) to `new` (and `new_m`)."""
@@ -288,27 +355,29 @@ class _Renderer:
         c = (lambda text: f"  {text}") if comments else (lambda text: "")
         if comments:
             em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
-        a = "b_h"
+        a = self.read_tile()
         if self.retained and not x.state_free:  # the checker allows it after a decay only (elementwise)
             em.line(f"b_a = {self.tile(x.retain.subs(S.s, 0))}" +
-                    c(f"{where(lv.retention.span) or '#'} A_t: the retained state".strip()))
+                    c(f"{where(lv.retention.span) or '#'} P_t: the retained state".strip()))
             a = "b_a"
-        if not x.state_free:
-            em.line(f"b_y = tl.sum({a} * b_k[:, None], 0)" + c("# [BV]: y_t = A_t^T k_t"))
-            e = "tl.where(m_v, b_y - b_v, 0.0)" if x.norm else "b_y - b_v"
-            em.line(f"b_e = {e}" + c("# e_t"))
-        if x.norm:
-            em.line("b_norm = tl.sqrt(tl.sum(b_e * b_e))")
-            em.line("b_r = tl.maximum(b_norm, 1e-12)" + c("# r_t = ||e_t||, clamped as the reference does"))
-        em.line(f"b_d = {self.vec(x.grad)}" + c(f"{where(lv.bias.span) or '#'} [BV]: d_t = dℓ/dy".strip()))
+        if x.window:
+            self.window_gradient(a, c)
+        else:
+            self.bias_gradient(a, "", c)
         if x.implicit:
             em.line("b_n = tl.sum(b_k * b_k)" + c("# n = ||k_t||^2"))
         em.line(f"b_lr = {self.tile(x.lr)}" + c(f"{where(lv.algorithm.span) or '#'} lr_t".strip()))
-        em.line("b_u = b_k[:, None] * b_d[None, :]" + c("# [BK, BV]: u_t = k_t d_t^T, the bias gradient"))
+        if not x.window:
+            em.line("b_u = b_k[:, None] * b_d[None, :]" + c("# [BK, BV]: u_t = k_t d_t^T, the bias gradient"))
         if self.momentum:
-            em.line(f"{new_m} = {_times(self.tile(x.beta), 'b_m')} - b_lr * b_u" +
+            em.line(f"{new_m} = {times(self.tile(x.beta), 'b_m')} - b_lr * b_u" +
                     c("# M_t = beta_t M_(t-1) - lr_t u_t"))
             em.line(f"b_s = {new_m}")
+        elif self.muon:  # padded entries kept 0: Newton-Schulz mixes the whole tile
+            em.line(f"{new_m} = tl.where(m_h, {times(self.tile(x.beta), 'b_m')} + b_u, 0.0)" +
+                    c("# M_t = beta_t M_(t-1) + u_t"))
+            em.line(f"b_s = -b_lr * {newton_schulz.forward(em, new_m, self.steps, comments)}" +
+                    c("# s_t = -lr_t NS(M_t)"))
         else:
             em.line("b_s = -b_lr * b_u" + c("# s_t = -lr_t u_t"))
         if x.softmax:
@@ -319,6 +388,10 @@ class _Renderer:
             em.line("b_kh = tl.sum(b_k[:, None] * b_h, 0)" + c("# [BV]: k_t^T S_(t-1)"))
             em.line(f"{new} = {self.tile(x.retain)} - b_lr * b_k[:, None] * b_kh[None, :]" +
                     c(f"{where(lv.retention.span) or '#'} S_t = S_(t-1) (decay I - lr k k^T) + s_t".strip()))
+        elif x.accumulator:
+            em.line(f"{new} = {self.tile(x.retain)}" +
+                    c(f"{where(lv.retention.span) or '#'} A_t = decay A_(t-1) + s_t".strip()))
+            self.weights(new.replace("b_h", "b_w"), new)
         else:
             em.line(f"{new} = {self.tile(x.retain)}" +
                     c(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t)".strip()))
@@ -327,7 +400,7 @@ class _Renderer:
         em = self.em
         state_in = ", ".join(f"{s}0" for s in self.state_args())
         state_out = ", ".join(f"{s}t" for s in self.state_args())
-        checkpoints = ", ".join(f"{s}c" for s in self.state_args())
+        checkpoints = ", ".join(f"{s}c" for s in self.saved_args())
         em.line('@triton.jit(do_not_specialize=["T"])')
         with em.indent("def fused_recurrent_fwd_kernel("):
             em.line(f"q, k, v, {self.gate_params()}{state_in},  # inputs; states [B, H, K, V] fp32")
@@ -336,7 +409,7 @@ class _Renderer:
             em.line("T,")
             em.line("H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, "
                     "BV: tl.constexpr,")
-            em.line("CHUNK: tl.constexpr, SAVE_CHECKPOINTS: tl.constexpr,")
+            em.line("CHUNK: tl.constexpr, SAVE_CHECKPOINTS: tl.constexpr," + self.level_params())
         with em.indent("):"):
             em.line('"""Program (i_v, i_bh): value channels [i_v BV, (i_v + 1) BV) of batch x head i_bh, '
                     "all T tokens."
@@ -345,38 +418,43 @@ class _Renderer:
             em.line("NC = tl.cdiv(T, CHUNK)")
             for s in self.state_args():
                 em.line(f"b_{s} = tl.load({s}0 + o_s + o_h, mask=m_h, other=0.0)")
+            if self.x.psi_gated:
+                em.line("b_w = b_h  # psi reads gates: the first token reads A itself")
+            elif self.x.accumulator:
+                self.weights("b_w", "b_h")
             with em.indent("for t in range(0, T):"):
                 with em.indent("if SAVE_CHECKPOINTS:"):
                     with em.indent("if t % CHUNK == 0:  # the state entering this chunk"):
                         em.line("o_c = (i_bh * NC + t // CHUNK).to(tl.int64) * (K * V)")
-                        for s in self.state_args():
+                        for s in self.saved_args():
                             em.line(f"tl.store({s}c + o_c + o_h, b_{s}, mask=m_h)")
                 self.load_token(grads=False)
+                read = self.read_tile()
                 if not self.after:
-                    em.line("b_o = tl.sum(b_h * b_q[:, None], 0)  # o_t = S_(t-1)^T q_t: read before write")
+                    em.line(f"b_o = tl.sum({read} * b_q[:, None], 0)  # o_t = S_(t-1)^T q_t: read before write")
                 self.step("b_h", "b_m", comments=True)
                 if self.after:
-                    em.line("b_o = tl.sum(b_h * b_q[:, None], 0)  # o_t = S_t^T q_t")
+                    em.line(f"b_o = tl.sum({read} * b_q[:, None], 0)  # o_t = S_t^T q_t")
                 em.line("tl.store(o + i_t * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)")
             for s in self.state_args():
                 em.line(f"tl.store({s}t + o_s + o_h, b_{s}, mask=m_h)")
 
     def backward_kernel(self) -> None:
-        em = self.em
-        states = self.state_args()
+        em, x = self.em, self.x
+        states, saved = self.state_args(), self.saved_args()
         em.line('@triton.jit(do_not_specialize=["T"])')
         with em.indent("def fused_recurrent_bwd_kernel("):
-            em.line(f"q, k, v, {self.gate_params()}{', '.join(f'{s}c' for s in states)},  "
+            em.line(f"q, k, v, {self.gate_params()}{', '.join(f'{s}c' for s in saved)},  "
                     "# inputs; checkpoints [B, H, NC, K, V]")
             em.line(f"do, {', '.join(f'd{s}t' for s in states)},  # gradients of o and of the final states")
             em.line(f"dq, dk, dv, {self.gate_params('dg')}{', '.join(f'd{s}0' for s in states)},  "
                     "# dq, dk [B, T, H, NV, K]: per value block")
-            em.line(f"{', '.join(f'w{s}' for s in states)},  # [B * H * NV, CHUNK, BK, BV]: one chunk's "
+            em.line(f"{', '.join(f'w{s}' for s in saved)},  # [B * H * NV, CHUNK, BK, BV]: one chunk's "
                     "states, per program")
             em.line("T, NV,")
             em.line("H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, "
                     "BV: tl.constexpr,")
-            em.line("CHUNK: tl.constexpr,")
+            em.line("CHUNK: tl.constexpr," + self.level_params())
         with em.indent("):"):
             em.line('"""Program (i_v, i_bh), backwards in time: chunk by chunk from the last, recompute '
                     "the chunk's")
@@ -388,29 +466,37 @@ class _Renderer:
             for s in states:
                 em.line(f"b_d{s} = tl.load(d{s}t + o_s + o_h, mask=m_h, other=0.0)  # ∂/∂ the state after "
                         "token t")
+            if x.accumulator:
+                em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_t: the weights are not returned")
             em.line("NC = tl.cdiv(T, CHUNK)")
             with em.indent("for i_n in range(0, NC):"):
                 em.line("i_c = NC - 1 - i_n")
                 em.line("t0 = i_c * CHUNK")
                 em.line("L = tl.minimum(T - t0, CHUNK)")
                 em.line("o_c = (i_bh * NC + i_c).to(tl.int64) * (K * V)")
-                for s in states:
+                for s in saved:
                     em.line(f"b_{s} = tl.load({s}c + o_c + o_h, mask=m_h, other=0.0)")
                 with em.indent("for j in range(0, L):  # recompute S_(t-1) of the chunk's tokens"):
                     em.line("t = t0 + j")
-                    for s in states:
+                    for s in saved:
                         em.line(f"tl.store(w{s} + o_p + j * (BK * BV) + o_w, b_{s})")
                     self.load_token(grads=False)
                     self.step("b_h", "b_m", comments=False)
                 em.line("tl.debug_barrier()")
                 with em.indent("for j in range(0, L):  # token t, backwards"):
                     em.line("t = t0 + L - 1 - j")
-                    for s in states:
+                    for s in saved:
                         em.line(f"b_{s} = tl.load(w{s} + o_p + (L - 1 - j) * (BK * BV) + o_w)")
                     self.load_token(grads=True)
                     self.step("b_hn", "b_mn", comments=False)
                     self.step_backward()
                 em.line("tl.debug_barrier()  # before the next chunk overwrites the buffer")
+            if x.psi_gated:
+                em.line("b_dh += b_dw  # the first token read A_(-1) itself")
+            elif x.accumulator:
+                em.line("b_h0 = tl.load(hc + (i_bh * NC).to(tl.int64) * (K * V) + o_h, mask=m_h, other=0.0)  "
+                        "# A_(-1): chunk 0's checkpoint")
+                em.line(f"b_dh += {self.weights_back('b_h0', 'b_dw')}  # through W_(-1) = psi(A_(-1))")
             for s in states:
                 em.line(f"tl.store(d{s}0 + o_s + o_h, b_d{s}, mask=m_h)")
 
@@ -423,9 +509,18 @@ class _Renderer:
         def gate_terms(expr, by: str, terms=tile_terms, printer=self.tile) -> None:
             """∂expr/∂gate · `by` for every gate `expr` reads: its share of that gate's gradient."""
             for g in ir.gate_names(expr):
-                terms[g].append(_times(printer(diff(expr, ir.gate_symbol(g))), by))
+                terms[g].append(times(printer(diff(expr, ir.gate_symbol(g))), by))
 
-        if self.after:
+        if x.accumulator:
+            if self.after:
+                em.line("b_dwn = b_dw + b_q[:, None] * b_do[None, :]  # ∂/∂W_t: later tokens and o_t = W_t^T q_t")
+                em.line("b_dq = tl.sum(b_wn * b_do[None, :], 1)")
+            else:
+                em.line("b_dwn = b_dw  # ∂/∂W_t")
+            em.line(f"b_dhn = b_dh + {self.weights_back('b_hn', 'b_dwn', norm=False)}  "
+                    "# ∂/∂A_t: later tokens and W_t = psi(A_t)")
+            gate_terms(x.psi, "b_dwn", printer=lambda e: self.psi_tile(e, "b_hn"))
+        elif self.after:
             em.line("b_dhn = b_dh + b_q[:, None] * b_do[None, :]  # ∂/∂S_t: later tokens and o_t = S_t^T q_t")
             em.line("b_dq = tl.sum(b_hn * b_do[None, :], 1)")
         else:
@@ -433,11 +528,11 @@ class _Renderer:
         if x.softmax:
             self.softmax_back("b_dz", "b_hn", "b_dhn")
             em.line(f"b_dh = {self.through_log(x.retain, 'b_dz')}  # through S_t = mass·softmax(z)")
-            em.line(f"b_ds = {_times(self.tile(diff(x.retain, S.s)), 'b_dz')}")
+            em.line(f"b_ds = {times(self.tile(diff(x.retain, S.s)), 'b_dz')}")
             gate_terms(x.retain, "b_dz")
         else:
-            em.line(f"b_dh = {_times(self.tile(diff(x.retain, S.w0)), 'b_dhn')}  # through S_t = R(S_(t-1), s_t)")
-            em.line(f"b_ds = {_times(self.tile(diff(x.retain, S.s)), 'b_dhn')}")
+            em.line(f"b_dh = {times(self.tile(diff(x.retain, S.w0)), 'b_dhn')}  # through S_t = R(S_(t-1), s_t)")
+            em.line(f"b_ds = {times(self.tile(diff(x.retain, S.s)), 'b_dhn')}")
             gate_terms(x.retain, "b_dhn")
         if x.dgd:  # through -lr k (k^T S_(t-1))
             em.line("b_kd = tl.sum(b_k[:, None] * b_dhn, 0)  # [BV]: k_t^T ∂/∂S_t")
@@ -446,89 +541,124 @@ class _Renderer:
             if ir.gate_names(x.lr):
                 em.line("b_dlr = -b_k[:, None] * b_kh[None, :] * b_dhn  # lr's share, as a tile")
         step = "b_ds"
-        if self.momentum:
+        if self.muon:
+            em.line("b_dx = -b_lr * b_ds  # ∂/∂NS(M_t)")
+            newton_schulz.backward(em, "b_dx", self.steps)
+            em.line("b_dmn = b_dm + b_dx  # ∂/∂M_t")
+            em.line(f"b_dm = {times(self.tile(x.beta), 'b_dmn')}")
+            if ir.gate_names(x.beta):
+                em.line("b_dbeta = b_m * b_dmn")
+                gate_terms(x.beta, "b_dbeta")
+            em.line("b_du = b_dmn")
+            if ir.gate_names(x.lr):
+                em.line(f"b_dlr = -b_x{self.steps} * b_ds")
+                gate_terms(x.lr, "b_dlr")
+        elif self.momentum:
             em.line("b_dmn = b_dm + b_ds  # ∂/∂M_t")
-            em.line(f"b_dm = {_times(self.tile(x.beta), 'b_dmn')}")
+            em.line(f"b_dm = {times(self.tile(x.beta), 'b_dmn')}")
             if ir.gate_names(x.beta):
                 em.line("b_dbeta = b_m * b_dmn")
                 gate_terms(x.beta, "b_dbeta")
             step = "b_dmn"
-        em.line(f"b_du = -b_lr * {step}")
-        if ir.gate_names(x.lr) or x.implicit:
+        if not self.muon:
+            em.line(f"b_du = -b_lr * {step}")
+        if (ir.gate_names(x.lr) or x.implicit) and not self.muon:
             em.line(f"b_dlr -= b_u * {step}" if x.dgd else f"b_dlr = -b_u * {step}")
             gate_terms(x.lr, "b_dlr")
-        em.line("b_dk = tl.sum(b_du * b_d[None, :], 1)  # through u_t = k_t d_t^T")
-        if x.dgd:
-            em.line("b_dk += b_dkg")
-        em.line("b_dd = tl.sum(b_du * b_k[:, None], 0)")
-        gate_terms(x.grad, "b_dd", vec_terms, self.vec)
-        dv = []
-        if not x.state_free:
-            em.line(f"b_de = {_times(self.vec(diff(x.grad, S.e)), 'b_dd')}  # through d_t = dℓ/dy(e_t, ...)")
-            if x.norm:
-                em.line(f"b_dr = tl.sum({_times(self.vec(diff(x.grad, S.r)), 'b_dd')})")
-                em.line("b_de += tl.where(b_norm > 1e-12, b_dr / b_r, 0.0) * b_e  # ∂r/∂e = e / r")
-            dv.append("-b_de")
-        dgv = diff(x.grad, S.v)
-        if dgv != 0:
-            dv.insert(0, _times(self.vec(dgv), "b_dd"))
-        em.line(f"b_dv = {_join(dv) if dv else 'tl.zeros([BV], dtype=tl.float32)'}")
-        if not x.state_free:
-            a = "b_a" if self.retained else "b_h"
-            em.line(f"b_dk += tl.sum({a} * b_de[None, :], 1)  # through y_t = A_t^T k_t")
-            em.line("b_da = b_k[:, None] * b_de[None, :]")
-            if self.retained:
+        a = "b_a" if self.retained else self.read_tile()
+        if x.window:
+            em.line("b_dk = tl.zeros([BK], dtype=tl.float32)" + ("  # k_t's own: DGD's" if x.dgd else ""))
+            if x.dgd:
+                em.line("b_dk += b_dkg")
+            self.window_backward(a)
+        else:
+            em.line("b_dk = tl.sum(b_du * b_d[None, :], 1)  # through u_t = k_t d_t^T")
+            if x.dgd:
+                em.line("b_dk += b_dkg")
+            em.line("b_dd = tl.sum(b_du * b_k[:, None], 0)")
+            gate_terms(x.grad, "b_dd", vec_terms, self.vec)
+            self.bias_gradient_back("")
+            if not x.state_free:
+                em.line(f"b_dk += tl.sum({a} * b_de[None, :], 1)  # through y_t = P_t^T k_t")
+                em.line("b_da = b_k[:, None] * b_de[None, :]")
+        if x.accumulator and x.state_free:
+            em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_(t-1)")
+        if not x.state_free:  # b_da = ∂/∂P_t
+            if x.accumulator:
+                em.line("b_dw = b_da  # ∂/∂W_(t-1)")
+            elif self.retained:
                 at_zero = x.retain.subs(S.s, 0)
-                em.line(f"b_dh += {_times(self.tile(diff(at_zero, S.w0)), 'b_da')}  "
-                        "# through A_t = R(S_(t-1), 0)")
+                em.line(f"b_dh += {times(self.tile(diff(at_zero, S.w0)), 'b_da')}  "
+                        "# through P_t = R(S_(t-1), 0)")
                 gate_terms(at_zero, "b_da")
             else:
                 em.line("b_dh += b_da")
         if x.implicit:
-            em.line(f"b_dn = tl.sum({_times(self.tile(diff(x.lr, S.n)), 'b_dlr')})")
+            em.line(f"b_dn = tl.sum({times(self.tile(diff(x.lr, S.n)), 'b_dlr')})")
             em.line("b_dk += 2.0 * b_dn * b_k  # through n = ||k_t||^2")
         if not self.after:
-            em.line("b_dh += b_q[:, None] * b_do[None, :]  # o_t = S_(t-1)^T q_t")
-            em.line("b_dq = tl.sum(b_h * b_do[None, :], 1)")
+            read = self.read_tile()
+            em.line(f"{read.replace('b_', 'b_d')} += b_q[:, None] * b_do[None, :]  # o_t = S_(t-1)^T q_t")
+            em.line(f"b_dq = tl.sum({read} * b_do[None, :], 1)")
         em.line("o_n = i_t * NV + i_v  # row of (token t, value block i_v) in the per-block partials")
         em.line("tl.store(dq + o_n * K + o_k, b_dq, mask=m_k)")
-        em.line("tl.store(dk + o_n * K + o_k, b_dk, mask=m_k)")
-        em.line("tl.store(dv + i_t * V + o_v, b_dv, mask=m_v)")
+        em.line(f"{self.put('dk + o_n * K + o_k', 'b_dk', 'm_k')}")
+        if not x.window:  # a window adds each token's dv from the steps that read it
+            em.line("tl.store(dv + i_t * V + o_v, b_dv, mask=m_v)")
         for g in x.gates:
             self.gate_gradient(g, tile_terms[g], vec_terms[g])
 
+    def put(self, at: str, value: str, mask: str | None) -> str:
+        """A gradient's write: a store, or with a window an atomic add (later steps add their shares
+        of earlier tokens; each row has one writing program)."""
+        op = "tl.atomic_add" if self.x.window else "tl.store"
+        return f"{op}({at}, {value}" + (f", mask={mask})" if mask else ")")
+
     def gate_gradient(self, g: str, tiles: list[str], vecs: list[str]) -> None:
+        """Token t's share of gate g's gradient: from tile terms [BK, BV] and bias terms [BV]."""
         em, axis = self.em, self.gate_axis(g)
+        if not tiles and not vecs:  # read by the window's bias only: added there
+            return
         b, p = ident(g, "b_dg"), ident(g, "dg")
-        tile = _join(tiles) if tiles else None
+        tile = join(tiles) if tiles else None
         if axis == "scalar":
-            parts = ([f"tl.sum({tile})"] if tile else []) + ([f"tl.sum({_join(vecs)})"] if vecs else [])
+            parts = ([f"tl.sum({tile})"] if tile else []) + ([f"tl.sum({join(vecs)})"] if vecs else [])
             em.line(f"{b} = {' + '.join(parts)}  # gate {comment(g)}: over the tile")
-            em.line(f"tl.store({p} + o_n, {b})")
+            em.line(self.put(f"{p} + o_n", b, None))
         elif axis == "key":
             em.line(f"{b} = tl.sum({tile}, 1)  # gate {comment(g)}: over value channels")
-            em.line(f"tl.store({p} + o_n * K + o_k, {b}, mask=m_k)")
+            em.line(self.put(f"{p} + o_n * K + o_k", b, "m_k"))
         else:
-            parts = ([f"tl.sum({tile}, 0)"] if tile else []) + ([_join(vecs)] if vecs else [])
+            parts = ([f"tl.sum({tile}, 0)"] if tile else []) + ([join(vecs)] if vecs else [])
             em.line(f"{b} = {' + '.join(parts)}  # gate {comment(g)}: over key channels")
-            em.line(f"tl.store({p} + i_t * V + o_v, {b}, mask=m_v)")
+            em.line(self.put(f"{p} + i_t * V + o_v", b, "m_v"))
 
     # ---- host side --------------------------------------------------------------------------
     def launchers(self) -> None:
         em, x = self.em, self.x
         gates = self.gate_params()
-        states = self.state_args()
+        states, saved = self.state_args(), self.saved_args()
         with em.indent("def _config(K, V):"):
             em.line('"""(BK, BV, warps): every key channel in one block, value channels in blocks of '
                     "BV_MAX, and")
             em.line('one warp per WARP_TILE elements of the state tile."""')
-            em.line("BK = triton.next_power_of_2(K)")
-            if x.norm:
-                em.line("BV = triton.next_power_of_2(V)  # ||e|| reads every value channel")
-            elif x.softmax and x.axis == 1:
-                em.line("BV = triton.next_power_of_2(V)  # the softmax runs over every value channel")
+            if self.muon:
+                with em.indent("if max(K, V) > MUON_MAX:"):
+                    em.line('raise ValueError(f"muon\'s fused recurrent kernels hold the whole [K, V] state in one '
+                            'program: K and V up to {MUON_MAX}, not {K} and {V} (mode=\'chunk\' or \'reference\' '
+                            'run any size)")')
+                em.line("BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))  "
+                        "# Newton-Schulz: the whole state, in tl.dot's least block")
             else:
-                em.line("BV = min(triton.next_power_of_2(V), BV_MAX)")
+                em.line("BK = triton.next_power_of_2(K)")
+                if x.norm:
+                    em.line("BV = triton.next_power_of_2(V)  # ||e|| reads every value channel")
+                elif x.mirror:
+                    em.line("BV = triton.next_power_of_2(V)  # the mirror map's norm spans the whole state")
+                elif x.softmax and x.axis == 1:
+                    em.line("BV = triton.next_power_of_2(V)  # the softmax runs over every value channel")
+                else:
+                    em.line("BV = min(triton.next_power_of_2(V), BV_MAX)")
             em.line("return BK, BV, min(MAX_WARPS, max(1, BK * BV // WARP_TILE))")
         em.gap()
         h0 = ", ".join(f"{s}0" for s in states)
@@ -544,16 +674,18 @@ class _Renderer:
             em.line("o = torch.empty_like(v)")
             for s in states:
                 em.line(f"{s}t = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)")
+            for s in saved:
                 em.line(f"{s}c = torch.empty(B, H, NC, K, V, dtype=torch.float32, device=v.device) "
                         "if save_checkpoints else None")
             em.line("fused_recurrent_fwd_kernel[(NV, B * H)](")
             em.line(f"    q, k, v, {gates}{h0}, o, {', '.join(f'{s}t' for s in states)}, "
-                    f"{', '.join(f'{s}c' for s in states)}, T,")
-            em.line("    H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=CHUNK, SAVE_CHECKPOINTS=save_checkpoints,")
+                    f"{', '.join(f'{s}c' for s in saved)}, T,")
+            em.line("    H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=CHUNK, SAVE_CHECKPOINTS=save_checkpoints," +
+                    self.level_args())
             em.line("    num_warps=warps)")
-            em.line(f"return o, {', '.join(f'{s}t' for s in states)}, {', '.join(f'{s}c' for s in states)}")
+            em.line(f"return o, {', '.join(f'{s}t' for s in states)}, {', '.join(f'{s}c' for s in saved)}")
         em.gap()
-        hc = ", ".join(f"{s}c" for s in states)
+        hc = ", ".join(f"{s}c" for s in saved)
         dht = ", ".join(f"d{s}t" for s in states)
         with em.indent(f"def fused_recurrent_bwd(q, k, v, {gates}{hc}, do, {dht}):"):
             em.line('"""Gradients of q, k, v (their dtypes), of the gates (theirs) and of the initial '
@@ -563,21 +695,23 @@ class _Renderer:
             em.line("BK, BV, warps = _config(K, V)")
             em.line("NV = triton.cdiv(V, BV)")
             em.line("f32 = dict(dtype=torch.float32, device=v.device)")
-            em.line("dq, dk = torch.empty(B, T, H, NV, K, **f32), torch.empty(B, T, H, NV, K, **f32)")
-            em.line("dv = torch.empty(B, T, H, V, **f32)")
+            new = "torch.zeros" if x.window else "torch.empty"  # a window adds into its rows
+            em.line(f"dq, dk = torch.empty(B, T, H, NV, K, **f32), {new}(B, T, H, NV, K, **f32)")
+            em.line(f"dv = {new}(B, T, H, V, **f32)")
             for g in x.gates:
                 shape = {"scalar": "B, T, H, NV", "key": "B, T, H, NV, K",
                          "value": "B, T, H, V"}[self.gate_axis(g)]
-                em.line(f"{ident(g, 'dg')} = torch.empty({shape}, **f32)")
+                em.line(f"{ident(g, 'dg')} = {new}({shape}, **f32)")
             for s in states:
                 em.line(f"d{s}0 = torch.empty(B, H, K, V, **f32)")
+            for s in saved:
                 em.line(f"w{s} = torch.empty(B * H * NV, CHUNK, BK, BV, **f32)")
             em.line("fused_recurrent_bwd_kernel[(NV, B * H)](")
             em.line(f"    q, k, v, {gates}{hc}, do.contiguous(), "
                     f"{', '.join(f'd{s}t.contiguous()' for s in states)},")
             em.line(f"    dq, dk, dv, {self.gate_params('dg')}{', '.join(f'd{s}0' for s in states)}, "
-                    f"{', '.join(f'w{s}' for s in states)}, T, NV,")
-            em.line("    H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=CHUNK, num_warps=warps)")
+                    f"{', '.join(f'w{s}' for s in saved)}, T, NV,")
+            em.line(f"    H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=CHUNK,{self.level_args()} num_warps=warps)")
             outs = ["dq.sum(3).to(q.dtype)", "dk.sum(3).to(k.dtype)", "dv.to(v.dtype)"]
             for g in x.gates:
                 d, gname = ident(g, "dg"), ident(g, "g")
@@ -619,7 +753,7 @@ class _Renderer:
                     "v: [B, T, H, V];")
             em.line(f"gates {', '.join(lv.gates) or '(none)'}: [B, T, H] or [B, T, H, K|V]; "
                     "any float dtype (computed in fp32).")
-            state = "(S, M), each [B, H, K, V]" if self.momentum else "S [B, H, K, V]"
+            state = "(S, M), each [B, H, K, V]" if len(self.state_args()) == 2 else "S [B, H, K, V]"
             em.line(f"initial_state: {state} (default: the reference's initial_state).")
             em.line(f'Returns (o [B, T, H, V] in v\'s dtype, final state {state} float32, or None)."""')
             em.line("B = k.shape[0]")
@@ -640,17 +774,3 @@ def _show(expr) -> str:
     return comment(str(expr).replace("gate_", "").replace(str(S.n), "n"))
 
 
-def _times(coeff: str, x: str) -> str:
-    """coeff * x, dropping a factor of ±1."""
-    if coeff in ("1.0", "(1.0)"):
-        return x
-    if coeff in ("-1.0", "(-1.0)"):
-        return f"-{x}"
-    return f"{coeff} * {x}"
-
-
-def _join(terms: list[str]) -> str:
-    out = terms[0]
-    for t in terms[1:]:
-        out += f" - {t[1:]}" if t.startswith("-") else f" + {t}"
-    return out

@@ -50,6 +50,15 @@ class LevelRules:
     def threshold(self) -> sympy.Expr:
         return self.retention.threshold.subs(lr, self.lr)
 
+    def accumulator_decay(self) -> sympy.Expr:
+        """An FTRL accumulator's factor on itself, A_t = decay·A_(t-1) + s_t: the mirror map's decay,
+        a decay retention's rate, else 1 (MATH.md §1.4, §2.13)."""
+        if self.retention.form == "mirror":
+            return sympy.sympify(self.retention.decay)
+        if self.level.retention.kind == "decay":
+            return sympy.sympify(self.level.retention.args["rate"])
+        return sympy.Integer(1)
+
     def describe(self) -> str:
         lv = self.level
         lines = [f"level {lv.name}:",

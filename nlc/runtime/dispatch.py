@@ -23,13 +23,16 @@ class TritonForms:
         (or where there are no recurrent ones), the fused recurrent kernels' otherwise; None if neither.
         auto: only kernels whose module does not set `AUTO = False` (kernels not yet run on a GPU); where
         the chunked ones say so, the fused recurrent ones at every length."""
+        recurrent = self.recurrent() if self.recurrent is not None else None
+        if recurrent is not None and auto and not getattr(recurrent, "AUTO", True):
+            recurrent = None
         if self.chunked is not None:
             module = self.chunked()
             if auto and not getattr(module, "AUTO", True):
-                return getattr(self.recurrent(), name) if self.recurrent is not None else None
-            if T >= module.CHUNK or self.recurrent is None:
+                return getattr(recurrent, name) if recurrent is not None else None
+            if T >= module.CHUNK or recurrent is None:
                 return getattr(module, name)
-        return getattr(self.recurrent(), name) if self.recurrent is not None else None
+        return getattr(recurrent, name) if recurrent is not None else None
 
 
 def triton_forms(module) -> TritonForms:

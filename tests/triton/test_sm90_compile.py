@@ -33,17 +33,28 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # with momentum and window 64 (BW = 128: its gradient kernel needed 248,832 bytes with 64 value
 # channels per block, 150,528 with 32); memora: the MLP kernels with KL's lag token in the coefficients;
 # retnet_kl, retnet_dgd: the fused recurrent kernels with KL's softmax over each column's key channels,
-# and with DGD's k (kᵀ S)
+# and with DGD's k (kᵀ S); retnet_muon: with Newton-Schulz on the whole state (tl.dot; [64, 64], the
+# largest its launcher takes: at [128, 128] the forward kernel needed 393,216 bytes);
+# retnet_lq: with lq's mirror map (its norm over the whole state); retnet_omega: with an omega window
+# (atomic adds of each window token's gradients); retnet_ftrl: an accumulator read through elastic
+# net's threshold, whose gate lr makes W = psi(A) read gates
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
          ("omeganet", "memory", {"depth": 1}, 20), ("omeganet", "memory", {"depth": 2}, 20),
          ("omeganet_momentum", "memory", {"depth": 1, "window": 64}, 20), ("memora", "memory", {"chunk": 16}, 20),
-         ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20)]
+         ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20),
+         ("retnet_muon", "memory", {"d_key": 64, "d_value": 64}, 20), ("retnet_lq", "memory", {}, 20),
+         ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
             "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),
-            "retnet_dgd": ("retnet", "retention decay(gamma)", "retention dgd(decay = gamma)")}
+            "retnet_dgd": ("retnet", "retention decay(gamma)", "retention dgd(decay = gamma)"),
+            "retnet_muon": ("retnet", "algorithm gd(lr = 1)", "algorithm muon(lr = 0.1, beta = 0.9, steps = 3)"),
+            "retnet_lq": ("retnet", "retention decay(gamma)", "retention lq(q = 4, decay = gamma)"),
+            "retnet_omega": ("retnet", "bias dot", "bias omega(window = 4, gamma = gamma) of l2"),
+            "retnet_ftrl": ("retnet", "retention decay(gamma)\n  algorithm gd(lr = 1)",
+                            "retention elastic(l1 = 20, l2 = 2)\n  algorithm ftrl(lr = gamma)")}
 
 
 def _launches(op, T):

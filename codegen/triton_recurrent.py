@@ -41,9 +41,8 @@ def unsupported(rules: LevelRules) -> str | None:
     lv, ret = rules.level, rules.retention
     if lv.memory.kind != "matrix":
         return f"a {lv.memory.kind} memory: the fused recurrent kernels hold a matrix state [K, V]"
-    if lv.period != 1:
-        when = "outer" if lv.period is None else f"every {lv.period}"
-        return f"update {when}: reads of a committed state are not in the fused recurrent kernels"
+    if lv.period is None:
+        return "update outer: the memory does not learn in context, so there is no recurrence to fuse"
     if lv.grad_at not in ("current", "retained"):
         return "gradients frozen at chunk starts: a chunked form, not a per-token recurrence"
     if rules.accumulator and lv.grad_at != "current":
@@ -142,6 +141,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
         self.momentum = self.lv.algorithm.kind == "momentum"
         self.muon = self.lv.algorithm.kind == "muon"  # M_t = beta M_(t-1) + u_t, s_t = -lr NS(M_t)
         self.steps = int(self.lv.algorithm.args["steps"]) if self.muon else 0
+        self.period = self.lv.period  # reads see the state committed every PERIOD tokens
         self.retained = self.lv.grad_at == "retained"
         self.after = self.lv.read == "after"
         self.em = Emitter()
@@ -172,23 +172,34 @@ class _Renderer(RetentionMaps, OmegaWindow):
         return ["h", "m"] if self.momentum or self.muon else ["h"]
 
     def saved_args(self) -> list[str]:
-        """What the forward checkpoints: the state and, for an accumulator, its weights w (W)."""
-        return self.state_args() + (["w"] if self.x.accumulator else [])
+        """What the forward checkpoints: the state, an accumulator's weights w (W) and, with an update
+        period, the committed tile rd (C) that reads see."""
+        return self.state_args() + (["w"] if self.x.accumulator else []) + (["rd"] if self.period > 1 else [])
 
     def gpu_run(self) -> bool:
         """Whether kernels of this kind have run on a GPU: not yet those with KL's softmax, DGD, elastic
-        net's threshold, an accumulator, muon or an omega window."""
+        net's threshold, an accumulator, muon, an omega window or an update period."""
         x = self.x
-        return not (x.softmax or x.dgd or x.accumulator or self.muon or x.window or
+        return not (x.softmax or x.dgd or x.accumulator or self.muon or x.window or self.period > 1 or
                     self.lv.retention.kind == "elastic")
 
     def level_params(self) -> str:
         """The kernels' constexpr parameters that depend on the level: muon's orientation flag TALL
-        (Newton-Schulz transposes a state with K > V) and omega's WINDOW."""
-        return (" TALL: tl.constexpr," if self.muon else "") + (" WINDOW: tl.constexpr," if self.x.window else "")
+        (Newton-Schulz transposes a state with K > V), omega's WINDOW and the update PERIOD."""
+        return (" TALL: tl.constexpr," if self.muon else "") + (" WINDOW: tl.constexpr," if self.x.window else "") + \
+            (" PERIOD: tl.constexpr," if self.period > 1 else "")
 
     def level_args(self) -> str:
-        return (" TALL=K > V," if self.muon else "") + (" WINDOW=WINDOW," if self.x.window else "")
+        return (" TALL=K > V," if self.muon else "") + (" WINDOW=WINDOW," if self.x.window else "") + \
+            (" PERIOD=PERIOD," if self.period > 1 else "")
+
+    def output_tile(self) -> str:
+        """The tile o_t reads: the committed C (every PERIOD tokens the read tile) or the read tile."""
+        return "b_rd" if self.period > 1 else self.read_tile()
+
+    def commit(self) -> None:
+        """C_t = the read tile at each period's last token, else C_(t-1)."""
+        self.em.line(f"b_rd = tl.where((t + 1) % PERIOD == 0, {self.read_tile()}, b_rd)  # commit every PERIOD tokens")
 
     def read_tile(self) -> str:
         """The tile a token reads and takes its gradient at: S, or an accumulator's weights W."""
@@ -219,6 +230,9 @@ class _Renderer(RetentionMaps, OmegaWindow):
         if self.muon:
             em.line("MUON_MAX = 64  # the largest K, V: at 128 Newton-Schulz's tl.dot operands outgrow a block's "
                     "shared memory")
+        if self.period > 1:
+            em.line()
+            em.line(f"PERIOD = {self.period}  # the level's update period: reads see the state committed every PERIOD tokens")
         if self.x.window:
             em.line()
             em.line(f"WINDOW = {self.x.window}  # the level's omega window: the tokens whose gradients each step sums")
@@ -278,6 +292,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
         else:
             em.line(f"  S_t = R(S_(t-1), s_t) = {_show(x.retain)}  (elementwise)")
         read = ('W_t' if self.after else 'W_(t-1)') if x.accumulator else ('S_t' if self.after else 'S_(t-1)')
+        if self.period > 1:
+            em.line(f"  C_t = {read.replace('_(t-1)', '_t')} where (t + 1) % {self.period} == 0, else C_(t-1);  "
+                    f"C_(-1) = {read.replace('_t', '_(-1)').replace('_(t-1)', '_(-1)')}  (the committed state)")
+            read = "C_t" if self.after else "C_(t-1)"
         em.line(f"  o_t = {read}^T q_t")
         em.line("Grid: one program per (block of BV value channels, batch x head); the state tile [BK, BV]")
         em.line("stays in registers for all T tokens. The forward saves the state every CHUNK tokens; the")
@@ -422,6 +440,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line("b_w = b_h  # psi reads gates: the first token reads A itself")
             elif self.x.accumulator:
                 self.weights("b_w", "b_h")
+            if self.period > 1:
+                em.line(f"b_rd = {self.read_tile()}  # C: what reads see, committed every PERIOD tokens")
             with em.indent("for t in range(0, T):"):
                 with em.indent("if SAVE_CHECKPOINTS:"):
                     with em.indent("if t % CHUNK == 0:  # the state entering this chunk"):
@@ -429,10 +449,12 @@ class _Renderer(RetentionMaps, OmegaWindow):
                         for s in self.saved_args():
                             em.line(f"tl.store({s}c + o_c + o_h, b_{s}, mask=m_h)")
                 self.load_token(grads=False)
-                read = self.read_tile()
+                read = self.output_tile()
                 if not self.after:
                     em.line(f"b_o = tl.sum({read} * b_q[:, None], 0)  # o_t = S_(t-1)^T q_t: read before write")
                 self.step("b_h", "b_m", comments=True)
+                if self.period > 1:
+                    self.commit()
                 if self.after:
                     em.line(f"b_o = tl.sum({read} * b_q[:, None], 0)  # o_t = S_t^T q_t")
                 em.line("tl.store(o + i_t * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)")
@@ -468,6 +490,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                         "token t")
             if x.accumulator:
                 em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_t: the weights are not returned")
+            if self.period > 1:
+                em.line("b_drd = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂C_t: nor is the committed tile")
             em.line("NC = tl.cdiv(T, CHUNK)")
             with em.indent("for i_n in range(0, NC):"):
                 em.line("i_c = NC - 1 - i_n")
@@ -482,6 +506,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                         em.line(f"tl.store(w{s} + o_p + j * (BK * BV) + o_w, b_{s})")
                     self.load_token(grads=False)
                     self.step("b_h", "b_m", comments=False)
+                    if self.period > 1:
+                        self.commit()
                 em.line("tl.debug_barrier()")
                 with em.indent("for j in range(0, L):  # token t, backwards"):
                     em.line("t = t0 + L - 1 - j")
@@ -491,6 +517,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                     self.step("b_hn", "b_mn", comments=False)
                     self.step_backward()
                 em.line("tl.debug_barrier()  # before the next chunk overwrites the buffer")
+            if self.period > 1:
+                em.line(f"{'b_dw' if x.accumulator else 'b_dh'} += b_drd  # C_(-1) is the read tile")
             if x.psi_gated:
                 em.line("b_dh += b_dw  # the first token read A_(-1) itself")
             elif x.accumulator:
@@ -511,20 +539,26 @@ class _Renderer(RetentionMaps, OmegaWindow):
             for g in ir.gate_names(expr):
                 terms[g].append(times(printer(diff(expr, ir.gate_symbol(g))), by))
 
-        if x.accumulator:
+        new, d_new, d_base = ("b_wn", "b_dwn", "b_dw") if x.accumulator else ("b_hn", "b_dhn", "b_dh")
+        what = "W_t" if x.accumulator else "S_t"
+        if self.period > 1:  # o_t reads C_t, which is W_t where token t commits, else C_(t-1)
+            em.line("b_cm = (t + 1) % PERIOD == 0  # token t commits: C_t = " + what)
+            em.line("b_drdn = b_drd + b_q[:, None] * b_do[None, :]  # ∂/∂C_t: later tokens and o_t = C_t^T q_t"
+                    if self.after else "b_drdn = b_drd  # ∂/∂C_t")
             if self.after:
-                em.line("b_dwn = b_dw + b_q[:, None] * b_do[None, :]  # ∂/∂W_t: later tokens and o_t = W_t^T q_t")
-                em.line("b_dq = tl.sum(b_wn * b_do[None, :], 1)")
-            else:
-                em.line("b_dwn = b_dw  # ∂/∂W_t")
+                em.line(f"b_dq = tl.sum(tl.where(b_cm, {new}, b_rd) * b_do[None, :], 1)")
+            em.line(f"{d_new} = {d_base} + tl.where(b_cm, b_drdn, 0.0)  # ∂/∂{what}")
+            em.line("b_drd = tl.where(b_cm, 0.0, b_drdn)  # ∂/∂C_(t-1)")
+        elif self.after:
+            em.line(f"{d_new} = {d_base} + b_q[:, None] * b_do[None, :]  # ∂/∂{what}: later tokens and "
+                    f"o_t = {what}^T q_t")
+            em.line(f"b_dq = tl.sum({new} * b_do[None, :], 1)")
+        else:
+            em.line(f"{d_new} = {d_base}  # ∂/∂{what}")
+        if x.accumulator:
             em.line(f"b_dhn = b_dh + {self.weights_back('b_hn', 'b_dwn', norm=False)}  "
                     "# ∂/∂A_t: later tokens and W_t = psi(A_t)")
             gate_terms(x.psi, "b_dwn", printer=lambda e: self.psi_tile(e, "b_hn"))
-        elif self.after:
-            em.line("b_dhn = b_dh + b_q[:, None] * b_do[None, :]  # ∂/∂S_t: later tokens and o_t = S_t^T q_t")
-            em.line("b_dq = tl.sum(b_hn * b_do[None, :], 1)")
-        else:
-            em.line("b_dhn = b_dh  # ∂/∂S_t")
         if x.softmax:
             self.softmax_back("b_dz", "b_hn", "b_dhn")
             em.line(f"b_dh = {self.through_log(x.retain, 'b_dz')}  # through S_t = mass·softmax(z)")
@@ -597,7 +631,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"b_dn = tl.sum({times(self.tile(diff(x.lr, S.n)), 'b_dlr')})")
             em.line("b_dk += 2.0 * b_dn * b_k  # through n = ||k_t||^2")
         if not self.after:
-            read = self.read_tile()
+            read = self.output_tile()
             em.line(f"{read.replace('b_', 'b_d')} += b_q[:, None] * b_do[None, :]  # o_t = S_(t-1)^T q_t")
             em.line(f"b_dq = tl.sum({read} * b_do[None, :], 1)")
         em.line("o_n = i_t * NV + i_v  # row of (token t, value block i_v) in the per-block partials")

@@ -44,6 +44,8 @@ BOUNDED = 1e4  # the largest |o| of the reference on test inputs
 CHAOTIC = 1e-3  # the most a relative 2^-24 move of the inputs may move the reference's o
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 DIM_PARAMS = ("d_key", "d_value", "d_state", "d_head")
+SCHEDULES = ("token", "retained", "before", "period")  # every per-token schedule (a period: reads of a
+# state committed every 2 tokens)
 
 
 def _sizes(gpu_all, cpu_subset):
@@ -63,7 +65,7 @@ def _shipped():
 def _design():
     """(id, spec text) of every sampled matrix-memory point the renderer takes."""
     out = []
-    for name, text in points(("matrix",), ("token", "retained", "before")):
+    for name, text in points(("matrix",), SCHEDULES):
         if unsupported(derive(check(text)[0])["memory"]) is None:
             out.append((name, text))
     return out
@@ -241,17 +243,26 @@ def test_bf16_inputs_with_an_fp32_state(stem, level):
 
 def test_every_supported_point_is_covered_here():
     """The renderer takes the shipped delta and decay-family levels and every per-token matrix point of
-    the design space: every bias (omega windows too), retention (lq's mirror maps too) and algorithm
-    (muon and ftrl too)."""
+    the design space: every bias (omega windows too), retention (lq's mirror maps too), algorithm
+    (muon and ftrl too) and schedule (update periods too)."""
     assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
                                        "longhorn", "mamba2", "retnet"}
-    assert [n for n, _ in DESIGN] == [n for n, _ in points(("matrix",), ("token", "retained", "before"))]
+    assert [n for n, _ in DESIGN] == [n for n, _ in points(("matrix",), SCHEDULES)]
     for part in range(1, 5):  # bias, retention, algorithm, schedule
         assert {n.split("-")[part] for n, _ in CPU_DESIGN} == {n.split("-")[part] for n, _ in DESIGN}
     assert {n.split("-")[1] for n, _ in DESIGN} >= {"omega"}
     assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit", "kl", "kl_global",
                                                    "dgd", "lq", "lq_miras"}
     assert {n.split("-")[3] for n, _ in DESIGN} == {"gd", "momentum", "muon", "ftrl"}
+
+
+@pytest.mark.parametrize("name", ["matrix-l2-decay-momentum-before", "matrix-huber-lq-gd-before",
+                                  "matrix-l2-elastic-ftrl-before", "matrix-omega-kl-muon-before"])
+def test_update_period_with_reads_before_write(name):
+    """Every third token commits (T = 40 ends mid-period); the reads before each step see the state
+    committed last (plain, an accumulator's weights, a psi that reads gates, with muon and a window)."""
+    text = dict(points(("matrix",), ("before",)))[name].replace("read before", "update every 3\n  read before")
+    _compare(_design_op(text, 16), 40)
 
 
 @pytest.mark.parametrize("d_key,d_value", [(32, 16), (16, 32)], ids=["tall", "wide"])
@@ -274,7 +285,7 @@ def test_muon_refuses_a_state_over_its_limit():
 
 
 def test_auto_mode_leaves_recurrent_kernels_not_yet_run_on_a_gpu_to_mode_triton():
-    """Kernels with a muon step (or KL, DGD, elastic net, an accumulator, an omega window) say
+    """Kernels with a muon step (or KL, DGD, elastic net, an accumulator, an omega window, a period) say
     `AUTO = False`: checked under the interpreter only, so the dispatch's auto path declines them;
     the gated delta rule's, run on an H100, are taken."""
     muon = _design_op(dict(points(("matrix",), ("token",)))["matrix-l2-decay-muon-token"], 16).triton

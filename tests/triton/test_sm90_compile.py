@@ -37,7 +37,8 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # largest its launcher takes: at [128, 128] the forward kernel needed 393,216 bytes);
 # retnet_lq: with lq's mirror map (its norm over the whole state); retnet_omega: with an omega window
 # (atomic adds of each window token's gradients); retnet_ftrl: an accumulator read through elastic
-# net's threshold, whose gate lr makes W = psi(A) read gates
+# net's threshold, whose gate lr makes W = psi(A) read gates; retnet_period: reads of the state committed
+# every 4 tokens
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
@@ -45,7 +46,7 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("omeganet_momentum", "memory", {"depth": 1, "window": 64}, 20), ("memora", "memory", {"chunk": 16}, 20),
          ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20),
          ("retnet_muon", "memory", {"d_key": 64, "d_value": 64}, 20), ("retnet_lq", "memory", {}, 20),
-         ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20)]
+         ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
             "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),
@@ -54,7 +55,8 @@ VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorit
             "retnet_lq": ("retnet", "retention decay(gamma)", "retention lq(q = 4, decay = gamma)"),
             "retnet_omega": ("retnet", "bias dot", "bias omega(window = 4, gamma = gamma) of l2"),
             "retnet_ftrl": ("retnet", "retention decay(gamma)\n  algorithm gd(lr = 1)",
-                            "retention elastic(l1 = 20, l2 = 2)\n  algorithm ftrl(lr = gamma)")}
+                            "retention elastic(l1 = 20, l2 = 2)\n  algorithm ftrl(lr = gamma)"),
+            "retnet_period": ("retnet", "read after", "update every 4\n  read after")}
 
 
 def _launches(op, T):

@@ -530,7 +530,11 @@ class MlpKernels(_Kernels):
                 em.line("dual_read_fwd_kernel[(triton.cdiv(O, BO), NT, B * H)](")
                 em.line("    *(w if t is None else t for t in inputs), out, T, NT, **sizes)")
                 em.line("return out")
-            em.line("grads = [None if t is None else torch.empty_like(t) for t in inputs]")
+            if self.omega:  # the padded window rows (_padded) of a and d are not written: zero, as constants
+                em.line("grads = [None if t is None else (torch.zeros_like(t) if i in (1, 2) else torch.empty_like(t))")
+                em.line("         for i, t in enumerate(inputs)]")
+            else:
+                em.line("grads = [None if t is None else torch.empty_like(t) for t in inputs]")
             em.line("dual_read_bwd_kernel[(NT, B * H)](*(w if t is None else t for t in inputs), dout,")
             em.line("                                  *(grads[3] if t is None else t for t in grads), T, NT, **sizes)")
             em.line("return grads")

@@ -60,6 +60,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         note = per_token_note(program.rules[p.level], p)
         if note:
             print(f"  note: {note}")
+        print(f"    triton: {program.triton_summary(p.level)}")
     if program.checked.optimizer is not None:
         fields = program.checked.optimizer.describe()
         print("  optimizer (outer level): " + "  ".join(f"{k} {v}" for k, v in fields.items()))

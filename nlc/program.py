@@ -187,6 +187,19 @@ class Program:
                 forms[role] = lambda name=name: self.module(name)
         return TritonForms(**forms, why_not=None if forms else unsupported(self.rules[level]))
 
+    def triton_summary(self, level: str) -> str:
+        """One line on a level's Triton kernels: which were generated and whether mode='auto' takes
+        them (kernels not yet run on a GPU say `AUTO = False`), or why there are none."""
+        kinds = []
+        for kind, name in (("fused recurrent", f"level_{level}_triton.py"), ("chunked", f"level_{level}_triton_chunk.py")):
+            if name in self.sources:
+                auto = "\nAUTO = False" not in self.sources[name]
+                kinds.append(kind + ("" if auto else " (mode='triton' only: not yet run on a GPU)"))
+        if kinds:
+            return ", ".join(kinds)
+        from .codegen.triton_recurrent import unsupported
+        return f"none ({unsupported(self.rules[level])})"
+
     def dump(self, stage: str) -> str:
         if stage == "ast":
             from .parse import parse

@@ -77,6 +77,18 @@ def test_check_notes_per_token_gradients_that_cannot_be_chunked(capsys, tmp_path
     assert code == 0 and "chunk-parallel" in out and "note:" not in out
 
 
+def test_check_says_which_triton_kernels_a_level_has(capsys, tmp_path):
+    """Per level: the generated kernels, whether mode='auto' may take them, or why there are none."""
+    code, out, _ = run(capsys, "check", SPECS / "retnet.nl")
+    assert code == 0 and "    triton: fused recurrent, chunked\n" in out
+    code, out, _ = run(capsys, "check", SPECS / "gla.nl")
+    assert code == 0 and "triton: fused recurrent, chunked (mode='triton' only: not yet run on a GPU)" in out
+    spec = tmp_path / "per_token.nl"
+    spec.write_text(PER_TOKEN_MLP.format(gradient=""))
+    code, out, _ = run(capsys, "check", spec)
+    assert code == 0 and "triton: none (a mlp memory: the fused recurrent kernels hold a matrix state" in out
+
+
 def test_check_syntax_error_points_at_the_spec(capsys, tmp_path):
     bad = tmp_path / "bad.nl"
     bad.write_text(BAD)

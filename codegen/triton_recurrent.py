@@ -574,31 +574,30 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("b_dkg = -b_lr * (tl.sum(b_dhn * b_kh[None, :], 1) + tl.sum(b_h * b_kd[None, :], 1))")
             if ir.gate_names(x.lr):
                 em.line("b_dlr = -b_k[:, None] * b_kh[None, :] * b_dhn  # lr's share, as a tile")
-        step = "b_ds"
-        if self.muon:
-            em.line("b_dx = -b_lr * b_ds  # ∂/∂NS(M_t)")
-            newton_schulz.backward(em, "b_dx", self.steps)
-            em.line("b_dmn = b_dm + b_dx  # ∂/∂M_t")
+        def buffer_back(into: str) -> None:
+            """∂/∂M_t (b_dmn) from later tokens and `into`, then ∂/∂M_(t-1) through M_t = beta M_(t-1) + ..."""
+            em.line(f"b_dmn = b_dm + {into}  # ∂/∂M_t")
             em.line(f"b_dm = {times(self.tile(x.beta), 'b_dmn')}")
             if ir.gate_names(x.beta):
                 em.line("b_dbeta = b_m * b_dmn")
                 gate_terms(x.beta, "b_dbeta")
+
+        if self.muon:  # s_t = -lr NS(M_t), M_t = beta M_(t-1) + u_t
+            em.line("b_dx = -b_lr * b_ds  # ∂/∂NS(M_t)")
+            newton_schulz.backward(em, "b_dx", self.steps)
+            buffer_back("b_dx")
             em.line("b_du = b_dmn")
             if ir.gate_names(x.lr):
                 em.line(f"b_dlr = -b_x{self.steps} * b_ds")
                 gate_terms(x.lr, "b_dlr")
-        elif self.momentum:
-            em.line("b_dmn = b_dm + b_ds  # ∂/∂M_t")
-            em.line(f"b_dm = {times(self.tile(x.beta), 'b_dmn')}")
-            if ir.gate_names(x.beta):
-                em.line("b_dbeta = b_m * b_dmn")
-                gate_terms(x.beta, "b_dbeta")
-            step = "b_dmn"
-        if not self.muon:
+        else:  # s_t = -lr u_t, or with momentum s_t = M_t = beta M_(t-1) - lr u_t
+            if self.momentum:
+                buffer_back("b_ds")
+            step = "b_dmn" if self.momentum else "b_ds"
             em.line(f"b_du = -b_lr * {step}")
-        if (ir.gate_names(x.lr) or x.implicit) and not self.muon:
-            em.line(f"b_dlr -= b_u * {step}" if x.dgd else f"b_dlr = -b_u * {step}")
-            gate_terms(x.lr, "b_dlr")
+            if ir.gate_names(x.lr) or x.implicit:
+                em.line(f"b_dlr -= b_u * {step}" if x.dgd else f"b_dlr = -b_u * {step}")
+                gate_terms(x.lr, "b_dlr")
         a = "b_a" if self.retained else self.read_tile()
         if x.window:
             em.line("b_dk = tl.zeros([BK], dtype=tl.float32)" + ("  # k_t's own: DGD's" if x.dgd else ""))

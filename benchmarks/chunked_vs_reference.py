@@ -4,6 +4,10 @@ JSON. The peers (titans-pytorch, nested-learning, fla) are in `peers.py`. A call
 `--budget` seconds is timed once, its warm-up being the measurement.
 
     python benchmarks/chunked_vs_reference.py --length 1024 --json benchmarks/chunked_vs_reference.json
+
+Each (spec, form) runs in a fresh Python process (`--worker`) under the address-space cap, so a
+form that runs out of memory, or leaves the heap fragmented, cannot fail the forms timed after it
+(in one shared process, oneDNN's "could not create a primitive" followed the atlas loop's failure).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,8 +76,11 @@ def measure(layer, x, repeats: int, budget: float) -> dict:
         layer.zero_grad(set_to_none=True)
         gc.collect()  # outside the handler: the traceback's frames hold the failed call's tensors
     if out["forward_tok_s"] is not None:  # a layer that diverges on these inputs times NaN arithmetic
-        with torch.no_grad():
-            out["output_finite"] = bool(torch.isfinite(layer(x)).all())
+        try:
+            with torch.no_grad():
+                out["output_finite"] = bool(torch.isfinite(layer(x)).all())
+        except (MemoryError, RuntimeError) as error:  # the heap the failed training call left behind
+            out.setdefault("errors", {})["output_finite"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return out
 
 
@@ -100,30 +109,24 @@ def main() -> None:
     parser.add_argument("--memory-limit-gib", type=float, default=round(0.75 * physical_gib(), 1),
                         help="address-space cap: a form that needs more is reported out of memory")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--worker", nargs=2, metavar=("SPEC", "FORM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cap = int(args.memory_limit_gib * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args)))
+        return
 
     rows = []
     for name in args.specs:
-        base = nlc.compile(SPECS / f"{name}.nl")
-        program = nlc.compile(SPECS / f"{name}.nl", **overrides(base.params, args))
-        plans = {p.level: p.family for p in program.plans.values()}
+        plans = layer_plans(name, args)
         why = ("no memory level" if not plans else
                "no chunk-parallel level" if set(plans.values()) == {"reference"} else None)
         if why:
             print(f"{name:18s} {why}: skipped", flush=True)
             rows.append({"spec": name, "plans": plans, "skipped": why})
             continue
-        torch.manual_seed(0)
-        chunked = program.layer(mode="auto")
-        reference = program.layer(mode="reference")
-        reference.load_state_dict(chunked.state_dict())
-        x = torch.randn(args.batch, args.length, program.d_model)
         row = {"spec": name, "plans": plans,
-               "chunked": measure(chunked, x, args.repeats, args.budget),
-               "reference": measure(reference, x, 1, args.budget)}
+               "chunked": run_worker(name, "chunked", args),
+               "reference": run_worker(name, "reference", args)}
         row["speedup_forward"] = ratio(row["chunked"]["forward_tok_s"], row["reference"]["forward_tok_s"])
         row["speedup_train"] = ratio(row["chunked"]["train_tok_s"], row["reference"]["train_tok_s"])
         rows.append(row)
@@ -135,6 +138,48 @@ def main() -> None:
               + ("" if c.get("output_finite", True) else "  (output not finite: timed on NaN)"), flush=True)
         write(args, rows)
     write(args, rows, done=True)
+
+
+def program_at(name: str, args):
+    """The spec compiled at the benchmark's shape."""
+    base = nlc.compile(SPECS / f"{name}.nl")
+    return nlc.compile(SPECS / f"{name}.nl", **overrides(base.params, args))
+
+
+def layer_plans(name: str, args) -> dict:
+    """{level: family} of the spec at the benchmark's shape."""
+    return {p.level: p.family for p in program_at(name, args).plans.values()}
+
+
+def worker(name: str, form: str, args) -> dict:
+    """One form's measurement, in this (fresh) process: the layer's weights from seed 0 (the same
+    in both forms), x [B, T, d_model] from seed 0 after them."""
+    torch.set_num_threads(args.threads)
+    cap = int(args.memory_limit_gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    program = program_at(name, args)
+    torch.manual_seed(0)
+    layer = program.layer(mode="auto" if form == "chunked" else "reference")
+    x = torch.randn(args.batch, args.length, program.d_model)
+    return measure(layer, x, args.repeats if form == "chunked" else 1, args.budget)
+
+
+def run_worker(name: str, form: str, args) -> dict:
+    """`worker` in a fresh process; a crashed worker counts as failed in both modes."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", name, form,
+               "--batch", str(args.batch), "--length", str(args.length),
+               "--d-model", str(args.d_model), "--heads", str(args.heads),
+               "--head-dim", str(args.head_dim), "--chunk", str(args.chunk),
+               "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--budget", str(args.budget), "--memory-limit-gib", str(args.memory_limit_gib)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    why = f"worker exit {done.returncode}: {tail}"
+    return {"forward_tok_s": None, "train_tok_s": None,
+            "errors": {"forward_tok_s": why, "train_tok_s": why}}
 
 
 def physical_gib() -> float:

@@ -86,7 +86,10 @@ def test_check_says_which_triton_kernels_a_level_has(capsys, tmp_path):
     spec = tmp_path / "per_token.nl"
     spec.write_text(PER_TOKEN_MLP.format(gradient=""))
     code, out, _ = run(capsys, "check", spec)
-    assert code == 0 and "triton: none (a mlp memory: the fused recurrent kernels hold a matrix state" in out
+    assert code == 0 and ("triton: none: fused recurrent (a mlp memory: the fused recurrent kernels hold "
+                          "a matrix state [K, V]); chunked (the sequential family has none yet)") in out
+    code, out, _ = run(capsys, "check", SPECS / "longhorn.nl")
+    assert code == 0 and "triton: fused recurrent; no chunked (a step size over value channels" in out
 
 
 def test_check_syntax_error_points_at_the_spec(capsys, tmp_path):

@@ -8,6 +8,8 @@ import importlib.util
 from . import triton_support
 
 MODES = ("auto", "reference", "chunk", "triton")
+# a level's generated Triton files, by role: level_<name><suffix>.py beside its reference module
+TRITON_SUFFIXES = {"recurrent": "_triton", "chunked": "_triton_chunk"}
 
 
 class TritonForms:
@@ -44,7 +46,7 @@ def triton_forms(module) -> TritonForms:
 @functools.lru_cache(maxsize=None)
 def _triton_forms(module: str) -> TritonForms:
     found = {}
-    for role, suffix in (("recurrent", "_triton"), ("chunked", "_triton_chunk")):
+    for role, suffix in TRITON_SUFFIXES.items():
         name = f"{module}{suffix}"
         if importlib.util.find_spec(name) is not None:
             found[role] = lambda name=name: importlib.import_module(name)

@@ -172,14 +172,21 @@ def run_worker(name: str, form: str, args) -> dict:
                "--head-dim", str(args.head_dim), "--chunk", str(args.chunk),
                "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--budget", str(args.budget), "--memory-limit-gib", str(args.memory_limit_gib)]
+    result, why = run_json(command)
+    if why is None:
+        return result
+    return {"forward_tok_s": None, "train_tok_s": None,
+            "errors": {"forward_tok_s": f"worker {why}", "train_tok_s": f"worker {why}"}}
+
+
+def run_json(command: list[str]) -> tuple[dict | None, str | None]:
+    """Run a worker process: (the JSON of its last output line, None), or (None, why it failed)."""
     done = subprocess.run(command, capture_output=True, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode == 0 and lines:
-        return json.loads(lines[-1])
+        return json.loads(lines[-1]), None
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    why = f"worker exit {done.returncode}: {tail}"
-    return {"forward_tok_s": None, "train_tok_s": None,
-            "errors": {"forward_tok_s": why, "train_tok_s": why}}
+    return None, f"exit {done.returncode}: {tail}"
 
 
 def physical_gib() -> float:

@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from chunked_vs_reference import physical_gib
+from chunked_vs_reference import physical_gib, run_json
 from peer_adapters import ROWS, PeerMissing, Shape
 
 MODES = ("forward", "train")
@@ -198,13 +197,10 @@ def run_row(name: str, args, shape: Shape) -> dict:
                    "--repeats", str(args.repeats), "--budget", str(args.budget),
                    "--threads", str(args.threads),
                    "--memory-limit-gib", str(args.memory_limit_gib)] + shape_flags(shape)
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            out[mode] = {"error": f"exit {done.returncode}: {tail}"}
+        result, why = run_json(command)
+        if why is not None:
+            out[mode] = {"error": why}
             continue
-        result = json.loads(lines[-1])
         if "skipped" in result:
             return result
         out[mode] = result

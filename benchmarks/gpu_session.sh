@@ -18,7 +18,7 @@ stage=${1:?usage: gpu_session.sh prepare | tests [PYTEST ARGS] | rerun | bench [
 shift
 cd "$(dirname "$0")/.."
 
-# pure-Python wheels (and tensordict's cp312 build) the GPU image lacks, pinned to what the CPU
+# the (pure-Python) wheels the GPU image lacks, pinned to what the CPU
 # benchmarks ran with
 WHEELS=(lark==1.3.1 interegular==0.3.3 fla-core==0.6.0 titans-pytorch==0.5.5 assoc-scan==0.0.6
         accelerated-scan==0.3.1 axial_positional_embedding==0.3.12 einx==0.4.3 frozendict==2.5.1

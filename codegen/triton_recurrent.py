@@ -15,6 +15,9 @@ retention's elementwise map S = R(S0, s) (elastic net's soft threshold as its br
 S = R(S0, s) - lr k (kᵀ S0) (every key channel is in the tile, so kᵀ S0 is one reduction over it), or
 an FTRL accumulator A = decay·A + s read through W = psi(A) (lq's mirror maps with the norm of the
 whole state; `triton_recurrent_maps` has the softmax and psi).
+The gradient point is the state before the token, the retained state, or (`gradient chunk_start(C)`)
+F, the state entering the token's gradient chunk: a second tile, set at each chunk's first token;
+the backward sums every token's ∂/∂F and hands it to the state at that first token.
 The backward kernel runs backwards in time; its partial derivatives (∂R/∂S0, ∂R/∂s, ∂d/∂e, ∂/∂gate
 ...) are `sympy.diff` of the same expressions. The forward saves the state every CHUNK tokens; the
 backward recomputes one chunk's states from its checkpoint into a per-program buffer, then walks the
@@ -43,9 +46,10 @@ def unsupported(rules: LevelRules) -> str | None:
         return f"a {lv.memory.kind} memory: the fused recurrent kernels hold a matrix state [K, V]"
     if lv.period is None:
         return "update outer: the memory does not learn in context, so there is no recurrence to fuse"
-    if lv.grad_at not in ("current", "retained"):
-        return "gradients frozen at chunk starts: a chunked form, not a per-token recurrence"
-    if rules.accumulator and lv.grad_at != "current":
+    if lv.maps_at_chunks or lv.lag_token:
+        return (f"retention {lv.retention.kind}(apply = chunk) steps differently at chunk boundaries: "
+                "not in the fused recurrent kernels")
+    if rules.accumulator and lv.grad_at == "retained":
         return "an accumulator's gradient at the retained state is not in the fused recurrent kernels"
     if lv.target == "self" or lv.init_from is not None:
         return "a self-generated target or a restart (init from) is not in the fused recurrent kernels"
@@ -143,6 +147,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
         self.steps = int(self.lv.algorithm.args["steps"]) if self.muon else 0
         self.period = self.lv.period  # reads see the state committed every PERIOD tokens
         self.retained = self.lv.grad_at == "retained"
+        # gradients at F, the state entering each gradient chunk of GRAD_CHUNK tokens (`chunk_start`)
+        self.frozen = self.lv.grad_at == "chunk" and not self.x.state_free
         self.after = self.lv.read == "after"
         self.em = Emitter()
 
@@ -173,25 +179,31 @@ class _Renderer(RetentionMaps, OmegaWindow):
 
     def saved_args(self) -> list[str]:
         """What the forward checkpoints: the state, an accumulator's weights w (W) and, with an update
-        period, the committed tile rd (C) that reads see."""
-        return self.state_args() + (["w"] if self.x.accumulator else []) + (["rd"] if self.period > 1 else [])
+        period, the committed tile rd (C) that reads see and, with gradients at chunk starts, their
+        point fz (F)."""
+        return self.state_args() + (["w"] if self.x.accumulator else []) + (["rd"] if self.period > 1 else []) + \
+            (["fz"] if self.frozen else [])
 
     def gpu_run(self) -> bool:
         """Whether kernels of this kind have run on a GPU: not yet those with KL's softmax, DGD, elastic
-        net's threshold, an accumulator, muon, an omega window or an update period."""
+        net's threshold, an accumulator, muon, an omega window, an update period or gradients at chunk
+        starts."""
         x = self.x
         return not (x.softmax or x.dgd or x.accumulator or self.muon or x.window or self.period > 1 or
-                    self.lv.retention.kind == "elastic")
+                    self.frozen or self.lv.retention.kind == "elastic")
 
     def level_params(self) -> str:
         """The kernels' constexpr parameters that depend on the level: muon's orientation flag TALL
-        (Newton-Schulz transposes a state with K > V), omega's WINDOW and the update PERIOD."""
-        return (" TALL: tl.constexpr," if self.muon else "") + (" WINDOW: tl.constexpr," if self.x.window else "") + \
-            (" PERIOD: tl.constexpr," if self.period > 1 else "")
+        (Newton-Schulz transposes a state with K > V), omega's WINDOW, the update PERIOD and the
+        GRAD_CHUNK of gradients at chunk starts."""
+        return "".join(f" {name}: tl.constexpr," for name in self.level_constants())
 
     def level_args(self) -> str:
-        return (" TALL=K > V," if self.muon else "") + (" WINDOW=WINDOW," if self.x.window else "") + \
-            (" PERIOD=PERIOD," if self.period > 1 else "")
+        return "".join(f" {name}={'K > V' if name == 'TALL' else name}," for name in self.level_constants())
+
+    def level_constants(self) -> list[str]:
+        return [name for name, used in (("TALL", self.muon), ("WINDOW", self.x.window), ("PERIOD", self.period > 1),
+                                        ("GRAD_CHUNK", self.frozen)) if used]
 
     def output_tile(self) -> str:
         """The tile o_t reads: the committed C (every PERIOD tokens the read tile) or the read tile."""
@@ -236,6 +248,9 @@ class _Renderer(RetentionMaps, OmegaWindow):
         if self.x.window:
             em.line()
             em.line(f"WINDOW = {self.x.window}  # the level's omega window: the tokens whose gradients each step sums")
+        if self.frozen:
+            em.line()
+            em.line(f"GRAD_CHUNK = {self.lv.grad_chunk}  # gradients at the state entering each GRAD_CHUNK tokens")
         em.gap()
         if self.muon:
             newton_schulz.helpers(em)
@@ -264,7 +279,11 @@ class _Renderer(RetentionMaps, OmegaWindow):
         em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
         em.line("Per token t (row convention, S [K, V]):")
         at = "R(S_(t-1), 0)  (the retained state)" if self.retained else ("W_(t-1)" if x.accumulator else "S_(t-1)")
-        em.line(f"  P_t = {at}  (the gradient point)")
+        note = "the gradient point"
+        if self.frozen:
+            at = f"{at.replace('t-1', 't0-1')},  t0 = {self.lv.grad_chunk}·floor(t / {self.lv.grad_chunk})"
+            note += ": the state entering t's gradient chunk, F"
+        em.line(f"  P_t = {at}  ({note})")
         if x.state_free:
             em.line(f"  d_t = dℓ/dy = {_show(x.grad)}  (free of the state)")
         else:
@@ -378,6 +397,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"b_a = {self.tile(x.retain.subs(S.s, 0))}" +
                     c(f"{where(lv.retention.span) or '#'} P_t: the retained state".strip()))
             a = "b_a"
+        if self.frozen:
+            em.line(f"b_fz = tl.where(t % GRAD_CHUNK == 0, {a}, b_fz)" +
+                    c("# F: a gradient chunk starts at t, its gradients at the state entering it"))
+            a = "b_fz"
         if x.window:
             self.window_gradient(a, c)
         else:
@@ -442,6 +465,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 self.weights("b_w", "b_h")
             if self.period > 1:
                 em.line(f"b_rd = {self.read_tile()}  # C: what reads see, committed every PERIOD tokens")
+            if self.frozen:
+                em.line(f"b_fz = {self.read_tile()}  # F: the gradient point, set at each gradient chunk's start")
             with em.indent("for t in range(0, T):"):
                 with em.indent("if SAVE_CHECKPOINTS:"):
                     with em.indent("if t % CHUNK == 0:  # the state entering this chunk"):
@@ -492,6 +517,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_t: the weights are not returned")
             if self.period > 1:
                 em.line("b_drd = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂C_t: nor is the committed tile")
+            if self.frozen:
+                em.line("b_dfz = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂F: the gradient chunk's tokens so far")
             em.line("NC = tl.cdiv(T, CHUNK)")
             with em.indent("for i_n in range(0, NC):"):
                 em.line("i_c = NC - 1 - i_n")
@@ -598,7 +625,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
             if ir.gate_names(x.lr) or x.implicit:
                 em.line(f"b_dlr -= b_u * {step}" if x.dgd else f"b_dlr = -b_u * {step}")
                 gate_terms(x.lr, "b_dlr")
-        a = "b_a" if self.retained else self.read_tile()
+        a = "b_a" if self.retained else "b_fz" if self.frozen else self.read_tile()
         if x.window:
             em.line("b_dk = tl.zeros([BK], dtype=tl.float32)" + ("  # k_t's own: DGD's" if x.dgd else ""))
             if x.dgd:
@@ -616,7 +643,12 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line("b_da = b_k[:, None] * b_de[None, :]")
         if x.accumulator and x.state_free:
             em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_(t-1)")
-        if not x.state_free:  # b_da = ∂/∂P_t
+        if self.frozen:  # b_da = ∂/∂F, the point of every token of the gradient chunk
+            em.line("b_dfz += b_da")
+            em.line(f"b_fs = t % GRAD_CHUNK == 0  # token t starts its gradient chunk: F = {what.replace('_t', '_(t-1)')}")
+            em.line(f"{'b_dw' if x.accumulator else 'b_dh'} {'=' if x.accumulator else '+='} tl.where(b_fs, b_dfz, 0.0)")
+            em.line("b_dfz = tl.where(b_fs, 0.0, b_dfz)  # ∂/∂F of the chunk before")
+        elif not x.state_free:  # b_da = ∂/∂P_t
             if x.accumulator:
                 em.line("b_dw = b_da  # ∂/∂W_(t-1)")
             elif self.retained:

@@ -7,8 +7,9 @@ included), for T = 1, 63, 100 and head dims 16, 32, 64, with gradient chunks tha
 also over a sequence shorter than the window.
 
 The gradient chunk is part of the rule (`gradient chunk_start(C)`), so each case compiles its own C
-(the reference changes with it). Each case runs the op in mode='triton' (which picks these
-kernels: the level has no fused recurrent ones). Precision as in test_fused_recurrent: fp32 kernels against the float64
+(the reference changes with it). Each case runs the op in mode='triton' with these kernels alone
+(`_only`: a matrix memory's fused recurrent kernels, which mode='triton' runs below one chunk, are
+test_fused_recurrent's). Precision as in test_fused_recurrent: fp32 kernels against the float64
 reference on the same inputs, relative error <= 1e-4; bf16 inputs (fp32 states) 2e-2.
 
 On a CUDA device every case runs. On the CPU (Triton's interpreter, slow) Titans runs three (head dim,
@@ -29,7 +30,7 @@ from nlc.lower import check
 from nlc.plan import plan
 
 from ..ops.design_space import BIASES, chunked_points, spec_text
-from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare
+from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare, _only
 
 pytest.importorskip("triton", reason="triton is not installed (pip install 'nlc[triton]')")
 
@@ -107,7 +108,7 @@ def _design_program(text, dim, chunk):
 
 @pytest.mark.parametrize("dim,T,chunk", SHIPPED_CASES, ids=[f"D{d}-T{t}-C{c}" for d, t, c in SHIPPED_CASES])
 def test_titans_matrix_memory_matches_the_reference(dim, T, chunk):
-    _compare(_titans(dim, chunk).op("memory"), T)
+    _compare(_only(_titans(dim, chunk).op("memory"), "chunked"), T)
 
 
 @pytest.mark.parametrize("dim,T,chunk,window", OMEGA_CASES,
@@ -115,13 +116,13 @@ def test_titans_matrix_memory_matches_the_reference(dim, T, chunk):
 def test_omeganet_matrix_memory_matches_the_reference(dim, T, chunk, window):
     """Omega windows: each chunk's gradients are those of its window's rows, the WINDOW - 1 tokens
     before it among them, all at its start state; gamma's gradient comes back through Ω."""
-    _compare(_omeganet(dim, chunk, window, depth=1).op("memory"), T)
+    _compare(_only(_omeganet(dim, chunk, window, depth=1).op("memory"), "chunked"), T)
 
 
 @pytest.mark.parametrize("name,text,dim,T,chunk", DESIGN_CASES,
                          ids=[f"{n}-D{d}-T{t}-C{c}" for n, _, d, t, c in DESIGN_CASES])
 def test_design_space_matches_the_reference(name, text, dim, T, chunk):
-    _compare(_design_program(text, dim, chunk).op("memory"), T)
+    _compare(_only(_design_program(text, dim, chunk).op("memory"), "chunked"), T)
 
 
 @pytest.mark.parametrize("bias,retention,algorithm", [("huber_norm", "decay", "momentum"), ("l1", "l2", "gd")])
@@ -129,7 +130,7 @@ def test_reads_before_the_write_match_the_reference(bias, retention, algorithm):
     """`read before` (no design point combines it with chunk-start gradients): rows shifted by one."""
     text = spec_text("matrix", bias, retention, algorithm, "chunk")
     text = text.replace("chunk_start(2)", "chunk_start(2)\n  read before")
-    _compare(_design_program(text, 16, 5).op("memory"), 63)
+    _compare(_only(_design_program(text, 16, 5).op("memory"), "chunked"), 63)
 
 
 @pytest.mark.parametrize("bias,algorithm,read", [
@@ -141,11 +142,11 @@ def test_omega_windows_with_gates_norms_and_reads_before(bias, algorithm, read):
     momentum with rows shifted by one token; a constant gamma under a bias that reads ||e||."""
     text = spec_text("matrix", "omega", "decay", algorithm, "chunk").replace(BIASES["omega"], bias)
     text = text.replace("chunk_start(2)", f"chunk_start(2)\n  read {read}")
-    _compare(_design_program(text, 16, 5).op("memory"), 63)
+    _compare(_only(_design_program(text, 16, 5).op("memory"), "chunked"), 63)
 
 
 def test_bf16_inputs_with_an_fp32_state():
-    _compare(_titans(32, 16).op("memory"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
+    _compare(_only(_titans(32, 16).op("memory"), "chunked"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
 
 
 def test_every_linear_point_has_kernels_and_other_plans_say_why():
@@ -161,12 +162,17 @@ def test_every_linear_point_has_kernels_and_other_plans_say_why():
     assert "not 'frozen'" in unsupported(program.rules["memory"], program.plans["memory"])
 
 
-def test_triton_mode_runs_the_chunked_kernels_at_every_length():
-    """The level has no fused recurrent kernels (its gradients are frozen at chunk starts), so
-    mode='triton' runs the chunked ones even below one chunk."""
+def test_triton_mode_runs_the_chunked_kernels_from_one_chunk_on():
+    """Titans' memory (an MLP of depth 1) has no fused recurrent kernels, so mode='triton' runs the
+    chunked ones even below one chunk; a matrix memory has both, and runs the fused recurrent ones
+    below one chunk (C = 5)."""
     op = _titans(16, 16).op("memory")
     for T in (1, 16, 100):
         assert op.pick("triton", T, torch.device(DEVICE)).__module__.endswith("level_memory_triton_chunk")
+    matrix = _design_program(spec_text("matrix", "huber", "decay", "momentum", "chunk"), 16, 5).op("memory")
+    picked = {T: matrix.pick("triton", T, torch.device(DEVICE)).__module__.rsplit(".", 1)[1] for T in (1, 4, 5, 63)}
+    assert picked == {1: "level_memory_triton", 4: "level_memory_triton", 5: "level_memory_triton_chunk",
+                      63: "level_memory_triton_chunk"}
 
 
 def test_auto_mode_leaves_kernels_not_yet_run_on_a_gpu_to_mode_triton():

@@ -19,6 +19,7 @@ every length at head dim 16 and one length at 32 and 64; the design space is a f
 point at one (head dim, length)."""
 from __future__ import annotations
 
+import copy
 import functools
 import re
 from pathlib import Path
@@ -30,6 +31,7 @@ import nlc
 from nlc.codegen.triton_recurrent import unsupported
 from nlc.derive.rules import derive
 from nlc.lower import check
+from nlc.runtime.dispatch import TritonForms
 
 from ..ops.design_space import gate_range, points
 
@@ -44,8 +46,9 @@ BOUNDED = 1e4  # the largest |o| of the reference on test inputs
 CHAOTIC = 1e-3  # the most a relative 2^-24 move of the inputs may move the reference's o
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 DIM_PARAMS = ("d_key", "d_value", "d_state", "d_head")
-SCHEDULES = ("token", "retained", "before", "period")  # every per-token schedule (a period: reads of a
-# state committed every 2 tokens)
+SCHEDULES = ("token", "retained", "before", "period", "chunk", "period_chunk")  # every schedule in
+# context (a period: reads of a state committed every 2 tokens; chunk: gradients at the state entering
+# every 2 tokens)
 
 
 def _sizes(gpu_all, cpu_subset):
@@ -105,12 +108,20 @@ def _compile(spec, **params):
 def _shipped_op(stem, level, dim):
     path = SPECS / f"{stem}.nl"
     dims = {p: dim for p in DIM_PARAMS if p in nlc.compile(path).params}
-    return _compile(path, heads=HEADS, **dims).op(level)
+    return _only(_compile(path, heads=HEADS, **dims).op(level), "recurrent")
 
 
 def _design_op(text, dim):
-    return _compile(re.sub(r"\[heads, 3\]", f"[heads, {dim}]", text).replace(
-        "param heads = 1", f"param heads = {HEADS}")).op("memory")
+    return _only(_compile(re.sub(r"\[heads, 3\]", f"[heads, {dim}]", text).replace(
+        "param heads = 1", f"param heads = {HEADS}")).op("memory"), "recurrent")
+
+
+def _only(op, role):
+    """`op` with its Triton kernels of `role` alone ("recurrent" or "chunked"): with both, mode='triton'
+    runs the chunked ones from their CHUNK tokens on and the fused recurrent ones below."""
+    op = copy.copy(op)
+    op.triton = TritonForms(**{role: getattr(op.triton, role)})
+    return op
 
 
 def _inputs(op, T, seed, step, scale=0.3):
@@ -242,12 +253,16 @@ def test_bf16_inputs_with_an_fp32_state(stem, level):
 
 
 def test_every_supported_point_is_covered_here():
-    """The renderer takes the shipped delta and decay-family levels and every per-token matrix point of
-    the design space: every bias (omega windows too), retention (lq's mirror maps too), algorithm
-    (muon and ftrl too) and schedule (update periods too)."""
+    """The renderer takes the shipped delta and decay-family levels and every matrix point of the design
+    space that learns in context: every bias (omega windows too), retention (lq's mirror maps too),
+    algorithm (muon and ftrl too) and schedule (update periods and gradients at chunk starts too),
+    except the retentions that step differently at chunk boundaries (`apply = chunk`), which say so."""
     assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
                                        "longhorn", "mamba2", "retnet"}
-    assert [n for n, _ in DESIGN] == [n for n, _ in points(("matrix",), SCHEDULES)]
+    at_boundaries = {n: t for n, t in points(("matrix",), SCHEDULES) if n.split("-")[2] in ("lq_chunk", "kl_chunk")}
+    assert [n for n, _ in DESIGN] == [n for n, _ in points(("matrix",), SCHEDULES) if n not in at_boundaries]
+    for text in at_boundaries.values():
+        assert "(apply = chunk) steps differently at chunk boundaries" in unsupported(derive(check(text)[0])["memory"])
     for part in range(1, 5):  # bias, retention, algorithm, schedule
         assert {n.split("-")[part] for n, _ in CPU_DESIGN} == {n.split("-")[part] for n, _ in DESIGN}
     assert {n.split("-")[1] for n, _ in DESIGN} >= {"omega"}
@@ -263,6 +278,20 @@ def test_update_period_with_reads_before_write(name):
     committed last (plain, an accumulator's weights, a psi that reads gates, with muon and a window)."""
     text = dict(points(("matrix",), ("before",)))[name].replace("read before", "update every 3\n  read before")
     _compare(_design_op(text, 16), 40)
+
+
+@pytest.mark.parametrize("name,grad_chunk,T", [
+    ("matrix-huber-decay-momentum-chunk", 5, 100), ("matrix-l2-lq-ftrl-chunk", 24, 100),
+    ("matrix-l2-elastic-ftrl-chunk", 7, 70), ("matrix-omega-kl-muon-chunk", 3, 40),
+    ("matrix-l1-dgd-gd-period_chunk", 6, 70), ("matrix-lp3-lq_miras-momentum-chunk", 128, 100)])
+def test_gradient_chunks_across_checkpoints(name, grad_chunk, T):
+    """Gradients at the state entering each gradient chunk, for chunks that divide neither T nor the
+    kernels' 64-token checkpoints (so the backward restarts inside a chunk and reads F from the
+    checkpoint), and one longer than the sequence (every gradient at the initial state): a plain
+    state with momentum, an accumulator's weights, a psi that reads gates, muon with a window and
+    softmax, DGD with a period of 2."""
+    text = dict(points(("matrix",), ("chunk", "period_chunk")))[name]
+    _compare(_design_op(text.replace("chunk_start(2)", f"chunk_start({grad_chunk})"), 16), T)
 
 
 @pytest.mark.parametrize("d_key,d_value", [(32, 16), (16, 32)], ids=["tall", "wide"])
@@ -286,9 +315,9 @@ def test_muon_refuses_a_state_over_its_limit():
 
 
 def test_auto_mode_leaves_recurrent_kernels_not_yet_run_on_a_gpu_to_mode_triton():
-    """Kernels with a muon step (or KL, DGD, elastic net, an accumulator, an omega window, a period) say
-    `AUTO = False`: checked under the interpreter only, so the dispatch's auto path declines them;
-    the gated delta rule's, run on an H100, are taken."""
+    """Kernels with a muon step (or KL, DGD, elastic net, an accumulator, an omega window, a period,
+    gradients at chunk starts) say `AUTO = False`: checked under the interpreter only, so the
+    dispatch's auto path declines them; the gated delta rule's, run on an H100, are taken."""
     muon = _design_op(dict(points(("matrix",), ("token",)))["matrix-l2-decay-muon-token"], 16).triton
     assert muon.recurrent().AUTO is False
     assert muon.function("level_memory", 1, auto=True) is None

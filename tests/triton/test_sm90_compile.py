@@ -38,7 +38,7 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # retnet_lq: with lq's mirror map (its norm over the whole state); retnet_omega: with an omega window
 # (atomic adds of each window token's gradients); retnet_ftrl: an accumulator read through elastic
 # net's threshold, whose gate lr makes W = psi(A) read gates; retnet_period: reads of the state committed
-# every 4 tokens
+# every 4 tokens; retnet_chunk: an lq accumulator's l2 gradients at the weights entering every 8 tokens
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
@@ -46,7 +46,8 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("omeganet_momentum", "memory", {"depth": 1, "window": 64}, 20), ("memora", "memory", {"chunk": 16}, 20),
          ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20),
          ("retnet_muon", "memory", {"d_key": 64, "d_value": 64}, 20), ("retnet_lq", "memory", {}, 20),
-         ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 20)]
+         ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 20),
+         ("retnet_chunk", "memory", {}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
             "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),
@@ -56,7 +57,10 @@ VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorit
             "retnet_omega": ("retnet", "bias dot", "bias omega(window = 4, gamma = gamma) of l2"),
             "retnet_ftrl": ("retnet", "retention decay(gamma)\n  algorithm gd(lr = 1)",
                             "retention elastic(l1 = 20, l2 = 2)\n  algorithm ftrl(lr = gamma)"),
-            "retnet_period": ("retnet", "read after", "update every 4\n  read after")}
+            "retnet_period": ("retnet", "read after", "update every 4\n  read after"),
+            "retnet_chunk": ("retnet", "bias dot\n  retention decay(gamma)\n  algorithm gd(lr = 1)",
+                             "bias l2\n  retention lq(q = 4, decay = gamma)\n  algorithm gd(lr = 0.1)\n"
+                             "  gradient chunk_start(8)")}
 
 
 def _launches(op, T):

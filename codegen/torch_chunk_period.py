@@ -140,7 +140,7 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs, frozen_at,
         em.line(f"Nested: every RESTART = {lv.restart} tokens (a multiple of CHUNK) the state restarts from")
         em.line(f"level {comment(lv.init_from)}'s (`restart_states`), optimizer buffers from zero.")
     if lv.initialises:
-        em.line(f"Nested: `output_period_states` also returns the state entering every PERIOD boundary, which")
+        em.line("Nested: `output_period_states` also returns the state entering every PERIOD boundary, which")
         em.line(f"{comment(', '.join(lv.initialises))} restart(s) from.")
     em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; the state is the")
     em.line(f"reference's: {comment(', '.join(_state_names(lv)))}.")

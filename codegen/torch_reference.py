@@ -212,7 +212,7 @@ def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
     if rules.level.maps_at_chunks:
         em.gap()
         with em.indent("def psi_scale(A):"):
-            em.line(f'"""The map\'s slope with its norm held fixed, [B, H, 1, ...]: psi(A) = psi_scale(A)·A.')
+            em.line('"""The map\'s slope with its norm held fixed, [B, H, 1, ...]: psi(A) = psi_scale(A)·A.')
             em.line("Within a chunk the weights are psi_scale(A_0)·A_t (the map at the chunk boundaries).\"\"\"")
             em.line("N = _norm(A)")
             em.line(f"return {to_torch(ret.slope, names)}")

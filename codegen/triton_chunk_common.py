@@ -287,7 +287,7 @@ class Kernels:
 
     # ---- the file ---------------------------------------------------------------------------
     def text(self) -> str:
-        em, f = self.em, self.f
+        em = self.em
         self.header()
         imports(em, self.lv, "_pack, default_state")
         em.line("# Launch configuration, kept apart from the kernels (results do not depend on it).")

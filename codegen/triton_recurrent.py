@@ -17,7 +17,11 @@ an FTRL accumulator A = decay·A + s read through W = psi(A) (lq's mirror maps w
 whole state; `triton_recurrent_maps` has the softmax and psi).
 The gradient point is the state before the token, the retained state, or (`gradient chunk_start(C)`)
 F, the state entering the token's gradient chunk: a second tile, set at each chunk's first token;
-the backward sums every token's ∂/∂F and hands it to the state at that first token.
+the backward sums every token's ∂/∂F and hands it to the state at that first token. The retentions
+applied at chunk boundaries (MATH.md §3.7) step so too: KL's lag token (the softmax step at a chunk's
+first token, z's coefficients on S itself at the others, F the state after it) and lq's map (W =
+c·A within a chunk, c the map's slope from the A entering it: a third tile, whose gradient is summed
+over the chunk and taken through the slope at its first token).
 The backward kernel runs backwards in time; its partial derivatives (∂R/∂S0, ∂R/∂s, ∂d/∂e, ∂/∂gate
 ...) are `sympy.diff` of the same expressions. The forward saves the state every CHUNK tokens; the
 backward recomputes one chunk's states from its checkpoint into a per-program buffer, then walks the
@@ -46,9 +50,6 @@ def unsupported(rules: LevelRules) -> str | None:
         return f"a {lv.memory.kind} memory: the fused recurrent kernels hold a matrix state [K, V]"
     if lv.period is None:
         return "update outer: the memory does not learn in context, so there is no recurrence to fuse"
-    if lv.maps_at_chunks or lv.lag_token:
-        return (f"retention {lv.retention.kind}(apply = chunk) steps differently at chunk boundaries: "
-                "not in the fused recurrent kernels")
     if rules.accumulator and lv.grad_at == "retained":
         return "an accumulator's gradient at the retained state is not in the fused recurrent kernels"
     if lv.target == "self" or lv.init_from is not None:
@@ -95,6 +96,12 @@ class _Exprs:
         if self.softmax:
             self.axis = 0 if lv.retention.args["axis"] == "row" else 1  # of the state tile [BK, BV]
             self.mass = float(lv.retention.args["mass"])
+        # kl(apply = chunk), the lag token: within a gradient chunk, z's coefficients on S itself
+        self.within = self.retain.subs(S.lw0, S.w0) if lv.lag_token else None
+        # lq(apply = chunk): within a gradient chunk W = slope·A, the map's slope at its start's A and N
+        self.slope = sympy.sympify(rules.retention.slope) if lv.maps_at_chunks else None
+        if self.slope is not None and ir.gate_names(self.slope):
+            raise NotImplementedError("a map slope that reads gates is not in the fused recurrent kernels")
         self.lr = sympy.sympify(rules.retention_new() if self.implicit else rules.lr)
         self.beta = sympy.sympify(lv.algorithm.args["beta"]) if lv.algorithm.kind in ("momentum", "muon") else None
         self.state_free = not (self.grad.free_symbols & {S.e, S.r})
@@ -147,8 +154,13 @@ class _Renderer(RetentionMaps, OmegaWindow):
         self.steps = int(self.lv.algorithm.args["steps"]) if self.muon else 0
         self.period = self.lv.period  # reads see the state committed every PERIOD tokens
         self.retained = self.lv.grad_at == "retained"
+        # KL's lag token (MATH.md §3.7): the softmax step at each gradient chunk's first token t0 (its
+        # gradient at S_(t0-1)), the affine step on S itself at the others (their gradients at F = S_t0)
+        self.lag = self.lv.lag_token
+        self.maps = self.lv.maps_at_chunks  # lq(apply = chunk): W = slope(A_(t0-1))·A_t within a chunk
         # gradients at F, the state entering each gradient chunk of GRAD_CHUNK tokens (`chunk_start`)
-        self.frozen = self.lv.grad_at == "chunk" and not self.x.state_free
+        self.frozen = self.lv.grad_at == "chunk" and not self.x.state_free and not self.lag
+        self.point = (self.frozen or self.lag) and not self.x.state_free  # a tile F in the kernels
         self.after = self.lv.read == "after"
         self.em = Emitter()
 
@@ -182,7 +194,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
         period, the committed tile rd (C) that reads see and, with gradients at chunk starts, their
         point fz (F)."""
         return self.state_args() + (["w"] if self.x.accumulator else []) + (["rd"] if self.period > 1 else []) + \
-            (["fz"] if self.frozen else [])
+            (["fz"] if self.point else []) + (["sc"] if self.maps else [])
 
     def gpu_run(self) -> bool:
         """Whether kernels of this kind have run on a GPU: not yet those with KL's softmax, DGD, elastic
@@ -201,9 +213,13 @@ class _Renderer(RetentionMaps, OmegaWindow):
     def level_args(self) -> str:
         return "".join(f" {name}={'K > V' if name == 'TALL' else name}," for name in self.level_constants())
 
+    def chunked(self) -> bool:
+        """Whether the kernels step by gradient chunks: a gradient point F, a lag token or a map slope."""
+        return self.frozen or self.lag or self.maps
+
     def level_constants(self) -> list[str]:
         return [name for name, used in (("TALL", self.muon), ("WINDOW", self.x.window), ("PERIOD", self.period > 1),
-                                        ("GRAD_CHUNK", self.frozen)) if used]
+                                        ("GRAD_CHUNK", self.chunked())) if used]
 
     def output_tile(self) -> str:
         """The tile o_t reads: the committed C (every PERIOD tokens the read tile) or the read tile."""
@@ -248,9 +264,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
         if self.x.window:
             em.line()
             em.line(f"WINDOW = {self.x.window}  # the level's omega window: the tokens whose gradients each step sums")
-        if self.frozen:
+        if self.chunked():
             em.line()
-            em.line(f"GRAD_CHUNK = {self.lv.grad_chunk}  # gradients at the state entering each GRAD_CHUNK tokens")
+            em.line(f"GRAD_CHUNK = {self.lv.grad_chunk}  # gradients at the state entering each GRAD_CHUNK tokens" +
+                    (" (after its first)" if self.lag else ""))
         em.gap()
         if self.muon:
             newton_schulz.helpers(em)
@@ -280,7 +297,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
         em.line("Per token t (row convention, S [K, V]):")
         at = "R(S_(t-1), 0)  (the retained state)" if self.retained else ("W_(t-1)" if x.accumulator else "S_(t-1)")
         note = "the gradient point"
-        if self.frozen:
+        if self.lag:
+            at = (f"S_(t-1) at a gradient chunk's first token t0 (t % {self.lv.grad_chunk} == 0, the lag token), "
+                  "else F = S_t0")
+        elif self.frozen:
             at = f"{at.replace('t-1', 't0-1')},  t0 = {self.lv.grad_chunk}·floor(t / {self.lv.grad_chunk})"
             note += ": the state entering t's gradient chunk, F"
         em.line(f"  P_t = {at}  ({note})")
@@ -301,13 +321,20 @@ class _Renderer(RetentionMaps, OmegaWindow):
         if x.softmax:
             over = "key channels (each column)" if x.axis == 0 else "value channels (each row)"
             em.line(f"  S_t = {x.mass!r}·softmax(z) over {over},  z = {_show(x.retain)},")
-            em.line("        w0 = S_(t-1), lw0 = log(max(w0, 1e-30))")
+            em.line("        w0 = S_(t-1), lw0 = log(max(w0, 1e-30))" + (
+                "  at t0 only; at the chunk's other tokens" if self.lag else ""))
+            if self.lag:
+                em.line(f"  S_t = {_show(x.within)}  (z's coefficients on S itself)")
         elif x.dgd:
             em.line(f"  S_t = R(S_(t-1), s_t) - lr_t k_t (k_t^T S_(t-1)),  R = {_show(x.retain)}  (DGD)")
         elif x.accumulator:
             em.line(f"  A_t = {_show(x.retain.subs(S.w0, S.A))}  (the accumulator; the state S is A)")
-            norm = f",  N = ||A_t||_{_show(x.norm_p)}" if x.mirror else ""
-            em.line(f"  W_t = psi(A_t) = {_show(x.psi)}{norm}")
+            norm = f",  N = ||A_t||_{_show(sympy.nsimplify(x.norm_p))}" if x.mirror else ""
+            if self.maps:
+                em.line(f"  W_t = c·A_t,  c = {_show(x.slope)} at N = ||A_(t0-1)||_{_show(sympy.nsimplify(x.norm_p))}  (psi's slope at "
+                        "the gradient chunk's start, held for the chunk)")
+            else:
+                em.line(f"  W_t = psi(A_t) = {_show(x.psi)}{norm}")
         else:
             em.line(f"  S_t = R(S_(t-1), s_t) = {_show(x.retain)}  (elementwise)")
         read = ('W_t' if self.after else 'W_(t-1)') if x.accumulator else ('S_t' if self.after else 'S_(t-1)')
@@ -401,6 +428,11 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"b_fz = tl.where(t % GRAD_CHUNK == 0, {a}, b_fz)" +
                     c("# F: a gradient chunk starts at t, its gradients at the state entering it"))
             a = "b_fz"
+        elif self.lag:
+            em.line("b_lag = t % GRAD_CHUNK == 0" + c("# the lag token: the exact softmax step, its gradient at S_(t-1)"))
+            if self.point:
+                em.line(f"b_p = tl.where(b_lag, {a}, b_fz)" + c("# the chunk's other tokens: at F, the state after it"))
+                a = "b_p"
         if x.window:
             self.window_gradient(a, c)
         else:
@@ -424,7 +456,12 @@ class _Renderer(RetentionMaps, OmegaWindow):
         if x.softmax:
             if comments:
                 em.line(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t) = mass·softmax(z)".strip())
-            self.softmax(new, x.retain, " = retain(log S_(t-1), s_t)" if comments else "")
+            self.softmax("b_sl" if self.lag else new, x.retain, " = retain(log S_(t-1), s_t)" if comments else "")
+            if self.lag:
+                em.line(f"{new} = tl.where(b_lag, b_sl, {self.tile(x.within)})" +
+                        c("# within a chunk: z's coefficients on S itself"))
+                if self.point:
+                    em.line(f"b_fz = tl.where(b_lag, {new}, b_fz)" + c("# F = S_t0, after the lag token"))
         elif x.dgd:
             em.line("b_kh = tl.sum(b_k[:, None] * b_h, 0)" + c("# [BV]: k_t^T S_(t-1)"))
             em.line(f"{new} = {self.tile(x.retain)} - b_lr * b_k[:, None] * b_kh[None, :]" +
@@ -436,6 +473,19 @@ class _Renderer(RetentionMaps, OmegaWindow):
         else:
             em.line(f"{new} = {self.tile(x.retain)}" +
                     c(f"{where(lv.retention.span) or '#'} S_t = R(S_(t-1), s_t)".strip()))
+
+    def map_at_chunk_start(self, comments: bool) -> None:
+        """lq(apply = chunk): at a gradient chunk's first token, before its read and step, the map's
+        slope from A_(t-1) (held for the chunk) and W_(t-1) = slope·A_(t-1)."""
+        if not self.maps:
+            return
+        em, c = self.em, (lambda text: f"  {text}") if comments else (lambda text: "")
+        em.line("b_cs = t % GRAD_CHUNK == 0" + c("# a gradient chunk starts: the map runs on A_(t-1)"))
+        if self.x.mirror:
+            self.norm("b_h")
+        em.line(f"b_sc = tl.where(b_cs, tl.where(m_h, {self.psi_tile(self.x.slope, 'b_h')}, 0.0), b_sc)" +
+                c("# the map's slope, held for the chunk"))
+        em.line("b_w = tl.where(b_cs, b_sc * b_h, b_w)" + c("# W_(t-1) = slope·A_(t-1)"))
 
     def forward_kernel(self) -> None:
         em = self.em
@@ -459,13 +509,16 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("NC = tl.cdiv(T, CHUNK)")
             for s in self.state_args():
                 em.line(f"b_{s} = tl.load({s}0 + o_s + o_h, mask=m_h, other=0.0)")
-            if self.x.psi_gated:
+            if self.maps:
+                em.line("b_sc = tl.zeros([BK, BV], dtype=tl.float32)  # the map's slope: token 0 sets it")
+                em.line("b_w = b_h  # W_(-1): token 0 maps it")
+            elif self.x.psi_gated:
                 em.line("b_w = b_h  # psi reads gates: the first token reads A itself")
             elif self.x.accumulator:
                 self.weights("b_w", "b_h")
             if self.period > 1:
                 em.line(f"b_rd = {self.read_tile()}  # C: what reads see, committed every PERIOD tokens")
-            if self.frozen:
+            if self.point:
                 em.line(f"b_fz = {self.read_tile()}  # F: the gradient point, set at each gradient chunk's start")
             with em.indent("for t in range(0, T):"):
                 with em.indent("if SAVE_CHECKPOINTS:"):
@@ -474,6 +527,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
                         for s in self.saved_args():
                             em.line(f"tl.store({s}c + o_c + o_h, b_{s}, mask=m_h)")
                 self.load_token(grads=False)
+                self.map_at_chunk_start(comments=True)
                 read = self.output_tile()
                 if not self.after:
                     em.line(f"b_o = tl.sum({read} * b_q[:, None], 0)  # o_t = S_(t-1)^T q_t: read before write")
@@ -517,8 +571,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_t: the weights are not returned")
             if self.period > 1:
                 em.line("b_drd = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂C_t: nor is the committed tile")
-            if self.frozen:
+            if self.point:
                 em.line("b_dfz = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂F: the gradient chunk's tokens so far")
+            if self.maps:
+                em.line("b_dsc = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂slope: the chunk's tokens so far")
             em.line("NC = tl.cdiv(T, CHUNK)")
             with em.indent("for i_n in range(0, NC):"):
                 em.line("i_c = NC - 1 - i_n")
@@ -532,6 +588,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
                     for s in saved:
                         em.line(f"tl.store(w{s} + o_p + j * (BK * BV) + o_w, b_{s})")
                     self.load_token(grads=False)
+                    self.map_at_chunk_start(comments=False)
                     self.step("b_h", "b_m", comments=False)
                     if self.period > 1:
                         self.commit()
@@ -541,6 +598,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
                     for s in saved:
                         em.line(f"b_{s} = tl.load(w{s} + o_p + (L - 1 - j) * (BK * BV) + o_w)")
                     self.load_token(grads=True)
+                    self.map_at_chunk_start(comments=False)
                     self.step("b_hn", "b_mn", comments=False)
                     self.step_backward()
                 em.line("tl.debug_barrier()  # before the next chunk overwrites the buffer")
@@ -548,7 +606,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line(f"{'b_dw' if x.accumulator else 'b_dh'} += b_drd  # C_(-1) is the read tile")
             if x.psi_gated:
                 em.line("b_dh += b_dw  # the first token read A_(-1) itself")
-            elif x.accumulator:
+            elif x.accumulator and not self.maps:  # (with maps at chunk starts, token 0 took it)
                 em.line("b_h0 = tl.load(hc + (i_bh * NC).to(tl.int64) * (K * V) + o_h, mask=m_h, other=0.0)  "
                         "# A_(-1): chunk 0's checkpoint")
                 em.line(f"b_dh += {self.weights_back('b_h0', 'b_dw')}  # through W_(-1) = psi(A_(-1))")
@@ -582,11 +640,25 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"b_dq = tl.sum({new} * b_do[None, :], 1)")
         else:
             em.line(f"{d_new} = {d_base}  # ∂/∂{what}")
-        if x.accumulator:
+        if self.lag and self.point:
+            em.line(f"{d_new} += tl.where(b_lag, b_dfz, 0.0)  # F = S_t0: the points of the chunk's other tokens")
+            em.line("b_dfz = tl.where(b_lag, 0.0, b_dfz)")
+        if self.maps:
+            em.line("b_dhn = b_dh + b_sc * b_dwn  # ∂/∂A_t: later tokens and W_t = slope·A_t")
+            em.line("b_dsc += b_hn * b_dwn  # ∂/∂slope, over the chunk's tokens")
+        elif x.accumulator:
             em.line(f"b_dhn = b_dh + {self.weights_back('b_hn', 'b_dwn', norm=False)}  "
                     "# ∂/∂A_t: later tokens and W_t = psi(A_t)")
             gate_terms(x.psi, "b_dwn", printer=lambda e: self.psi_tile(e, "b_hn"))
-        if x.softmax:
+        if x.softmax and self.lag:
+            self.softmax_back("b_dz", "b_sl", "b_dhn")
+            em.line("b_dz = tl.where(b_lag, b_dz, 0.0)  # through the softmax at the lag token only")
+            em.line("b_dwi = tl.where(b_lag, 0.0, b_dhn)  # through S_t = within(S_(t-1), s_t) at the others")
+            em.line(f"b_dh = {join([self.through_log(x.retain, 'b_dz'), times(self.tile(diff(x.within, S.w0)), 'b_dwi')])}")
+            em.line(f"b_ds = {join([times(self.tile(diff(x.retain, S.s)), 'b_dz'), times(self.tile(diff(x.within, S.s)), 'b_dwi')])}")
+            gate_terms(x.retain, "b_dz")
+            gate_terms(x.within, "b_dwi")
+        elif x.softmax:
             self.softmax_back("b_dz", "b_hn", "b_dhn")
             em.line(f"b_dh = {self.through_log(x.retain, 'b_dz')}  # through S_t = mass·softmax(z)")
             em.line(f"b_ds = {times(self.tile(diff(x.retain, S.s)), 'b_dz')}")
@@ -625,7 +697,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
             if ir.gate_names(x.lr) or x.implicit:
                 em.line(f"b_dlr -= b_u * {step}" if x.dgd else f"b_dlr = -b_u * {step}")
                 gate_terms(x.lr, "b_dlr")
-        a = "b_a" if self.retained else "b_fz" if self.frozen else self.read_tile()
+        a = "b_a" if self.retained else "b_fz" if self.frozen else "b_p" if self.point else self.read_tile()
         if x.window:
             em.line("b_dk = tl.zeros([BK], dtype=tl.float32)" + ("  # k_t's own: DGD's" if x.dgd else ""))
             if x.dgd:
@@ -648,6 +720,9 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"b_fs = t % GRAD_CHUNK == 0  # token t starts its gradient chunk: F = {what.replace('_t', '_(t-1)')}")
             em.line(f"{'b_dw' if x.accumulator else 'b_dh'} {'=' if x.accumulator else '+='} tl.where(b_fs, b_dfz, 0.0)")
             em.line("b_dfz = tl.where(b_fs, 0.0, b_dfz)  # ∂/∂F of the chunk before")
+        elif self.lag and self.point:
+            em.line("b_dh += tl.where(b_lag, b_da, 0.0)  # the lag token's point: S_(t-1)")
+            em.line("b_dfz += tl.where(b_lag, 0.0, b_da)  # the others': F")
         elif not x.state_free:  # b_da = ∂/∂P_t
             if x.accumulator:
                 em.line("b_dw = b_da  # ∂/∂W_(t-1)")
@@ -665,6 +740,13 @@ class _Renderer(RetentionMaps, OmegaWindow):
             read = self.output_tile()
             em.line(f"{read.replace('b_', 'b_d')} += b_q[:, None] * b_do[None, :]  # o_t = S_(t-1)^T q_t")
             em.line(f"b_dq = tl.sum({read} * b_do[None, :], 1)")
+        if self.maps:  # at a chunk start W_(t-1) = slope·A_(t-1), the slope from A_(t-1) too
+            em.line("b_dws = tl.where(b_cs, b_dw, 0.0)  # ∂/∂W_(t-1) where the map ran at t")
+            em.line("b_dsc += b_h * b_dws")
+            em.line(f"b_dh += tl.where(b_cs, b_sc * b_dws + {self.weights_back('b_h', 'b_dsc', psi=self.x.slope)}, 0.0)"
+                    "  # through W_(t-1) and the slope")
+            em.line("b_dsc = tl.where(b_cs, 0.0, b_dsc)  # the chunk before: its own slope")
+            em.line("b_dw = tl.where(b_cs, 0.0, b_dw)  # the old W_(t-1) is not read from t on")
         em.line("o_n = i_t * NV + i_v  # row of (token t, value block i_v) in the per-block partials")
         em.line("tl.store(dq + o_n * K + o_k, b_dq, mask=m_k)")
         em.line(f"{self.put('dk + o_n * K + o_k', 'b_dk', 'm_k')}")

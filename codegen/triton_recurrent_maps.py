@@ -53,6 +53,9 @@ class RetentionMaps:
     def weights(self, target: str, a: str) -> None:
         """`target` = W = psi(a) of the accumulator tile `a`."""
         x = self.x
+        if x.slope is not None:
+            self.em.line(f"{target} = b_sc * {a}  # W = slope·A: the slope of the chunk's start")
+            return
         if x.psi == S.A:
             self.em.line(f"{target} = {a}  # W = A")
             return
@@ -60,13 +63,15 @@ class RetentionMaps:
             self.norm(a)
         self.em.line(f"{target} = tl.where(m_h, {self.psi_tile(x.psi, a)}, 0.0)  # W = psi(A)")
 
-    def weights_back(self, a: str, dw: str, norm: bool = True) -> str:
+    def weights_back(self, a: str, dw: str, norm: bool = True, psi=None) -> str:
         """The name of ∂<dw, psi(a)>/∂a (a mirror map's through its norm too); emits what it needs
-        (not a's norm b_nr, b_N when `norm` is False: the step that made `a` left them)."""
+        (not a's norm b_nr, b_N when `norm` is False: the step that made `a` left them). `psi`: that
+        map, or another expression of A and N (lq(apply = chunk)'s slope)."""
         x, em = self.x, self.em
-        if x.psi == S.A:
+        psi = x.psi if psi is None else psi
+        if psi == S.A:
             return dw
-        through_a = times(self.psi_tile(diff(x.psi, S.A), a), dw)
+        through_a = times(self.psi_tile(diff(psi, S.A), a), dw)
         if not x.mirror:
             em.line(f"b_dpsi = tl.where(m_h, {through_a}, 0.0)  # through W = psi(A)")
             return "b_dpsi"
@@ -74,7 +79,7 @@ class RetentionMaps:
             self.norm(a)
         p = x.norm_p
         dn_da = S.N ** (1 - p) * sympy.Abs(S.A) ** (p - 1) * sympy.sign(S.A)  # ∂N/∂A
-        em.line(f"b_dN = tl.sum(tl.where(m_h, {times(self.psi_tile(diff(x.psi, S.N), a), dw)}, 0.0))")
+        em.line(f"b_dN = tl.sum(tl.where(m_h, {times(self.psi_tile(diff(psi, S.N), a), dw)}, 0.0))")
         em.line("b_dN = tl.where(b_nr >= 1e-12, b_dN, 0.0)  # none through the clamp")
         em.line(f"b_dpsi = tl.where(m_h, {through_a} + b_dN * {self.psi_tile(dn_da, a)}, 0.0)  "
                 "# through W = psi(A, N)")

@@ -254,20 +254,17 @@ def test_bf16_inputs_with_an_fp32_state(stem, level):
 
 def test_every_supported_point_is_covered_here():
     """The renderer takes the shipped delta and decay-family levels and every matrix point of the design
-    space that learns in context: every bias (omega windows too), retention (lq's mirror maps too),
-    algorithm (muon and ftrl too) and schedule (update periods and gradients at chunk starts too),
-    except the retentions that step differently at chunk boundaries (`apply = chunk`), which say so."""
+    space that learns in context: every bias (omega windows too), retention (lq's mirror maps and
+    both maps at chunk boundaries too), algorithm (muon and ftrl too) and schedule (update periods and
+    gradients at chunk starts too)."""
     assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
                                        "longhorn", "mamba2", "retnet"}
-    at_boundaries = {n: t for n, t in points(("matrix",), SCHEDULES) if n.split("-")[2] in ("lq_chunk", "kl_chunk")}
-    assert [n for n, _ in DESIGN] == [n for n, _ in points(("matrix",), SCHEDULES) if n not in at_boundaries]
-    for text in at_boundaries.values():
-        assert "(apply = chunk) steps differently at chunk boundaries" in unsupported(derive(check(text)[0])["memory"])
+    assert [n for n, _ in DESIGN] == [n for n, _ in points(("matrix",), SCHEDULES)]
     for part in range(1, 5):  # bias, retention, algorithm, schedule
         assert {n.split("-")[part] for n, _ in CPU_DESIGN} == {n.split("-")[part] for n, _ in DESIGN}
     assert {n.split("-")[1] for n, _ in DESIGN} >= {"omega"}
     assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit", "kl", "kl_global",
-                                                   "dgd", "lq", "lq_miras"}
+                                                   "kl_chunk", "dgd", "lq", "lq_miras", "lq_chunk"}
     assert {n.split("-")[3] for n, _ in DESIGN} == {"gd", "momentum", "muon", "ftrl"}
 
 
@@ -280,18 +277,23 @@ def test_update_period_with_reads_before_write(name):
     _compare(_design_op(text, 16), 40)
 
 
-@pytest.mark.parametrize("name,grad_chunk,T", [
-    ("matrix-huber-decay-momentum-chunk", 5, 100), ("matrix-l2-lq-ftrl-chunk", 24, 100),
-    ("matrix-l2-elastic-ftrl-chunk", 7, 70), ("matrix-omega-kl-muon-chunk", 3, 40),
-    ("matrix-l1-dgd-gd-period_chunk", 6, 70), ("matrix-lp3-lq_miras-momentum-chunk", 128, 100)])
-def test_gradient_chunks_across_checkpoints(name, grad_chunk, T):
+@pytest.mark.parametrize("name,grad_chunk,read,T", [
+    ("matrix-huber-decay-momentum-chunk", 5, "after", 100), ("matrix-l2-lq-ftrl-chunk", 24, "after", 100),
+    ("matrix-l2-elastic-ftrl-chunk", 7, "before", 70), ("matrix-omega-kl-muon-chunk", 3, "after", 40),
+    ("matrix-l1-dgd-gd-period_chunk", 6, "after", 70), ("matrix-lp3-lq_miras-momentum-chunk", 128, "after", 100),
+    ("matrix-huber-lq_chunk-momentum-chunk", 24, "before", 100), ("matrix-robust-lq_chunk-gd-chunk", 5, "after", 70),
+    ("matrix-l2-kl_chunk-momentum-chunk", 24, "before", 100), ("matrix-omega-kl_chunk-gd-chunk", 5, "after", 70)])
+def test_gradient_chunks_across_checkpoints(name, grad_chunk, read, T):
     """Gradients at the state entering each gradient chunk, for chunks that divide neither T nor the
     kernels' 64-token checkpoints (so the backward restarts inside a chunk and reads F from the
     checkpoint), and one longer than the sequence (every gradient at the initial state): a plain
     state with momentum, an accumulator's weights, a psi that reads gates, muon with a window and
-    softmax, DGD with a period of 2."""
+    softmax, DGD with a period of 2; lq's map at chunk starts (its slope checkpointed too) and KL's
+    lag token (F is the state after it), each with reads before the write too (lq's read the weights
+    its map leaves)."""
     text = dict(points(("matrix",), ("chunk", "period_chunk")))[name]
-    _compare(_design_op(text.replace("chunk_start(2)", f"chunk_start({grad_chunk})"), 16), T)
+    text = text.replace("chunk_start(2)", f"chunk_start({grad_chunk})" + ("\n  read before" if read == "before" else ""))
+    _compare(_design_op(text, 16), T)
 
 
 @pytest.mark.parametrize("d_key,d_value", [(32, 16), (16, 32)], ids=["tall", "wide"])

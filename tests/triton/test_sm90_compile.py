@@ -38,7 +38,8 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # retnet_lq: with lq's mirror map (its norm over the whole state); retnet_omega: with an omega window
 # (atomic adds of each window token's gradients); retnet_ftrl: an accumulator read through elastic
 # net's threshold, whose gate lr makes W = psi(A) read gates; retnet_period: reads of the state committed
-# every 4 tokens; retnet_chunk: an lq accumulator's l2 gradients at the weights entering every 8 tokens
+# every 4 tokens; retnet_chunk: an lq accumulator's l2 gradients at the weights entering every 8 tokens,
+# its map run at those chunk starts only; retnet_lag: KL's lag token every 8 tokens
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
@@ -47,7 +48,7 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20),
          ("retnet_muon", "memory", {"d_key": 64, "d_value": 64}, 20), ("retnet_lq", "memory", {}, 20),
          ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 20),
-         ("retnet_chunk", "memory", {}, 20)]
+         ("retnet_chunk", "memory", {}, 20), ("retnet_lag", "memory", {}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
             "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),
@@ -59,8 +60,11 @@ VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorit
                             "retention elastic(l1 = 20, l2 = 2)\n  algorithm ftrl(lr = gamma)"),
             "retnet_period": ("retnet", "read after", "update every 4\n  read after"),
             "retnet_chunk": ("retnet", "bias dot\n  retention decay(gamma)\n  algorithm gd(lr = 1)",
-                             "bias l2\n  retention lq(q = 4, decay = gamma)\n  algorithm gd(lr = 0.1)\n"
-                             "  gradient chunk_start(8)")}
+                             "bias l2\n  retention lq(q = 4, map = miras, apply = chunk)\n  algorithm gd(lr = 0.1)\n  init learned\n"
+                             "  gradient chunk_start(8)"),
+            "retnet_lag": ("retnet", "bias dot\n  retention decay(gamma)\n  algorithm gd(lr = 1)",
+                           "bias l2\n  retention kl(decay = gamma, apply = chunk)\n  algorithm gd(lr = 0.1)\n"
+                           "  gradient chunk_start(8)\n  init learned")}
 
 
 def _launches(op, T):

@@ -1,5 +1,7 @@
-"""Render a matrix-memory level as fused recurrent Triton kernels (decoding and short sequences):
-`level_<name>_triton.py`, a real file in the cache (Triton reads kernel source from disk).
+"""Render a matrix- or vector-memory level as fused recurrent Triton kernels (decoding and short
+sequences): `level_<name>_triton.py`, a real file in the cache (Triton reads kernel source from disk).
+A vector memory m [V] (M(x) = x ⊙ m, K = V) is a state tile of one row [1, BV] whose key channel j is
+value channel j: key-side blocks broadcast along the row instead of down the column.
 
 The file stacks four layers, as fla's `fused_recurrent.py` does: `@triton.jit` kernels (one program
 per batch, head and block of value channels; the state tile [BK, BV] stays in registers for the whole
@@ -46,8 +48,8 @@ from .triton_recurrent_window import OmegaWindow
 def unsupported(rules: LevelRules) -> str | None:
     """Why the fused recurrent kernels cannot run this level, or None when they can."""
     lv, ret = rules.level, rules.retention
-    if lv.memory.kind != "matrix":
-        return f"a {lv.memory.kind} memory: the fused recurrent kernels hold a matrix state [K, V]"
+    if lv.memory.kind not in ("matrix", "vector"):
+        return f"a {lv.memory.kind} memory: the fused recurrent kernels hold a matrix state [K, V] or a vector [V]"
     if lv.period is None:
         return "update outer: the memory does not learn in context, so there is no recurrence to fuse"
     if rules.accumulator and lv.grad_at == "retained":
@@ -93,8 +95,8 @@ class _Exprs:
         # KL: S = mass·softmax(z) over each column's key channels (axis row) or each row's value
         # channels (axis column), z = retain(log S0, s) affine in both; retain holds z then
         self.softmax = rules.retention.form == "softmax"
-        if self.softmax:
-            self.axis = 0 if lv.retention.args["axis"] == "row" else 1  # of the state tile [BK, BV]
+        if self.softmax:  # over axis 0 or 1 of the state tile [BK, BV]; a vector's, [1, BV]: its V channels
+            self.axis = 0 if lv.retention.args["axis"] == "row" and lv.memory.kind == "matrix" else 1
             self.mass = float(lv.retention.args["mass"])
         # kl(apply = chunk), the lag token: within a gradient chunk, z's coefficients on S itself
         self.within = self.retain.subs(S.lw0, S.w0) if lv.lag_token else None
@@ -149,6 +151,9 @@ class _Renderer(RetentionMaps, OmegaWindow):
     def __init__(self, rules: LevelRules, model: str, file: str):
         self.lv, self.x = rules.level, _Exprs(rules)
         self.model, self.file = model, file
+        # a vector memory m [V], M(x) = x ⊙ m (K = V): the tile is one row [1, BV], key channel j is
+        # value channel j, so key-side blocks broadcast along the row and reduce over nothing
+        self.vector = self.lv.memory.kind == "vector"
         self.momentum = self.lv.algorithm.kind == "momentum"
         self.muon = self.lv.algorithm.kind == "muon"  # M_t = beta M_(t-1) + u_t, s_t = -lr NS(M_t)
         self.steps = int(self.lv.algorithm.args["steps"]) if self.muon else 0
@@ -168,9 +173,17 @@ class _Renderer(RetentionMaps, OmegaWindow):
     def gate_axis(self, g: str) -> str:
         return self.lv.gate_axes[g]
 
+    def kcol(self, name: str) -> str:
+        """A key-side block [BK] (a vector memory's: [BV]) broadcast against the state tile."""
+        return f"{name}[None, :]" if self.vector else f"{name}[:, None]"
+
+    def ksum(self, tile: str) -> str:
+        """A tile reduced to a key-side block: over value channels (a vector memory's: its one row)."""
+        return f"tl.sum({tile}, {0 if self.vector else 1})"
+
     def tile_names(self) -> dict:
         """Names in the state tile's context [BK, BV]: gates broadcast by their channel axis."""
-        view = {"scalar": "", "key": "[:, None]", "value": "[None, :]"}
+        view = {"scalar": "", "key": self.kcol(""), "value": "[None, :]"}
         names = {ir.gate_symbol(g): ident(g, "b_g") + view[self.gate_axis(g)] for g in self.x.gates}
         return names | {S.w0: "b_h", S.s: "b_s", S.n: "b_n", S.lw0: "b_lw"}
 
@@ -199,10 +212,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
     def gpu_run(self) -> bool:
         """Whether kernels of this kind have run on a GPU: not yet those with KL's softmax, DGD, elastic
         net's threshold, an accumulator, muon, an omega window, an update period or gradients at chunk
-        starts."""
+        starts, or a vector memory."""
         x = self.x
         return not (x.softmax or x.dgd or x.accumulator or self.muon or x.window or self.period > 1 or
-                    self.frozen or self.lv.retention.kind == "elastic")
+                    self.chunked() or self.vector or self.lv.retention.kind == "elastic")
 
     def level_params(self) -> str:
         """The kernels' constexpr parameters that depend on the level: muon's orientation flag TALL
@@ -294,7 +307,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
         for key, value in lv.describe().items():
             em.line(f"  {key:<10} {comment(value)}")
         em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
-        em.line("Per token t (row convention, S [K, V]):")
+        em.line("Per token t (a vector memory S [V], M(x) = x ⊙ S: read P^T k below as P ⊙ k, k d^T as k ⊙ d):"
+                if self.vector else "Per token t (row convention, S [K, V]):")
         at = "R(S_(t-1), 0)  (the retained state)" if self.retained else ("W_(t-1)" if x.accumulator else "S_(t-1)")
         note = "the gradient point"
         if self.lag:
@@ -348,7 +362,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
         em.line("backward recomputes each chunk's states into a per-program buffer and walks it backwards.")
         em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; vector gates")
         state = "(S, M), each" if len(self.state_args()) == 2 else "S"
-        em.line(f"[B, T, H, K or V]. State: {state} [B, H, K, V], float32.")
+        em.line(f"[B, T, H, K or V]. State: {state} [B, H, {self.dims()}], float32.")
         em.line('"""')
 
     # ---- kernels ----------------------------------------------------------------------------
@@ -359,12 +373,27 @@ class _Renderer(RetentionMaps, OmegaWindow):
         em = self.em
         em.line("i_v, i_bh = tl.program_id(0), tl.program_id(1)")
         em.line("i_b, i_h = i_bh // H, i_bh % H")
-        em.line("o_k = tl.arange(0, BK)")
-        em.line("o_v = i_v * BV + tl.arange(0, BV)")
-        em.line("m_k, m_v = o_k < K, o_v < V")
-        em.line("m_h = m_k[:, None] & m_v[None, :]")
-        em.line("o_h = o_k[:, None] * V + o_v[None, :]  # the tile's offsets in one [K, V] state")
-        em.line("o_s = i_bh.to(tl.int64) * (K * V)  # this (batch, head)'s state")
+        if self.vector:
+            em.line("o_v = i_v * BV + tl.arange(0, BV)")
+            em.line("m_v = o_v < V")
+            em.line("o_k, m_k = o_v, m_v  # M(x) = x ⊙ m: key channel j is value channel j")
+            em.line("m_h = m_v[None, :]")
+            em.line("o_h = o_v[None, :]  # the tile [1, BV]: its offsets in one state m [V]")
+        else:
+            em.line("o_k = tl.arange(0, BK)")
+            em.line("o_v = i_v * BV + tl.arange(0, BV)")
+            em.line("m_k, m_v = o_k < K, o_v < V")
+            em.line("m_h = m_k[:, None] & m_v[None, :]")
+            em.line("o_h = o_k[:, None] * V + o_v[None, :]  # the tile's offsets in one [K, V] state")
+        em.line(f"o_s = i_bh.to(tl.int64) * {self.size()}  # this (batch, head)'s state")
+
+    def dims(self) -> str:
+        """The shape of one state after [B, H]: K, V, or a vector memory's V."""
+        return "V" if self.vector else "K, V"
+
+    def size(self) -> str:
+        """Entries of one state: K * V, or a vector memory's V."""
+        return "V" if self.vector else "(K * V)"
 
     def load_token(self, grads: bool) -> None:
         """Loads of token t's inputs (row i_t of [B, T, H, ...]) as fp32 blocks."""
@@ -389,7 +418,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
         gradient point `a`."""
         em, x = self.em, self.x
         if not x.state_free:
-            em.line(f"b_y{sfx} = tl.sum({a} * b_k{sfx}[:, None], 0)" + c("# [BV]: y = P_t^T k"))
+            em.line(f"b_y{sfx} = tl.sum({a} * {self.kcol('b_k' + sfx)}, 0)" + c("# [BV]: y = P_t^T k"))
             e = f"b_y{sfx} - b_v{sfx}"
             em.line(f"b_e{sfx} = {f'tl.where(m_v, {e}, 0.0)' if x.norm else e}" + c("# e"))
         if x.norm:
@@ -441,7 +470,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("b_n = tl.sum(b_k * b_k)" + c("# n = ||k_t||^2"))
         em.line(f"b_lr = {self.tile(x.lr)}" + c(f"{where(lv.algorithm.span) or '#'} lr_t".strip()))
         if not x.window:
-            em.line("b_u = b_k[:, None] * b_d[None, :]" + c("# [BK, BV]: u_t = k_t d_t^T, the bias gradient"))
+            em.line(f"b_u = {self.kcol('b_k')} * b_d[None, :]" + c("# [BK, BV]: u_t = k_t d_t^T, the bias gradient"))
         if self.momentum:
             em.line(f"{new_m} = {times(self.tile(x.beta), 'b_m')} - b_lr * b_u" +
                     c("# M_t = beta_t M_(t-1) - lr_t u_t"))
@@ -523,19 +552,19 @@ class _Renderer(RetentionMaps, OmegaWindow):
             with em.indent("for t in range(0, T):"):
                 with em.indent("if SAVE_CHECKPOINTS:"):
                     with em.indent("if t % CHUNK == 0:  # the state entering this chunk"):
-                        em.line("o_c = (i_bh * NC + t // CHUNK).to(tl.int64) * (K * V)")
+                        em.line(f"o_c = (i_bh * NC + t // CHUNK).to(tl.int64) * {self.size()}")
                         for s in self.saved_args():
                             em.line(f"tl.store({s}c + o_c + o_h, b_{s}, mask=m_h)")
                 self.load_token(grads=False)
                 self.map_at_chunk_start(comments=True)
                 read = self.output_tile()
                 if not self.after:
-                    em.line(f"b_o = tl.sum({read} * b_q[:, None], 0)  # o_t = S_(t-1)^T q_t: read before write")
+                    em.line(f"b_o = tl.sum({read} * {self.kcol('b_q')}, 0)  # o_t = S_(t-1)^T q_t: read before write")
                 self.step("b_h", "b_m", comments=True)
                 if self.period > 1:
                     self.commit()
                 if self.after:
-                    em.line(f"b_o = tl.sum({read} * b_q[:, None], 0)  # o_t = S_t^T q_t")
+                    em.line(f"b_o = tl.sum({read} * {self.kcol('b_q')}, 0)  # o_t = S_t^T q_t")
                 em.line("tl.store(o + i_t * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)")
             for s in self.state_args():
                 em.line(f"tl.store({s}t + o_s + o_h, b_{s}, mask=m_h)")
@@ -580,7 +609,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line("i_c = NC - 1 - i_n")
                 em.line("t0 = i_c * CHUNK")
                 em.line("L = tl.minimum(T - t0, CHUNK)")
-                em.line("o_c = (i_bh * NC + i_c).to(tl.int64) * (K * V)")
+                em.line(f"o_c = (i_bh * NC + i_c).to(tl.int64) * {self.size()}")
                 for s in saved:
                     em.line(f"b_{s} = tl.load({s}c + o_c + o_h, mask=m_h, other=0.0)")
                 with em.indent("for j in range(0, L):  # recompute S_(t-1) of the chunk's tokens"):
@@ -607,7 +636,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
             if x.psi_gated:
                 em.line("b_dh += b_dw  # the first token read A_(-1) itself")
             elif x.accumulator and not self.maps:  # (with maps at chunk starts, token 0 took it)
-                em.line("b_h0 = tl.load(hc + (i_bh * NC).to(tl.int64) * (K * V) + o_h, mask=m_h, other=0.0)  "
+                em.line(f"b_h0 = tl.load(hc + (i_bh * NC).to(tl.int64) * {self.size()} + o_h, mask=m_h, other=0.0)  "
                         "# A_(-1): chunk 0's checkpoint")
                 em.line(f"b_dh += {self.weights_back('b_h0', 'b_dw')}  # through W_(-1) = psi(A_(-1))")
             for s in states:
@@ -628,16 +657,16 @@ class _Renderer(RetentionMaps, OmegaWindow):
         what = "W_t" if x.accumulator else "S_t"
         if self.period > 1:  # o_t reads C_t, which is W_t where token t commits, else C_(t-1)
             em.line("b_cm = (t + 1) % PERIOD == 0  # token t commits: C_t = " + what)
-            em.line("b_drdn = b_drd + b_q[:, None] * b_do[None, :]  # ∂/∂C_t: later tokens and o_t = C_t^T q_t"
+            em.line(f"b_drdn = b_drd + {self.kcol('b_q')} * b_do[None, :]  # ∂/∂C_t: later tokens and o_t = C_t^T q_t"
                     if self.after else "b_drdn = b_drd  # ∂/∂C_t")
             if self.after:
-                em.line(f"b_dq = tl.sum(tl.where(b_cm, {new}, b_rd) * b_do[None, :], 1)")
+                em.line(f"b_dq = {self.ksum(f'tl.where(b_cm, {new}, b_rd) * b_do[None, :]')}")
             em.line(f"{d_new} = {d_base} + tl.where(b_cm, b_drdn, 0.0)  # ∂/∂{what}")
             em.line("b_drd = tl.where(b_cm, 0.0, b_drdn)  # ∂/∂C_(t-1)")
         elif self.after:
-            em.line(f"{d_new} = {d_base} + b_q[:, None] * b_do[None, :]  # ∂/∂{what}: later tokens and "
+            em.line(f"{d_new} = {d_base} + {self.kcol('b_q')} * b_do[None, :]  # ∂/∂{what}: later tokens and "
                     f"o_t = {what}^T q_t")
-            em.line(f"b_dq = tl.sum({new} * b_do[None, :], 1)")
+            em.line(f"b_dq = {self.ksum(f'{new} * b_do[None, :]')}")
         else:
             em.line(f"{d_new} = {d_base}  # ∂/∂{what}")
         if self.lag and self.point:
@@ -704,15 +733,15 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line("b_dk += b_dkg")
             self.window_backward(a)
         else:
-            em.line("b_dk = tl.sum(b_du * b_d[None, :], 1)  # through u_t = k_t d_t^T")
+            em.line(f"b_dk = {self.ksum('b_du * b_d[None, :]')}  # through u_t = k_t d_t^T")
             if x.dgd:
                 em.line("b_dk += b_dkg")
-            em.line("b_dd = tl.sum(b_du * b_k[:, None], 0)")
+            em.line(f"b_dd = tl.sum(b_du * {self.kcol('b_k')}, 0)")
             gate_terms(x.grad, "b_dd", vec_terms, self.vec)
             self.bias_gradient_back("")
             if not x.state_free:
-                em.line(f"b_dk += tl.sum({a} * b_de[None, :], 1)  # through y_t = P_t^T k_t")
-                em.line("b_da = b_k[:, None] * b_de[None, :]")
+                em.line(f"b_dk += {self.ksum(f'{a} * b_de[None, :]')}  # through y_t = P_t^T k_t")
+                em.line(f"b_da = {self.kcol('b_k')} * b_de[None, :]")
         if x.accumulator and x.state_free:
             em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_(t-1)")
         if self.frozen:  # b_da = ∂/∂F, the point of every token of the gradient chunk
@@ -738,8 +767,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("b_dk += 2.0 * b_dn * b_k  # through n = ||k_t||^2")
         if not self.after:
             read = self.output_tile()
-            em.line(f"{read.replace('b_', 'b_d')} += b_q[:, None] * b_do[None, :]  # o_t = S_(t-1)^T q_t")
-            em.line(f"b_dq = tl.sum({read} * b_do[None, :], 1)")
+            em.line(f"{read.replace('b_', 'b_d')} += {self.kcol('b_q')} * b_do[None, :]  # o_t = S_(t-1)^T q_t")
+            em.line(f"b_dq = {self.ksum(f'{read} * b_do[None, :]')}")
         if self.maps:  # at a chunk start W_(t-1) = slope·A_(t-1), the slope from A_(t-1) too
             em.line("b_dws = tl.where(b_cs, b_dw, 0.0)  # ∂/∂W_(t-1) where the map ran at t")
             em.line("b_dsc += b_h * b_dws")
@@ -773,7 +802,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"{b} = {' + '.join(parts)}  # gate {comment(g)}: over the tile")
             em.line(self.put(f"{p} + o_n", b, None))
         elif axis == "key":
-            em.line(f"{b} = tl.sum({tile}, 1)  # gate {comment(g)}: over value channels")
+            em.line(f"{b} = {self.ksum(tile)}  # gate {comment(g)}: over value channels")
             em.line(self.put(f"{p} + o_n * K + o_k", b, "m_k"))
         else:
             parts = ([f"tl.sum({tile}, 0)"] if tile else []) + ([join(vecs)] if vecs else [])
@@ -797,7 +826,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                 em.line("BK, BV = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))  "
                         "# Newton-Schulz: the whole state, in tl.dot's least block")
             else:
-                em.line("BK = triton.next_power_of_2(K)")
+                em.line("BK = 1  # a vector memory: the state tile is one row" if self.vector else
+                        "BK = triton.next_power_of_2(K)")
                 if x.norm:
                     em.line("BV = triton.next_power_of_2(V)  # ||e|| reads every value channel")
                 elif x.mirror:
@@ -820,9 +850,9 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("NV, NC = triton.cdiv(V, BV), triton.cdiv(T, CHUNK)")
             em.line("o = torch.empty_like(v)")
             for s in states:
-                em.line(f"{s}t = torch.empty(B, H, K, V, dtype=torch.float32, device=v.device)")
+                em.line(f"{s}t = torch.empty(B, H, {self.dims()}, dtype=torch.float32, device=v.device)")
             for s in saved:
-                em.line(f"{s}c = torch.empty(B, H, NC, K, V, dtype=torch.float32, device=v.device) "
+                em.line(f"{s}c = torch.empty(B, H, NC, {self.dims()}, dtype=torch.float32, device=v.device) "
                         "if save_checkpoints else None")
             em.line("fused_recurrent_fwd_kernel[(NV, B * H)](")
             em.line(f"    q, k, v, {gates}{h0}, o, {', '.join(f'{s}t' for s in states)}, "
@@ -843,14 +873,18 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("NV = triton.cdiv(V, BV)")
             em.line("f32 = dict(dtype=torch.float32, device=v.device)")
             new = "torch.zeros" if x.window else "torch.empty"  # a window adds into its rows
-            em.line(f"dq, dk = torch.empty(B, T, H, NV, K, **f32), {new}(B, T, H, NV, K, **f32)")
+            if self.vector:  # each value block writes its own channels of the per-block partials
+                em.line("dq, dk = torch.zeros(B, T, H, NV, K, **f32), torch.zeros(B, T, H, NV, K, **f32)")
+            else:
+                em.line(f"dq, dk = torch.empty(B, T, H, NV, K, **f32), {new}(B, T, H, NV, K, **f32)")
             em.line(f"dv = {new}(B, T, H, V, **f32)")
             for g in x.gates:
                 shape = {"scalar": "B, T, H, NV", "key": "B, T, H, NV, K",
                          "value": "B, T, H, V"}[self.gate_axis(g)]
-                em.line(f"{ident(g, 'dg')} = {new}({shape}, **f32)")
+                fill = "torch.zeros" if self.vector and self.gate_axis(g) == "key" else new
+                em.line(f"{ident(g, 'dg')} = {fill}({shape}, **f32)")
             for s in states:
-                em.line(f"d{s}0 = torch.empty(B, H, K, V, **f32)")
+                em.line(f"d{s}0 = torch.empty(B, H, {self.dims()}, **f32)")
             for s in saved:
                 em.line(f"w{s} = torch.empty(B * H * NV, CHUNK, BK, BV, **f32)")
             em.line("fused_recurrent_bwd_kernel[(NV, B * H)](")
@@ -900,7 +934,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
                     "v: [B, T, H, V];")
             em.line(f"gates {', '.join(lv.gates) or '(none)'}: [B, T, H] or [B, T, H, K|V]; "
                     "any float dtype (computed in fp32).")
-            state = "(S, M), each [B, H, K, V]" if len(self.state_args()) == 2 else "S [B, H, K, V]"
+            state = f"(S, M), each [B, H, {self.dims()}]" if len(self.state_args()) == 2 else f"S [B, H, {self.dims()}]"
             em.line(f"initial_state: {state} (default: the reference's initial_state).")
             em.line(f'Returns (o [B, T, H, V] in v\'s dtype, final state {state} float32, or None)."""')
             em.line("B = k.shape[0]")

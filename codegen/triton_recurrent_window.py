@@ -32,7 +32,7 @@ class OmegaWindow:
                 self.load_window_token()
                 self.bias_gradient(a, "i", c)
                 em.line(f"b_gamma = {self.vec(x.gamma, 'i')}" + c("# gamma_i"))
-                em.line("b_u += b_gamma * b_ki[:, None] * b_di[None, :]" + c("# u_t += gamma_i k_i d_i^T"))
+                em.line(f"b_u += b_gamma * {self.kcol('b_ki')} * b_di[None, :]" + c("# u_t += gamma_i k_i d_i^T"))
 
     def window_backward(self, a: str) -> None:
         """Token t's window backwards, from b_du = ∂/∂u_t: each window token's key, value and gate shares
@@ -45,13 +45,13 @@ class OmegaWindow:
                 self.load_window_token()
                 self.bias_gradient(a, "i", lambda text: "")
                 em.line(f"b_gamma = {self.vec(x.gamma, 'i')}")
-                em.line("b_dui = tl.sum(b_du * b_ki[:, None], 0)  # [BV]: ∂/∂(gamma_i d_i)")
+                em.line(f"b_dui = tl.sum(b_du * {self.kcol('b_ki')}, 0)  # [BV]: ∂/∂(gamma_i d_i)")
                 em.line("b_ddi = b_gamma * b_dui")
-                em.line("b_dki = b_gamma * tl.sum(b_du * b_di[None, :], 1)  # through u_t += gamma_i k_i d_i^T")
+                em.line(f"b_dki = b_gamma * {self.ksum('b_du * b_di[None, :]')}  # through u_t += gamma_i k_i d_i^T")
                 self.bias_gradient_back("i")
                 if not x.state_free:
-                    em.line(f"b_dki += tl.sum({a} * b_dei[None, :], 1)  # through y_i = P_t^T k_i")
-                    em.line("b_da += b_ki[:, None] * b_dei[None, :]")
+                    em.line(f"b_dki += {self.ksum(f'{a} * b_dei[None, :]')}  # through y_i = P_t^T k_i")
+                    em.line(f"b_da += {self.kcol('b_ki')} * b_dei[None, :]")
                 em.line("o_ni = i_i * NV + i_v")
                 em.line(self.put("dk + o_ni * K + o_k", "b_dki", "m_k"))
                 em.line(self.put("dv + i_i * V + o_v", "b_dvi", "m_v"))

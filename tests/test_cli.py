@@ -87,7 +87,7 @@ def test_check_says_which_triton_kernels_a_level_has(capsys, tmp_path):
     spec.write_text(PER_TOKEN_MLP.format(gradient=""))
     code, out, _ = run(capsys, "check", spec)
     assert code == 0 and ("triton: none: fused recurrent (a mlp memory: the fused recurrent kernels hold "
-                          "a matrix state [K, V]); chunked (the sequential family has none yet)") in out
+                          "a matrix state [K, V] or a vector [V]); chunked (the sequential family has none yet)") in out
     code, out, _ = run(capsys, "check", SPECS / "longhorn.nl")
     assert code == 0 and "triton: fused recurrent; no chunked (a step size over value channels" in out
 

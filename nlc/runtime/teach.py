@@ -35,7 +35,7 @@ def watch(reads: dict | None, name: str, y: torch.Tensor, q: torch.Tensor, gates
 
 def run(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """ids [B, T] -> (logits [B, T, vocab], each layer's level states at T by level name)."""
-    blocks, (B, T) = list(model.blocks), ids.shape
+    blocks, T = list(model.blocks), ids.shape[1]
     size, outer = blocks[0].SEGMENT, torch.is_grad_enabled()
     x = model.embed(ids)
     carries = [None] * len(blocks)

@@ -46,6 +46,7 @@ BOUNDED = 1e4  # the largest |o| of the reference on test inputs
 CHAOTIC = 1e-3  # the most a relative 2^-24 move of the inputs may move the reference's o
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 DIM_PARAMS = ("d_key", "d_value", "d_state", "d_head")
+MEMORIES = ("matrix", "vector")  # the memories the kernels hold whole: S [K, V], or m [V] (M(x) = x ⊙ m)
 SCHEDULES = ("token", "retained", "before", "period", "chunk", "period_chunk")  # every schedule in
 # context (a period: reads of a state committed every 2 tokens; chunk: gradients at the state entering
 # every 2 tokens)
@@ -66,9 +67,9 @@ def _shipped():
 
 
 def _design():
-    """(id, spec text) of every sampled matrix-memory point the renderer takes."""
+    """(id, spec text) of every sampled matrix- and vector-memory point the renderer takes."""
     out = []
-    for name, text in points(("matrix",), SCHEDULES):
+    for name, text in points(MEMORIES, SCHEDULES):
         if unsupported(derive(check(text)[0])["memory"]) is None:
             out.append((name, text))
     return out
@@ -79,12 +80,13 @@ DESIGN = _design()
 
 
 def _sample(design):
-    """A fixed sample: each point that brings a bias, a retention, an algorithm or a schedule not yet
-    seen, then every twelfth point of the rest."""
+    """A fixed sample: each point that brings a memory, a bias, a retention, an algorithm or a schedule
+    not yet seen (or a memory's retention or schedule), then every twelfth point of the rest."""
     seen, out = set(), []
     for name, text in design:
-        _, bias, retention, algorithm, schedule = name.split("-")
-        keys = {("bias", bias), ("retention", retention), ("algorithm", algorithm), ("schedule", schedule)}
+        memory, bias, retention, algorithm, schedule = name.split("-")
+        keys = {("bias", bias), ("retention", retention), ("algorithm", algorithm), ("schedule", schedule),
+                ("memory", memory, retention), ("memory", memory, schedule)}
         if not keys <= seen:
             seen |= keys
             out.append((name, text))
@@ -253,14 +255,14 @@ def test_bf16_inputs_with_an_fp32_state(stem, level):
 
 
 def test_every_supported_point_is_covered_here():
-    """The renderer takes the shipped delta and decay-family levels and every matrix point of the design
-    space that learns in context: every bias (omega windows too), retention (lq's mirror maps and
-    both maps at chunk boundaries too), algorithm (muon and ftrl too) and schedule (update periods and
-    gradients at chunk starts too)."""
+    """The renderer takes the shipped delta and decay-family levels and every matrix and vector point of
+    the design space that learns in context: every bias (omega windows too), retention (lq's mirror maps
+    and both maps at chunk boundaries too), algorithm (muon and ftrl too) and schedule (update periods
+    and gradients at chunk starts too)."""
     assert {s for s, _ in SHIPPED} >= {"deltanet", "gated_deltanet", "gla", "linear_attention",
                                        "longhorn", "mamba2", "retnet"}
-    assert [n for n, _ in DESIGN] == [n for n, _ in points(("matrix",), SCHEDULES)]
-    for part in range(1, 5):  # bias, retention, algorithm, schedule
+    assert [n for n, _ in DESIGN] == [n for n, _ in points(MEMORIES, SCHEDULES)]
+    for part in range(0, 5):  # memory, bias, retention, algorithm, schedule
         assert {n.split("-")[part] for n, _ in CPU_DESIGN} == {n.split("-")[part] for n, _ in DESIGN}
     assert {n.split("-")[1] for n, _ in DESIGN} >= {"omega"}
     assert {n.split("-")[2] for n, _ in DESIGN} >= {"none", "decay", "l2", "elastic", "implicit", "kl", "kl_global",

@@ -39,7 +39,8 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # (atomic adds of each window token's gradients); retnet_ftrl: an accumulator read through elastic
 # net's threshold, whose gate lr makes W = psi(A) read gates; retnet_period: reads of the state committed
 # every 4 tokens; retnet_chunk: an lq accumulator's l2 gradients at the weights entering every 8 tokens,
-# its map run at those chunk starts only; retnet_lag: KL's lag token every 8 tokens
+# its map run at those chunk starts only; retnet_lag: KL's lag token every 8 tokens; deltanet_vector: a
+# vector memory (the state tile one row [1, BV]) with a Huber bias
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
@@ -48,7 +49,8 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20),
          ("retnet_muon", "memory", {"d_key": 64, "d_value": 64}, 20), ("retnet_lq", "memory", {}, 20),
          ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 20),
-         ("retnet_chunk", "memory", {}, 20), ("retnet_lag", "memory", {}, 20)]
+         ("retnet_chunk", "memory", {}, 20), ("retnet_lag", "memory", {}, 20),
+         ("deltanet_vector", "memory", {}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
             "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),
@@ -64,7 +66,8 @@ VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorit
                              "  gradient chunk_start(8)"),
             "retnet_lag": ("retnet", "bias dot\n  retention decay(gamma)\n  algorithm gd(lr = 1)",
                            "bias l2\n  retention kl(decay = gamma, apply = chunk)\n  algorithm gd(lr = 0.1)\n"
-                           "  gradient chunk_start(8)\n  init learned")}
+                           "  gradient chunk_start(8)\n  init learned"),
+            "deltanet_vector": ("deltanet", "memory matrix\n  bias l2", "memory vector\n  bias huber(delta = 0.5)")}
 
 
 def _launches(op, T):

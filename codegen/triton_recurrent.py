@@ -204,8 +204,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
 
     def saved_args(self) -> list[str]:
         """What the forward checkpoints: the state, an accumulator's weights w (W) and, with an update
-        period, the committed tile rd (C) that reads see and, with gradients at chunk starts, their
-        point fz (F)."""
+        period, the committed tile rd (C) that reads see; with gradients at chunk starts, their point fz
+        (F), and with lq's map at chunk starts, its slope sc (c)."""
         return self.state_args() + (["w"] if self.x.accumulator else []) + (["rd"] if self.period > 1 else []) + \
             (["fz"] if self.point else []) + (["sc"] if self.maps else [])
 
@@ -343,9 +343,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"  S_t = R(S_(t-1), s_t) - lr_t k_t (k_t^T S_(t-1)),  R = {_show(x.retain)}  (DGD)")
         elif x.accumulator:
             em.line(f"  A_t = {_show(x.retain.subs(S.w0, S.A))}  (the accumulator; the state S is A)")
-            norm = f",  N = ||A_t||_{_show(sympy.nsimplify(x.norm_p))}" if x.mirror else ""
+            p = _show(sympy.nsimplify(x.norm_p)) if x.mirror else None
+            norm = f",  N = ||A_t||_{p}" if x.mirror else ""
             if self.maps:
-                em.line(f"  W_t = c·A_t,  c = {_show(x.slope)} at N = ||A_(t0-1)||_{_show(sympy.nsimplify(x.norm_p))}  (psi's slope at "
+                em.line(f"  W_t = c·A_t,  c = {_show(x.slope)} at N = ||A_(t0-1)||_{p}  (psi's slope at "
                         "the gradient chunk's start, held for the chunk)")
             else:
                 em.line(f"  W_t = psi(A_t) = {_show(x.psi)}{norm}")
@@ -458,7 +459,8 @@ class _Renderer(RetentionMaps, OmegaWindow):
                     c("# F: a gradient chunk starts at t, its gradients at the state entering it"))
             a = "b_fz"
         elif self.lag:
-            em.line("b_lag = t % GRAD_CHUNK == 0" + c("# the lag token: the exact softmax step, its gradient at S_(t-1)"))
+            em.line("b_lag = t % GRAD_CHUNK == 0" +
+                    c("# the lag token: the exact softmax step, its gradient at S_(t-1)"))
             if self.point:
                 em.line(f"b_p = tl.where(b_lag, {a}, b_fz)" + c("# the chunk's other tokens: at F, the state after it"))
                 a = "b_p"
@@ -683,8 +685,9 @@ class _Renderer(RetentionMaps, OmegaWindow):
             self.softmax_back("b_dz", "b_sl", "b_dhn")
             em.line("b_dz = tl.where(b_lag, b_dz, 0.0)  # through the softmax at the lag token only")
             em.line("b_dwi = tl.where(b_lag, 0.0, b_dhn)  # through S_t = within(S_(t-1), s_t) at the others")
-            em.line(f"b_dh = {join([self.through_log(x.retain, 'b_dz'), times(self.tile(diff(x.within, S.w0)), 'b_dwi')])}")
-            em.line(f"b_ds = {join([times(self.tile(diff(x.retain, S.s)), 'b_dz'), times(self.tile(diff(x.within, S.s)), 'b_dwi')])}")
+            through_w0, through_s = (times(self.tile(diff(x.within, v)), "b_dwi") for v in (S.w0, S.s))
+            em.line(f"b_dh = {join([self.through_log(x.retain, 'b_dz'), through_w0])}")
+            em.line(f"b_ds = {join([times(self.tile(diff(x.retain, S.s)), 'b_dz'), through_s])}")
             gate_terms(x.retain, "b_dz")
             gate_terms(x.within, "b_dwi")
         elif x.softmax:
@@ -746,8 +749,10 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("b_dw = tl.zeros([BK, BV], dtype=tl.float32)  # ∂/∂W_(t-1)")
         if self.frozen:  # b_da = ∂/∂F, the point of every token of the gradient chunk
             em.line("b_dfz += b_da")
-            em.line(f"b_fs = t % GRAD_CHUNK == 0  # token t starts its gradient chunk: F = {what.replace('_t', '_(t-1)')}")
-            em.line(f"{'b_dw' if x.accumulator else 'b_dh'} {'=' if x.accumulator else '+='} tl.where(b_fs, b_dfz, 0.0)")
+            em.line(f"b_fs = t % GRAD_CHUNK == 0  # token t starts its gradient chunk: F = "
+                    f"{what.replace('_t', '_(t-1)')}")
+            into = "b_dw =" if x.accumulator else "b_dh +="  # an accumulator's ∂/∂W_(t-1) starts here
+            em.line(f"{into} tl.where(b_fs, b_dfz, 0.0)")
             em.line("b_dfz = tl.where(b_fs, 0.0, b_dfz)  # ∂/∂F of the chunk before")
         elif self.lag and self.point:
             em.line("b_dh += tl.where(b_lag, b_da, 0.0)  # the lag token's point: S_(t-1)")

@@ -579,8 +579,9 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"q, k, v, {self.gate_params()}{', '.join(f'{s}c' for s in saved)},  "
                     "# inputs; checkpoints [B, H, NC, K, V]")
             em.line(f"do, {', '.join(f'd{s}t' for s in states)},  # gradients of o and of the final states")
-            em.line(f"dq, dk, dv, {self.gate_params('dg')}{', '.join(f'd{s}0' for s in states)},  "
-                    "# dq, dk [B, T, H, NV, K]: per value block")
+            keys = "[B, T, H, K]: each value block owns its channels" if self.vector else \
+                "[B, T, H, NV, K]: per value block"
+            em.line(f"dq, dk, dv, {self.gate_params('dg')}{', '.join(f'd{s}0' for s in states)},  # dq, dk {keys}")
             em.line(f"{', '.join(f'w{s}' for s in saved)},  # [B * H * NV, CHUNK, BK, BV]: one chunk's "
                     "states, per program")
             em.line("T, NV,")
@@ -782,12 +783,19 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("b_dsc = tl.where(b_cs, 0.0, b_dsc)  # the chunk before: its own slope")
             em.line("b_dw = tl.where(b_cs, 0.0, b_dw)  # the old W_(t-1) is not read from t on")
         em.line("o_n = i_t * NV + i_v  # row of (token t, value block i_v) in the per-block partials")
-        em.line("tl.store(dq + o_n * K + o_k, b_dq, mask=m_k)")
-        em.line(f"{self.put('dk + o_n * K + o_k', 'b_dk', 'm_k')}")
+        row = self.key_row("i_t", "o_n")
+        em.line(f"tl.store(dq + {row} * K + o_k, b_dq, mask=m_k)")
+        em.line(f"{self.put(f'dk + {row} * K + o_k', 'b_dk', 'm_k')}")
         if not x.window:  # a window adds each token's dv from the steps that read it
             em.line("tl.store(dv + i_t * V + o_v, b_dv, mask=m_v)")
         for g in x.gates:
             self.gate_gradient(g, tile_terms[g], vec_terms[g])
+
+    def key_row(self, token: str, partial: str) -> str:
+        """The row of a key-side gradient (dq, dk, a key gate's): the token's own row where each value
+        block owns its key channels (a vector memory), else its row `partial` among the per-block
+        partials [B, T, H, NV, K], summed after the kernel."""
+        return token if self.vector else partial
 
     def put(self, at: str, value: str, mask: str | None) -> str:
         """A gradient's write: a store, or with a window an atomic add (later steps add their shares
@@ -808,7 +816,7 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(self.put(f"{p} + o_n", b, None))
         elif axis == "key":
             em.line(f"{b} = {self.ksum(tile)}  # gate {comment(g)}: over value channels")
-            em.line(self.put(f"{p} + o_n * K + o_k", b, "m_k"))
+            em.line(self.put(f"{p} + {self.key_row('i_t', 'o_n')} * K + o_k", b, "m_k"))
         else:
             parts = ([f"tl.sum({tile}, 0)"] if tile else []) + ([join(vecs)] if vecs else [])
             em.line(f"{b} = {' + '.join(parts)}  # gate {comment(g)}: over key channels")
@@ -878,16 +886,12 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line("NV = triton.cdiv(V, BV)")
             em.line("f32 = dict(dtype=torch.float32, device=v.device)")
             new = "torch.zeros" if x.window else "torch.empty"  # a window adds into its rows
-            if self.vector:  # each value block writes its own channels of the per-block partials
-                em.line("dq, dk = torch.zeros(B, T, H, NV, K, **f32), torch.zeros(B, T, H, NV, K, **f32)")
-            else:
-                em.line(f"dq, dk = torch.empty(B, T, H, NV, K, **f32), {new}(B, T, H, NV, K, **f32)")
+            keys = "B, T, H, K" if self.vector else "B, T, H, NV, K"  # a vector memory: no partials
+            em.line(f"dq, dk = torch.empty({keys}, **f32), {new}({keys}, **f32)")
             em.line(f"dv = {new}(B, T, H, V, **f32)")
             for g in x.gates:
-                shape = {"scalar": "B, T, H, NV", "key": "B, T, H, NV, K",
-                         "value": "B, T, H, V"}[self.gate_axis(g)]
-                fill = "torch.zeros" if self.vector and self.gate_axis(g) == "key" else new
-                em.line(f"{ident(g, 'dg')} = {fill}({shape}, **f32)")
+                shape = {"scalar": "B, T, H, NV", "key": keys, "value": "B, T, H, V"}[self.gate_axis(g)]
+                em.line(f"{ident(g, 'dg')} = {new}({shape}, **f32)")
             for s in states:
                 em.line(f"d{s}0 = torch.empty(B, H, {self.dims()}, **f32)")
             for s in saved:
@@ -898,11 +902,11 @@ class _Renderer(RetentionMaps, OmegaWindow):
             em.line(f"    dq, dk, dv, {self.gate_params('dg')}{', '.join(f'd{s}0' for s in states)}, "
                     f"{', '.join(f'w{s}' for s in saved)}, T, NV,")
             em.line(f"    H=H, K=K, V=V, BK=BK, BV=BV, CHUNK=CHUNK,{self.level_args()} num_warps=warps)")
-            outs = ["dq.sum(3).to(q.dtype)", "dk.sum(3).to(k.dtype)", "dv.to(v.dtype)"]
+            summed = {"scalar": ".sum(3)", "key": "" if self.vector else ".sum(3)", "value": ""}  # over partials
+            outs = [f"dq{summed['key']}.to(q.dtype)", f"dk{summed['key']}.to(k.dtype)", "dv.to(v.dtype)"]
             for g in x.gates:
                 d, gname = ident(g, "dg"), ident(g, "g")
-                outs.append(f"{d}.sum(3).to({gname}.dtype)" if self.gate_axis(g) != "value"
-                            else f"{d}.to({gname}.dtype)")
+                outs.append(f"{d}{summed[self.gate_axis(g)]}.to({gname}.dtype)")
             outs += [f"d{s}0" for s in states]
             with em.indent("return ("):
                 for out in outs:

@@ -53,7 +53,7 @@ class OmegaWindow:
                     em.line(f"b_dki += {self.ksum(f'{a} * b_dei[None, :]')}  # through y_i = P_t^T k_i")
                     em.line(f"b_da += {self.kcol('b_ki')} * b_dei[None, :]")
                 em.line("o_ni = i_i * NV + i_v")
-                em.line(self.put("dk + o_ni * K + o_k", "b_dki", "m_k"))
+                em.line(self.put(f"dk + {self.key_row('i_i', 'o_ni')} * K + o_k", "b_dki", "m_k"))
                 em.line(self.put("dv + i_i * V + o_v", "b_dvi", "m_v"))
                 if ir.gate_names(x.gamma):
                     em.line("b_dgamma = tl.sum(b_di * b_dui)  # ∂/∂gamma_i")

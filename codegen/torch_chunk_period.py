@@ -72,14 +72,19 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.gap()
     _render_end_coefficients(em, momentum)
     em.gap()
+    render_times(em)
+    em.gap()
+    _render_op(em, rules, plan, coeffs, momentum, frozen_at)
+    return em.text()
+
+
+def render_times(em: Emitter) -> None:
+    """`_times`: a per-head scalar times a state tensor."""
     em.block('''
 def _times(s, x):
     """A per-head scalar s [B, H] times one state tensor x [B, H, ...]."""
     return s.reshape(s.shape + (1,) * (x.dim() - s.dim())) * x
 ''')
-    em.gap()
-    _render_op(em, rules, plan, coeffs, momentum, frozen_at)
-    return em.text()
 
 
 def _state_free(rules: LevelRules) -> bool:

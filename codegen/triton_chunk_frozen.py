@@ -375,7 +375,8 @@ def suffix_sums(b_x):
             if self.momentum:
                 em.line("b_beta, b_c = tl.where(m_lag, 1.0, b_beta), tl.where(m_lag, 0.0, b_c)")
         em.line("b_la, b_ga, b_sa = log_products(b_a, m_t)  # log a_t, g_t = log b_t and the sign of b_t")
-        em.line("m_c = o_i[:, None] >= o_i[None, :]  # causal: j <= t")
+        if read or self.momentum:
+            em.line("m_c = o_i[:, None] >= o_i[None, :]  # causal: j <= t")
         if self.momentum:
             em.line("b_lm, b_gm, b_sm = log_products(b_beta, m_t)")
             em.line("b_Pm = segments(b_gm, b_sm, b_gm, b_sm, m_c)  # Pm[i, j] = prod_(j<r<=i) beta_r")
@@ -690,22 +691,26 @@ def suffix_sums(b_x):
         if self.momentum:
             em.line("b_dhc = tl.sum(b_O * b_dhcw[None, :], 1)")
 
-    def coefficients_bwd(self) -> None:
+    def coefficients_bwd(self, read: bool = True) -> None:
         """From ∂/∂ the scan coefficients (b_dGr, b_dbr, b_dgc, b_dbl; with momentum b_dfr, b_dhc, b_dfl,
-        b_dml) to ∂/∂ log|a|, c, lr (and log|beta|) of each token."""
+        b_dml) to ∂/∂ log|a|, c, lr (and log|beta|) of each token; without `read`, from the carried
+        row's alone (b_dgc, b_dbl, ...: a kernel that computes no reads)."""
         em = self.em
         em.line("# the scan coefficients, backwards through the log-space products")
-        em.line("b_dgr = b_dbr * b_br  # ∂/∂ the read's cumulative log")
+        if read:
+            em.line("b_dgr = b_dbr * b_br  # ∂/∂ the read's cumulative log")
         em.line("b_dga = tl.where(m_l, b_dbl * b_bl, 0.0)  # ∂/∂g_t (b_(L-1) = exp g_(L-1))")
         if self.momentum:
-            em.line(f"b_dN = {self.dot('tl.trans(b_Pr)', 'b_dGr', exact=True)} + b_rho[:, None] * b_dgc[None, :]")
-            em.line(f"b_dP = {self.dot('b_dGr', 'tl.trans(b_N)', exact=True)} + b_dfr[:, None] * b_cm[None, :]")
-            em.line("b_dPr = b_dP * b_Pr")
-            em.line("b_dgr += tl.sum(b_dPr, 1)")
-            em.line("b_dga -= tl.sum(b_dPr, 0)")
+            em.line("b_dN = " + (f"{self.dot('tl.trans(b_Pr)', 'b_dGr', exact=True)} + " if read else "") +
+                    "b_rho[:, None] * b_dgc[None, :]")
+            if read:
+                em.line(f"b_dP = {self.dot('b_dGr', 'tl.trans(b_N)', exact=True)} + b_dfr[:, None] * b_cm[None, :]")
+                em.line("b_dPr = b_dP * b_Pr")
+                em.line("b_dgr += tl.sum(b_dPr, 1)")
+                em.line("b_dga -= tl.sum(b_dPr, 0)")
             em.line("b_drho = (tl.sum(b_N * b_dgc[None, :], 1) + b_dfl * b_cm) * b_rho  # ∂/∂ log P[L-1, j]")
             em.line("b_dga += tl.where(m_l, tl.sum(b_drho, 0), 0.0) - b_drho")
-            em.line("b_dcm = tl.sum(b_Pr * b_dfr[:, None], 0) + b_dfl * b_rho  # ∂/∂(c m)")
+            em.line("b_dcm = " + ("tl.sum(b_Pr * b_dfr[:, None], 0) + " if read else "") + "b_dfl * b_rho  # ∂/∂(c m)")
             em.line("b_dNN = b_dN * b_N")
             em.line("b_dc = tl.sum(b_dN * b_Pm * b_lr[None, :], 1) + b_dcm * b_mi")
             em.line("b_dlr = tl.sum(b_dN * b_Pm * b_c[:, None], 0) + b_dhc * b_pm")
@@ -714,14 +719,17 @@ def suffix_sums(b_x):
             em.line("b_dgm += tl.where(m_l, tl.sum(b_dhh, 0) + b_dml * b_ml, 0.0)")
             em.line("b_dlbeta = suffix_sums(b_dgm)  # ∂/∂ log|beta_r| = sum_(t>=r) ∂/∂gm_t")
         else:
-            em.line("b_dw = tl.sum(b_dGr * b_Pr, 0) + b_dgc * b_rho  # ∂/∂(c_j lr_j)")
-            em.line("b_dGG = b_dGr * b_Gr")
-            em.line("b_dgr += tl.sum(b_dGG, 1)")
-            em.line("b_dga -= tl.sum(b_dGG, 0)")
+            em.line("b_dw = " + ("tl.sum(b_dGr * b_Pr, 0) + " if read else "") + "b_dgc * b_rho  # ∂/∂(c_j lr_j)")
+            if read:
+                em.line("b_dGG = b_dGr * b_Gr")
+                em.line("b_dgr += tl.sum(b_dGG, 1)")
+                em.line("b_dga -= tl.sum(b_dGG, 0)")
             em.line("b_dgg = b_dgc * b_gc")
             em.line("b_dga += tl.where(m_l, tl.sum(b_dgg, 0), 0.0) - b_dgg")
             em.line("b_dc, b_dlr = b_dw * b_lr, b_dw * b_c")
-        if self.after:
+        if not read:
+            em.line("b_dla = suffix_sums(b_dga)  # ∂/∂ log|a_r| = sum_(t>=r) ∂/∂g_t")
+        elif self.after:
             em.line("b_dla = suffix_sums(b_dga + b_dgr)  # ∂/∂ log|a_r| = sum_(t>=r) ∂/∂g_t")
         else:
             em.line("b_dla = suffix_sums(b_dga) + suffix_sums(b_dgr) - b_dgr  # the read's g_t sums r < t")

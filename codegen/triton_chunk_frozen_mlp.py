@@ -49,6 +49,7 @@ class MlpKernels(_Kernels):
     """The file for one level: the scan and read kernels of `_Kernels` over the coefficient blocks it
     prints, with an MLP's layers in PyTorch."""
     BIAS_ON_WINDOW_ROWS = False  # the bias kernels run on the window's tokens in PyTorch's loop (omega)
+    READS = True  # the coefficient kernels give the reads' coefficients too, not only the carried row's
 
     def text(self) -> str:
         em, lv = self.em, self.lv
@@ -75,13 +76,18 @@ class MlpKernels(_Kernels):
         self.public()
         return em.text()
 
-    def header(self) -> None:
+    def title(self, family: str) -> None:
+        """The docstring's first lines: the level, its model and `family`, its rule and D = dℓ/dy."""
         em, lv = self.em, self.lv
         em.line(f'"""Level {comment(lv.name)!r} of model {comment(self.model)!r}: chunked Triton kernels and '
                 "PyTorch matmuls")
-        em.line("(frozen-gradient family, an MLP memory; MATH.md §3.4-3.6).")
+        em.line(f"({family}).")
         self.summary("in fp32")
         em.line(f"  d = dℓ/dy = {show(self.grad)}   (e = y - v" + (", r = ||e||)" if self.norm else ")"))
+
+    def header(self) -> None:
+        em = self.em
+        self.title("frozen-gradient family, an MLP memory; MATH.md §3.4-3.6")
         em.line("Per chunk of L <= CHUNK tokens (t, j = 0..L-1), W_0 (and M_0) the state entering it, each")
         em.line("layer of the chain (LAYERS) a product h @ W (+ β) with token j's gradient a_j ⊗ δ_j (δ_j):")
         em.line("  P[t, i] = prod_(i<r<=t) a_r, b_t = prod_(r<=t) a_r (log space, signs apart)")
@@ -98,6 +104,11 @@ class MlpKernels(_Kernels):
         em.line("Triton: the coefficients (all chunks at once), D = dℓ/dy, and each layer's read in dual form")
         em.line("(all chunks at once, at the saved chunk-start states); PyTorch: per chunk in order, the MLP at")
         em.line("W_0 on the keys with one vjp (a_j, δ_j) and the carried state; each kernel has its backward.")
+        self.layout_doc()
+
+    def layout_doc(self) -> None:
+        """The docstring's last lines: the layouts of the inputs and the state; its end."""
+        em = self.em
         em.line("Layout: q, k [B, T, H, K]; v [B, T, H, V]; gates [B, T, H]; inside, [B, H, T, ...] fp32. The")
         em.line(f"state is the reference's: {comment(', '.join(self.state_names()))}, float32.")
         em.line('"""')
@@ -147,6 +158,7 @@ class MlpKernels(_Kernels):
         per window row."""
         window = "w" if self.omega else "t"  # an omega window's carried rows: [B, H, NT, CW]
         out = [(self.G[2:], "tw" if self.omega else "tt"), ("br", "t")] + ([("fr", "t")] if self.momentum else [])
+        out = out if self.READS else []
         out += [(self.gc[2:], window)] + ([(self.hc[2:], window)] if self.momentum else [])
         return out + [("bl", "c")] + ([("fl", "c"), ("ml", "c")] if self.momentum else [])
 
@@ -159,8 +171,9 @@ class MlpKernels(_Kernels):
         em.line("r_t = (i_bh * T + o_t).to(tl.int64)  # row of each token in [B, H, T]")
         em.line("i_last = tl.minimum(T - i_t * C, C) - 1  # the chunk's last token")
         em.line("o_c = (i_bh * NT + i_t).to(tl.int64)  # this chunk in [B, H, NT]")
-        em.line("m_tt = m_t[:, None] & m_t[None, :]")
-        em.line("o_tt = o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :]  # its [BT, BT] block")
+        if self.READS:
+            em.line("m_tt = m_t[:, None] & m_t[None, :]")
+            em.line("o_tt = o_c * (BT * BT) + o_i[:, None] * BT + o_i[None, :]  # its [BT, BT] block")
         if self.omega:
             self.window_rows()
             em.line("m_tw = m_t[:, None] & m_j[None, :]")
@@ -180,16 +193,16 @@ class MlpKernels(_Kernels):
         else:
             read, carry = "G [B, H, NT, BT, BT]", f"G[L-1, j]{', Pm[L-1, j] lr_j' if mom else ''} [B, H, T]"
             gates = "the gates [B, H, T]"
+        reads = f"the reads' {read} (zero outside the chunk), b_t" + (", f_t" if mom else "") + " [B, H, T];\n"
         docs = ("Program (i_t, i_bh): the scan coefficients of chunk i_t of batch x head i_bh (fp32), from\n"
-                f"{gates}: the reads' {read} (zero outside the chunk), b_t" +
-                (", f_t" if mom else "") + f" [B, H, T];\nthe carried row's {carry} and b" +
+                f"{gates}: {reads if self.READS else ''}the carried row's {carry} and b" +
                 (", f, m" if mom else "") + " at L-1 [B, H, NT].",
                 "Program (i_t, i_bh): ∂/∂ the gates of chunk i_t's tokens from ∂/∂ its coefficients (the\n"
                 "forward kernel's outputs, prefixed d), back through the log-space products.")
         # per kind: offsets; the mask of loads (None: whole blocks, zero outside where `block`) and of stores
         layout = {"tt": ("o_tt", None, None), "tw": ("o_tw", None, None), "t": ("r_t", "m_t", "m_t"),
                   "c": ("o_c", "", ""), "w": ("o_c * CW + o_j", "m_j", "o_j < CW")}
-        for backward, doc in zip((False, True), docs):
+        for backward, doc in zip((False, True) if self.gates else (False,), docs):  # no gate: constants
             em.gap()
             self.jit('"BT"', "T")
             args = (f"{', '.join('d' + n for n, _ in names)}, {self.gate_args('dg')}" if backward
@@ -198,7 +211,7 @@ class MlpKernels(_Kernels):
                       sizes, doc)
             with em.indent():
                 self.chunk_prologue()
-                self.coefficients(read=True, carry=True)
+                self.coefficients(read=self.READS, carry=True)
                 for name, kind in names:
                     offset, load_mask, store_mask = layout[kind]
                     if backward:
@@ -216,7 +229,7 @@ class MlpKernels(_Kernels):
                 if backward:
                     if self.omega:
                         self.window_bwd()
-                    self.coefficients_bwd()
+                    self.coefficients_bwd(self.READS)
                     self.gate_grads(through_bias=False)
                     self.window_gate_grads()
 
@@ -250,6 +263,9 @@ class MlpKernels(_Kernels):
             decorators(em, "backward")
             with em.indent("def backward(ctx, *grads):"):
                 first_order_only(em)
+                if not self.gates:
+                    em.line("return (None,)  # the coefficients read no gate: constants")
+                    return
                 em.line(f"gates, (T, NT, {blocks}) = ctx.saved_tensors, ctx.sizes")
                 em.line("dgates = [torch.empty_like(g) for g in gates]")
                 em.line("B, H = grads[0].shape[:2]")

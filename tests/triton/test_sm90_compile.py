@@ -38,7 +38,8 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # retnet_lq: with lq's mirror map (its norm over the whole state); retnet_omega: with an omega window
 # (atomic adds of each window token's gradients); retnet_ftrl: an accumulator read through elastic
 # net's threshold, whose gate lr makes W = psi(A) read gates; retnet_period: reads of the state committed
-# every 4 tokens; retnet_chunk: an lq accumulator's l2 gradients at the weights entering every 8 tokens,
+# every 4 tokens (T = 3: the fused recurrent kernels; T = 20: the period family's chunked ones);
+# cms: the period family's kernels on an MLP memory (d_model 128, units of 16 tokens); retnet_chunk: an lq accumulator's l2 gradients at the weights entering every 8 tokens,
 # its map run at those chunk starts only; retnet_lag: KL's lag token every 8 tokens; deltanet_vector: a
 # vector memory (the state tile one row [1, BV]) with a Huber bias
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
@@ -48,7 +49,8 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("omeganet_momentum", "memory", {"depth": 1, "window": 64}, 20), ("memora", "memory", {"chunk": 16}, 20),
          ("retnet_kl", "memory", {}, 20), ("retnet_dgd", "memory", {}, 20),
          ("retnet_muon", "memory", {"d_key": 64, "d_value": 64}, 20), ("retnet_lq", "memory", {}, 20),
-         ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 20),
+         ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 3),
+         ("retnet_period", "memory", {}, 20), ("cms", "cms_mid", {"d_model": 128}, 20),
          ("retnet_chunk", "memory", {}, 20), ("retnet_lag", "memory", {}, 20),
          ("deltanet_vector", "memory", {}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)

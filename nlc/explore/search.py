@@ -234,6 +234,7 @@ def work(run: Run, worker: int = 0, deadline: float | None = None) -> None:
         optimize()
     while goal is not None:  # until the goal: trials still running may belong to dead workers
         optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed and re-queued
+        storage.fail_unstarted_trials(study)  # and those whose worker died before its first heartbeat
         done, running = _claimed(study)
         if done >= goal or (deadline is not None and time.time() >= deadline):
             return

@@ -56,6 +56,32 @@ def _RequeueUnrecorded(max_retry: int):
     return Requeue(max_retry=max_retry)
 
 
+def fail_unstarted_trials(study) -> None:
+    """Fail (and re-queue, as a stale trial) every running trial whose worker died before its first
+    heartbeat: Optuna's `fail_stale_trials` judges only trials that have one, so a worker killed
+    between claiming a trial and its first beat would leave it running for ever, and a run waiting
+    for it would wait for ever. Such a trial has no user attribute (the objective sets "point" first,
+    milliseconds after the claim) and started more than the grace period ago."""
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    grace = heartbeat()[1]
+    now = datetime.datetime.now()  # Optuna stamps datetime_start in local time
+    store = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs or trial.datetime_start is None or \
+                (now - trial.datetime_start).total_seconds() <= grace:
+            continue
+        try:
+            failed = store.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it first
+            continue
+        if failed:
+            store.get_heartbeat_stale_trial_callback()(study, store.get_trial(trial._trial_id))
+
+
 def open_storage(storage_url: str):
     """An RDBStorage with heartbeats and re-queueing of dead trials."""
     import optuna

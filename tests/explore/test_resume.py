@@ -62,3 +62,20 @@ def test_sigkill_mid_trial_then_resume(tiny_spec, tmp_path):
     assert "status" not in trials[killed.number].user_attrs
     retried = [t for t in finished if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retried) == 1 and retried[0].params == killed.params
+
+
+def test_a_trial_claimed_by_a_worker_that_died_before_its_first_heartbeat_is_requeued(tmp_path, monkeypatch):
+    """Optuna judges only trials with a heartbeat: one claimed by a worker killed before its first beat
+    (no user attribute) is failed and re-queued once it is older than the grace period, not left
+    running for ever; a trial claimed within the grace period is left alone."""
+    monkeypatch.setenv(storage.HEARTBEAT_ENV, "1,1")
+    study = optuna.create_study(storage=storage.open_storage(storage.url(tmp_path, None)), study_name="s")
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    time.sleep(1.5)
+    live = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.fail_unstarted_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[dead.number].state == TrialState.FAIL
+    assert trials[live.number].state == TrialState.RUNNING
+    (queued,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert queued.params == dead.params and queued.system_attrs["failed_trial"] == dead.number

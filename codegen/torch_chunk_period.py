@@ -37,7 +37,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         raise NotImplementedError(f"level {lv.name!r}: {lv.memory.kind} memory with "
                                   f"{lv.algorithm.kind} is not in the period family")
     unit, period = int(plan.chunk), int(lv.period)
-    if _state_free(rules):
+    if state_free(rules):
         frozen_at = None  # the gradient is the same at every state
     elif lv.grad_at == "chunk" and period % unit == 0 and lv.grad_chunk % unit == 0:
         frozen_at = int(lv.grad_chunk)
@@ -87,7 +87,7 @@ def _times(s, x):
 ''')
 
 
-def _state_free(rules: LevelRules) -> bool:
+def state_free(rules: LevelRules) -> bool:
     """u = k ⊗ dℓ/dy with dℓ/dy free of the state: the gradient is the same at every state (not with
     a self-generated target M(v), which reads the state)."""
     return rules.level.memory.kind == "matrix" and rules.level.target != "self" \

@@ -23,7 +23,7 @@ from nlc.plan import KernelPlan
 
 from . import triton_chunk_common as common
 from .emitter import comment, ident, where
-from .torch_chunk_period import render_times
+from .torch_chunk_period import render_times, state_free
 from .triton_chunk_frozen_mlp import MlpKernels
 
 
@@ -60,8 +60,8 @@ class PeriodKernels(MlpKernels):
         super().__init__(rules, plan, model, file)
         lv = rules.level
         self.unit, self.period = int(plan.chunk), int(lv.period)
-        state_free = lv.memory.kind == "matrix" and self.state_free
-        self.grad_chunk = None if state_free or lv.grad_chunk <= self.unit else int(lv.grad_chunk)
+        self.anywhere = state_free(rules)  # the gradient is the same at every state: W* may be any
+        self.grad_chunk = None if self.anywhere or lv.grad_chunk <= self.unit else int(lv.grad_chunk)
 
     def text(self) -> str:
         em, lv = self.em, self.lv
@@ -90,7 +90,7 @@ class PeriodKernels(MlpKernels):
         return em.text()
 
     def header(self) -> None:
-        em, lv = self.em, self.lv
+        em = self.em
         self.title("period family, MATH.md §4.1-4.2")
         em.line("The state takes a step every token; reads see the state committed at the last boundary of a")
         em.line(f"period of {self.period} tokens (the entering state before the first). Per unit of L <= CHUNK "
@@ -98,7 +98,7 @@ class PeriodKernels(MlpKernels):
         em.line("W_0 (and M_0) the state entering it, every gradient u_j = ∂<D_j, M(W*; k_j)>/∂W* at one state W*:")
         if self.grad_chunk:
             em.line("  W* = the state entering the unit's gradient chunk of GRAD_CHUNK tokens")
-        elif lv.memory.kind == "matrix" and self.state_free:
+        elif self.anywhere:
             em.line("  W* = W_0 (D does not depend on the state)")
         else:
             em.line("  W* = W_0 (the unit is its gradient chunk)")

@@ -1,8 +1,9 @@
 """nlc's generated Triton kernels beside fla's hand-written ones on one GPU: forward and forward+backward
 milliseconds of the chunked gated delta and delta rules, with nlc's fused recurrent kernels and its
 chunked PyTorch forms for reference; the Titans ops (matrix and MLP memory); the Miras MLP ops with a
-step between chunks (Moneta's lq map, Memora's KL lag token); and whole Titans layers (`layer` rows,
-bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
+step between chunks (Moneta's lq map, Memora's KL lag token); Hope's dgd memory; and whole Titans
+layers (`layer` rows, bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes
+JSON.
 
     python benchmarks/gpu_kernels.py --json benchmarks/results/gpu_kernels.json   # B=8 T=4096 H=16 D=128 bf16
     python benchmarks/gpu_kernels.py --small                                       # a quick smoke run
@@ -32,6 +33,9 @@ C = 64 the chunk length:
          miras_mlp forward (Moneta, Memora: depth 2, expand 2, C = 16, so sum I O = 4 D^2 and
          sum (I + O) = 6 D): N (48 D^2 + 12 C D), the same count, leaving out the map or softmax step
          at each chunk start (a few passes over one state per chunk);
+         hope_dgd forward (Hope's memory: depth 2, expand 4, C = 16, sum I O = 8 D^2, sum I = sum O
+         = 5 D): N (96 D^2 + 50 C D) (keys, target and vjp at W_0: 6 sum I O; per layer the delta
+         rule's 6CI + 4CO + 6IO);
          forward+backward: 3x forward.
 Peaks compared against: H100 SXM, 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16.
 """
@@ -72,6 +76,7 @@ FORMULAS = {
     "flops_titans_matrix_forward": "N (2CK + 2CV + 10KV), C = 16",
     "flops_titans_mlp_forward": "N (96 D^2 + 20 C D), C = 16 (depth 2, expand 4)",
     "flops_miras_mlp_forward": "N (48 D^2 + 12 C D), C = 16 (depth 2, expand 2)",
+    "flops_hope_dgd_forward": "N (96 D^2 + 50 C D), C = 16 (depth 2, expand 4)",
     "flops_forward_backward": "3 x flops_forward",
     "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
 }
@@ -144,6 +149,18 @@ def _miras_rows(B, T, H, D):
         for label, module in CHUNKED:
             rows.append(_module_row(f"{label} {spec}", "miras_mlp", program, module, (B, T, H, D), ranges))
     return rows
+
+
+def _hope_rows(B, T, H, D):
+    """Hope's `memory` level (delta gradient descent with gd steps on an MLP of depth 2, expand 4,
+    gradients at chunk starts of TITANS_CHUNK tokens, a self-generated target): the chunked Triton
+    kernels (each layer's gated delta rule in the delta family's generated kernels, the vjps in
+    PyTorch) and the chunked PyTorch form (its closed form per chunk). Gates as the spec's: a decay
+    near 1 (a learned offset of 4), learning rates below max_lr = 0.01."""
+    ranges = {"alpha": (0.98, 0.998), "eta": (0.0, 0.01)}
+    program = nlc.compile(ROOT / "specs" / "hope.nl", heads=H, d_head=D, chunk=TITANS_CHUNK)
+    return [_module_row(f"{label} hope_memory", "hope_dgd", program, module, (B, T, H, D), ranges)
+            for label, module in CHUNKED]
 
 
 def _layer_rows(B, T, H, D):
@@ -278,6 +295,9 @@ def _estimates(rule, B, T, H, D, gates, element):
     elif rule == "miras_mlp":
         C = TITANS_CHUNK
         forward_flops = N * (48 * D * D + 12 * C * D)
+    elif rule == "hope_dgd":
+        C = TITANS_CHUNK
+        forward_flops = N * (96 * D * D + 50 * C * D)
     else:
         forward_flops = N * (2 * C * K + 2 * C * V + 4 * K * V)
     return {"forward": (forward_bytes, forward_flops), "forward_backward": (3 * forward_bytes, 3 * forward_flops)}
@@ -298,7 +318,7 @@ def main(argv=None):
     repeats = args.repeats if args.repeats is not None else (1 if args.small or device == "cpu" else 10)
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
-    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _fla_rows(B, T, H, D) + \
+    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _hope_rows(B, T, H, D) + _fla_rows(B, T, H, D) + \
         _layer_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:

@@ -38,6 +38,13 @@ def coefficients(rules: LevelRules) -> dict:
 
 
 def render_helpers(em: Emitter) -> None:
+    render_products(em)
+    em.gap()
+    _render_solve_and_reads(em)
+
+
+def render_products(em: Emitter) -> None:
+    """`_products(a)` and `_before(run, seg)`: a chunk's decay products, and the same a token earlier."""
     em.block('''
 def _products(a):
     """Products of the decay a [B, H, L] within a chunk: run[t] = prod_{r<=t} a_r [B, H, L] and
@@ -54,20 +61,26 @@ def _before(run, seg):
     seg [B, H, L, L] -> seg[t - 1, i] for i < t, 0 on and above the diagonal."""
     return (torch.cat([torch.ones_like(run[..., :1]), run[..., :-1]], dim=-1),
             torch.nn.functional.pad(seg[..., :-1, :], (0, 0, 1, 0)))
+''')
 
 
+def _render_solve_and_reads(em: Emitter) -> None:
+    em.block('''
 def _pieces(params, inputs, deltas, lr, run_prev, seg_prev):
     """Per layer of LAYERS, (a, r, w): its input a [B, H, L, I] and step value w_t = -lr_t δ_t [B, H, L, O]
     at W_0, and the pseudo-values r_t = w_t - lr_t W_{t-1}ᵀ a_t. With W_{t-1} = run_prev[t] W0 +
     sum_{i<t} seg_prev[t, i] a_i r_iᵀ, r solves (I + lr ⊙ (seg_prev ∘ a aᵀ)) r = w - lr run_prev (a W0),
-    unit lower triangular [L, L]. lr, run_prev [B, H, L]; seg_prev [B, H, L, L]."""
+    unit lower triangular [L, L], solved in at least fp32 (torch has no half-precision solve). lr,
+    run_prev [B, H, L]; seg_prev [B, H, L, L]."""
     eye = torch.eye(lr.shape[-1], dtype=lr.dtype, device=lr.device)
     pieces = []
     for (w_index, _), a, d in zip(LAYERS, inputs, deltas):
         w = -lr[..., None] * d
         system = eye + lr[..., None] * seg_prev * (a @ a.transpose(-1, -2))
         rhs = w - (lr * run_prev)[..., None] * (a @ params[w_index])
-        pieces.append((a, torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True), w))
+        wide = torch.promote_types(rhs.dtype, torch.float32)
+        r = torch.linalg.solve_triangular(system.to(wide), rhs.to(wide), upper=False, unitriangular=True)
+        pieces.append((a, r.to(rhs.dtype), w))
     return pieces
 
 

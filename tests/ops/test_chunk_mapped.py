@@ -178,3 +178,19 @@ def test_dgd_streams_in_pieces():
     torch.testing.assert_close(o_chunk, o_ref, rtol=1e-9, atol=1e-10)
     for a, b in zip(s_chunk, s_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_dgd_closed_form_takes_bf16_inputs():
+    """torch has no half-precision triangular solve: the closed form solves in fp32 and gives bf16
+    results within bf16's rounding of the float64 reference on the same (bf16-rounded) inputs."""
+    op = _shipped("hope").op("memory")
+    inputs, _ = _stable_inputs(op, 12, seed=3)
+    q, k, v, gates, state = (x.to(torch.bfloat16).double() if torch.is_tensor(x) else
+                             {n: g.to(torch.bfloat16).double() for n, g in x.items()} if isinstance(x, dict) else
+                             tuple(s.to(torch.bfloat16).double() for s in x) for x in inputs)
+    want, _ = op(q, k, v, **gates, initial_state=state, mode="reference")
+    low = lambda x: x.to(torch.bfloat16)
+    got, _ = op(low(q), low(k), low(v), **{n: low(g) for n, g in gates.items()},
+                initial_state=tuple(low(s) for s in state), mode="chunk")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)

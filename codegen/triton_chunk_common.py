@@ -40,6 +40,7 @@ from nlc.plan import KernelPlan
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_decay import decay_axis, show, step_factors
 from .triton_printer import to_triton
+from .torch_reference import render_nesting_doc
 from .triton_recurrent import AMP_IMPORT, decorators, first_order_only
 
 
@@ -938,7 +939,12 @@ def public_head(em: Emitter, lv: ir.Level, state: str, gates: str = "[B, T, H]")
             f"gates {', '.join(lv.gates) or '(none)'}:")
     em.line(f"{gates}; float32, bfloat16 or float16 (states and accumulation in fp32).")
     em.line(f"initial_state: {state} (default: the reference's initial_state).")
-    em.line(f'Returns (o [B, T, H, V] in v\'s dtype, final state {state} float32, or None)."""')
+    nested = lv.init_from is not None or bool(lv.initialises)
+    em.line(f"Returns (o [B, T, H, V] in v's dtype, final state {state} float32, or None)" +
+            ("." if nested else '."""'))
+    if nested:
+        render_nesting_doc(em, lv)
+        em.line('"""')
     em.line(f"{where(lv.span)} level {comment(lv.name)}".strip())
     em.line("B = k.shape[0]")
     em.line("state = initial_state if initial_state is not None else "

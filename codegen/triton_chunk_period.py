@@ -24,6 +24,7 @@ from nlc.plan import KernelPlan
 from . import triton_chunk_common as common
 from .emitter import comment, ident, where
 from .torch_chunk_period import render_times, state_free
+from .torch_reference import nesting_keywords, render_return
 from .triton_chunk_frozen_mlp import MlpKernels
 
 
@@ -34,8 +35,6 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
         return f"plan family {plan.family!r}, not 'period'"
     if lv.target != "value":
         return "a self-generated target (value self(...)) is not in the period Triton kernels"
-    if lv.init_from is not None or lv.initialises:
-        return "a nested level (init from, or restarting another) is not in the period Triton kernels"
     vector = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] != "scalar"]
     if vector:
         return f"the bias gradient reads per-channel gate(s) {', '.join(vector)}: not in the kernels"
@@ -69,6 +68,9 @@ class PeriodKernels(MlpKernels):
         common.imports(em, lv, "N_PARAMS, _pack, default_state, memory_forward", "from nlc.runtime.vjp import vjp")
         em.line(f"CHUNK = {self.unit}  # tokens per unit: every gradient of a unit at one state, its reads at one")
         em.line(f"PERIOD = {self.period}  # update every PERIOD tokens: reads see the state at the last boundary")
+        if lv.init_from is not None:
+            em.line(f"RESTART = {lv.restart}  # restart from level {comment(lv.init_from)}'s state every RESTART "
+                    "tokens (a multiple of PERIOD)")
         if self.grad_chunk:
             em.line(f"GRAD_CHUNK = {self.grad_chunk}  # gradients at the state entering each GRAD_CHUNK tokens")
         em.line("AUTO = False  # checked under Triton's interpreter, not yet on a GPU: mode='auto' keeps the "
@@ -90,7 +92,7 @@ class PeriodKernels(MlpKernels):
         return em.text()
 
     def header(self) -> None:
-        em = self.em
+        em, lv = self.em, self.lv
         self.title("period family, MATH.md §4.1-4.2")
         em.line("The state takes a step every token; reads see the state committed at the last boundary of a")
         em.line(f"period of {self.period} tokens (the entering state before the first). Per unit of L <= CHUNK "
@@ -112,6 +114,13 @@ class PeriodKernels(MlpKernels):
         em.line("  " + ("reads after the write: a token that ends a period reads the state it commits"
                         if self.after else "reads before the write: a token that ends a period reads the "
                         "state before its commit"))
+        if lv.init_from is not None:
+            em.line(f"Nested: every RESTART tokens (a period boundary) the state restarts from level "
+                    f"{comment(lv.init_from)}'s")
+            em.line("(`restart_states`), optimizer buffers from zero, and the period's reads see the restarted state.")
+        if lv.initialises:
+            em.line("Nested: `output_period_states` also returns the committed states (the state entering every")
+            em.line(f"PERIOD boundary), which {comment(', '.join(lv.initialises))} restart(s) from.")
         em.line("Triton: the units' coefficients (all at once) and D = dℓ/dy; PyTorch: per unit in order, the")
         em.line("memory at W* on the keys and the vjps; then every read, a batched product per period against")
         em.line("the committed weights. Each kernel has its backward.")
@@ -142,7 +151,7 @@ class PeriodKernels(MlpKernels):
     def public(self) -> None:
         em, lv, mom = self.em, self.lv, self.momentum
         kw = "".join(f"{ident(g, 'g')}, " for g in lv.gates)
-        with em.indent(f"def {ident(lv.name, 'level')}(q, k, v, *, {kw}initial_state=None, "
+        with em.indent(f"def {ident(lv.name, 'level')}(q, k, v, *, {kw}{nesting_keywords(lv)}initial_state=None, "
                        "output_final_state=False):"):
             common.public_head(em, lv, f"({', '.join(comment(n) for n in self.state_names())}) as the reference's")
             em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
@@ -163,6 +172,13 @@ class PeriodKernels(MlpKernels):
             em.line("committed = [params]  # per period, the state its reads see")
             with em.indent("for n, start in enumerate(range(0, kh.shape[2], CHUNK)):"):
                 em.line(f"{where(lv.span)} level {comment(lv.name)}: one unit of L <= CHUNK tokens, within one period")
+                if lv.init_from is not None:
+                    with em.indent("if restart_states is not None and start > 0 and start % RESTART == 0:  "
+                                   f"# restart from level {comment(lv.init_from)}'s state"):
+                        em.line("params = tuple(s[:, start // RESTART - 1].to(torch.float32) for s in restart_states)")
+                        if mom:
+                            em.line("buffers = tuple(torch.zeros_like(b) for b in buffers)")
+                        em.line("committed[-1] = params  # a period boundary: this period's reads see the restart")
                 em.line("end = min(start + CHUNK, kh.shape[2])")
                 em.line("k_c, v_c = kh[:, :, start:end], vh[:, :, start:end]  # [B, H, L, D]")
                 if self.grad_chunk:
@@ -187,8 +203,10 @@ class PeriodKernels(MlpKernels):
                     em.line("params = tuple(_times(bl[:, :, n], W) - s for W, s in zip(params, steps))")
                 with em.indent("if end % PERIOD == 0:"):
                     em.line("committed.append(params)  # commit: later periods read it")
-            em.line("o = _reads(committed, qh)  # [B, H, T, V]")
-            em.line("return o.transpose(1, 2).to(v.dtype), (_pack(params + buffers) if output_final_state else None)")
+            em.line("o = _reads(committed, qh).transpose(1, 2).to(v.dtype)  # [B, T, H, V]")
+            if lv.initialises:
+                em.line("exports = committed[1:(kh.shape[2] - 1) // PERIOD + 1]  # the states entering tokens j PERIOD < T")
+            render_return(em, lv)
 
 
 def _render_grouped(em) -> None:

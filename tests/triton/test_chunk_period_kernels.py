@@ -4,7 +4,9 @@ loop: outputs, final states and the gradients of every input (q, k, v, gates, in
 the shipped CMS levels that update every `chunk` and `chunk_slow` tokens (cms, cms_independent, hope,
 hope_attention), every period-family design point (matrix, depth-1 and depth-2 MLP memories; gradients
 at chunk starts, or free of the state), periods equal to, a multiple of and a divisor of the gradient
-chunk, reads before and after the write; for T = 1, 63, 100 and head dims 16, 32.
+chunk, reads before and after the write; for T = 1, 63, 100 and head dims 16, 32; and nested levels
+(cms_nested's, and a level with momentum restarting from another's period states), composed as
+tests/architectures/test_nested_cms.py composes them.
 
 Each case runs the op in mode='triton' with these kernels alone (a matrix memory's fused recurrent
 kernels, which mode='triton' runs below one unit, are test_fused_recurrent's). Precision as in
@@ -18,13 +20,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nlc
 from nlc.codegen.triton_chunk_period import unsupported
 from nlc.derive.rules import derive
 from nlc.lower import check
 from nlc.plan import plan
 from nlc.program import triton_refusal
 
+from ..architectures.test_nested_cms import NESTED
 from ..ops.design_space import chunked_points, spec_text
 from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare, _compile, _only
 
@@ -107,13 +109,51 @@ def test_every_period_point_has_kernels_and_triton_mode_runs_them():
         assert op.pick("triton", T, torch.device(DEVICE)).__module__.endswith("level_cms_slow_triton_chunk")
 
 
-def test_nested_levels_are_refused_by_name():
-    """cms_nested's levels restart from (or restart) another level: no chunked Triton kernels, the
-    refusal `nlc check` prints says why, and mode='triton' names the level."""
-    program = nlc.compile(SPECS / "cms_nested.nl")
+def _nested(program, slow, mid, mode):
+    """slow's op, then mid's on slow's output, starting from slow's initial state and restarting from
+    slow's period states (as tests/architectures/test_nested_cms.py composes them)."""
+    slow, mid = program.op(slow), program.op(mid)
+
+    def run(xs, vs, vm, *state):
+        o, _, periods = slow(xs, xs, vs, initial_state=state[:2], output_period_states=True, mode=mode)
+        return mid(o, o, vm, initial_state=state, restart_states=periods, output_final_state=True, mode=mode)
+    return run
+
+
+def _nested_case(program, slow, mid, T):
+    """[o, *final states, *gradients] of the composed ops in mode='triton' (fp32) against the float64
+    reference on the same inputs, each within RTOL of its largest entry."""
+    g = torch.Generator().manual_seed(T)
+    lv = program.op(mid).level
+    xs, vs, vm = (torch.nn.functional.normalize(torch.randn(1, T, lv.heads, lv.d_key, generator=g,
+                                                             dtype=torch.float64), dim=-1) for _ in range(3))
+    state = tuple(0.3 * torch.randn(s.shape, generator=g, dtype=torch.float64)
+                  for s in program.op(mid).initial_state(1))
+    results = []
+    for mode, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        leaves = [x.to(device=DEVICE, dtype=dtype).requires_grad_() for x in (xs, vs, vm, *state)]
+        o, final = _nested(program, slow, mid, mode)(*leaves)
+        loss = o.pow(2).sum() + sum(f.pow(2).sum() for f in final)
+        results.append([o, *final, *torch.autograd.grad(loss, leaves)])
+    for want, got in zip(*results, strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("grad", [2, 8], ids=["C-2", "C-8"])
+def test_nested_levels_restart_and_export_as_the_reference(grad):
+    """A level that restarts from another's period states (`init from`), with momentum (buffers zeroed
+    at each restart), and the level it restarts from exporting them (`output_period_states`): slow
+    commits every 8 tokens, mid every 4 with gradient chunks of 2 or 8; T = 37 restarts mid 4 times."""
+    program = _compile(NESTED.replace("gd(lr = 0.2)", "gd(lr = 0.5)"), d_model=16, grad=grad, lr_mid=0.5)
+    for level in ("slow", "mid"):
+        assert f"level_{level}_triton_chunk.py" in program.sources
+    _nested_case(program, "slow", "mid", 37)
+
+
+def test_shipped_nested_cms_levels_match_the_reference():
+    """cms_nested's slow and mid levels (gd, units of 4 and 16 tokens): every kernel of both, composed."""
+    program = _compile(SPECS / "cms_nested.nl", d_model=16, heads=HEADS, chunk=4)
     for level in ("cms_mid", "cms_slow"):
-        assert program.plans[level].family == "period"
-        assert f"level_{level}_triton_chunk.py" not in program.sources
-        assert "a nested level" in triton_refusal(program.rules[level], program.plans[level], "chunked")
-        with pytest.raises(ValueError, match=f"mode='triton' for level '{level}'"):
-            program.op(level).pick("triton", 64, torch.device(DEVICE))
+        assert triton_refusal(program.rules[level], program.plans[level], "chunked") is None
+    _nested_case(program, "cms_slow", "cms_mid", 37)

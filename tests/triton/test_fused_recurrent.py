@@ -352,5 +352,6 @@ def test_unsupported_levels_say_why():
     q = torch.zeros(1, 1, lv.heads, lv.d_key, device=DEVICE)
     v = torch.zeros(1, 1, lv.heads, lv.d_value, device=DEVICE)
     with pytest.raises(ValueError, match="mlp memory: the fused recurrent kernels hold a matrix .*; "
-                                         "chunked: the mapped family has none yet"):
+                                         "chunked: the mapped family's Triton kernels cover dgd .*; an omega "
+                                         "window keeps its per-token maps"):
         op(q, q, v, **{g: 0.5 for g in op.gates}, mode="triton")

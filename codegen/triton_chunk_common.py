@@ -39,8 +39,8 @@ from nlc.plan import KernelPlan
 
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_decay import decay_axis, show, step_factors
-from .triton_printer import to_triton
 from .torch_reference import render_nesting_doc
+from .triton_printer import to_triton
 from .triton_recurrent import AMP_IMPORT, decorators, first_order_only
 
 

@@ -14,6 +14,8 @@ each with its backward:
                 family's log-space scans, triton_chunk_frozen.py, without the reads' rows);
   bias          D = dℓ/dy, elementwise in e = y - v, printed from sympy (as triton_chunk_frozen_mlp.py).
 A matrix memory is the depth-1 case of the same file (its fused recurrent kernels run below CHUNK).
+Nested levels (cms_nested) take their restarts from another level's period states, and export their
+own committed states, in the same loop over units.
 """
 from __future__ import annotations
 

@@ -318,8 +318,8 @@ def main(argv=None):
     repeats = args.repeats if args.repeats is not None else (1 if args.small or device == "cpu" else 10)
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
-    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _hope_rows(B, T, H, D) + _fla_rows(B, T, H, D) + \
-        _layer_rows(B, T, H, D)
+    rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _hope_rows(B, T, H, D) + \
+        _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]

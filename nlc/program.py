@@ -18,7 +18,7 @@ from .runtime.dispatch import TRITON_SUFFIXES
 # chunk-parallel renderers by plan family (codegen/torch_chunk_<family>.py)
 CHUNKED_FAMILIES = ("decay", "delta", "frozen", "mapped", "period", "sequential")
 # chunked Triton renderers by plan family (codegen/triton_chunk_<family>.py)
-TRITON_CHUNKED_FAMILIES = ("decay", "delta", "frozen", "period", "mapped")
+TRITON_CHUNKED_FAMILIES = ("decay", "delta", "frozen", "period", "mapped", "sequential")
 TRITON_KINDS = {"recurrent": "fused recurrent", "chunked": "chunked"}  # as `nlc check` names them
 
 

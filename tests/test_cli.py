@@ -86,8 +86,11 @@ def test_check_says_which_triton_kernels_a_level_has(capsys, tmp_path):
     spec = tmp_path / "per_token.nl"
     spec.write_text(PER_TOKEN_MLP.format(gradient=""))
     code, out, _ = run(capsys, "check", spec)
-    assert code == 0 and ("triton: none: fused recurrent (a mlp memory: the fused recurrent kernels hold "
-                          "a matrix state [K, V] or a vector [V]); chunked (the sequential family has none yet)") in out
+    assert code == 0 and ("triton: chunked (mode='triton' only: not yet run on a GPU); no fused recurrent (a mlp "
+                          "memory: the fused recurrent kernels hold a matrix state [K, V] or a vector [V])") in out
+    code, out, _ = run(capsys, "check", SPECS / "atlas.nl")
+    assert code == 0 and ("triton: none: fused recurrent (a mlp memory: the fused recurrent kernels hold a matrix "
+                          "state [K, V] or a vector [V]); chunked (the mapped family's Triton kernels cover dgd") in out
     code, out, _ = run(capsys, "check", SPECS / "longhorn.nl")
     assert code == 0 and "triton: fused recurrent; no chunked (a step size over value channels" in out
 

@@ -22,6 +22,7 @@ from nlc.codegen.triton_chunk_common import unsupported as triton_chunk_unsuppor
 from nlc.codegen.triton_chunk_frozen import unsupported as triton_frozen_unsupported
 from nlc.codegen.triton_chunk_mapped import unsupported as triton_mapped_unsupported
 from nlc.codegen.triton_chunk_period import unsupported as triton_period_unsupported
+from nlc.codegen.triton_chunk_sequential import unsupported as triton_sequential_unsupported
 from nlc.codegen.triton_recurrent import unsupported
 
 SPECS_DIR = Path(__file__).resolve().parents[1] / "specs"
@@ -135,7 +136,8 @@ def test_sources_parse_and_have_docstrings(shipped, stem):
                      and triton_chunk_unsupported(program.rules[name], p, p.family) is None)
                  or (p.family == "frozen" and triton_frozen_unsupported(program.rules[name], p) is None)
                  or (p.family == "period" and triton_period_unsupported(program.rules[name], p) is None)
-                 or (p.family == "mapped" and triton_mapped_unsupported(program.rules[name], p) is None)}
+                 or (p.family == "mapped" and triton_mapped_unsupported(program.rules[name], p) is None)
+                 or (p.family == "sequential" and triton_sequential_unsupported(program.rules[name], p) is None)}
     assert set(program.sources) == expected
     for file, text in program.sources.items():
         tree = ast.parse(text, filename=file)

@@ -42,7 +42,8 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # cms: the period family's kernels on an MLP memory (d_model 128, units of 16 tokens); retnet_chunk: an lq accumulator's l2 gradients at the weights entering every 8 tokens,
 # its map run at those chunk starts only; retnet_lag: KL's lag token every 8 tokens; deltanet_vector: a
 # vector memory (the state tile one row [1, BV]) with a Huber bias; hope: the mapped family's dgd kernels
-# (the delta family's per layer) on an MLP of expand 4, so the second layer's keys are 512 wide
+# (the delta family's per layer) on an MLP of expand 4, so the second layer's keys are 512 wide;
+# cms_fast: the sequential family's per-(batch, head) token loop (d_model 128: 256 hidden channels)
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
@@ -53,7 +54,8 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("retnet_omega", "memory", {}, 20), ("retnet_ftrl", "memory", {}, 20), ("retnet_period", "memory", {}, 3),
          ("retnet_period", "memory", {}, 20), ("cms", "cms_mid", {"d_model": 128}, 20),
          ("retnet_chunk", "memory", {}, 20), ("retnet_lag", "memory", {}, 20),
-         ("deltanet_vector", "memory", {}, 20), ("hope", "memory", {"chunk": 16}, 20)]
+         ("deltanet_vector", "memory", {}, 20), ("hope", "memory", {"chunk": 16}, 20),
+         ("cms", "cms_fast", {"d_model": 128}, 5)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
             "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),

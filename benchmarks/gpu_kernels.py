@@ -1,9 +1,9 @@
 """nlc's generated Triton kernels beside fla's hand-written ones on one GPU: forward and forward+backward
 milliseconds of the chunked gated delta and delta rules, with nlc's fused recurrent kernels and its
 chunked PyTorch forms for reference; the Titans ops (matrix and MLP memory); the Miras MLP ops with a
-step between chunks (Moneta's lq map, Memora's KL lag token); Hope's dgd memory; and whole Titans
-layers (`layer` rows, bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes
-JSON.
+step between chunks (Moneta's lq map, Memora's KL lag token); Hope's dgd memory; the sequential
+family's per-token MLP level (CMS's fastest) head-wise and one head wide; and whole Titans layers
+(`layer` rows, bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
 
     python benchmarks/gpu_kernels.py --json benchmarks/results/gpu_kernels.json   # B=8 T=4096 H=16 D=128 bf16
     python benchmarks/gpu_kernels.py --small                                       # a quick smoke run
@@ -36,6 +36,10 @@ C = 64 the chunk length:
          hope_dgd forward (Hope's memory: depth 2, expand 4, C = 16, sum I O = 8 D^2, sum I = sum O
          = 5 D): N (96 D^2 + 50 C D) (keys, target and vjp at W_0: 6 sum I O; per layer the delta
          rule's 6CI + 4CO + 6IO);
+         cms_sequential forward (an MLP of depth 2, expand 2, updated every token, D its width: sum I O
+         = 4 D^2): N (28 D^2) (the key's and the query's forwards, 2 x 2 sum I O; the sweep back
+         through the second layer, 4 D^2; the rank-1 steps, 2 sum I O); the state's traffic (about 4
+         passes over its 4 D^2 fp32 entries per token) is not in the bytes bound;
          forward+backward: 3x forward.
 Peaks compared against: H100 SXM, 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16.
 """
@@ -67,6 +71,7 @@ CHUNK = 64
 TITANS_CHUNK = 16  # Titans' gradient chunk (part of its rule: gradients at each chunk's start state)
 LAYER_CHUNK = 64  # the whole-layer Titans rows' chunk, as benchmarks/peers.py on the CPU
 CHUNKED = (("nlc triton chunk", "level_memory_triton_chunk"), ("nlc torch chunk", "level_memory_chunk"))  # label, module
+CMS_WIDTH = 512  # the one-head sequential rows' width (d_model of cms.nl's cms_fast)
 RECOMPUTE = 512  # tokens per recomputed segment of the Titans MLP op's extra row (nlc.runtime.recompute)
 FORMULAS = {
     "bytes_forward": "N (2K + 2V) s + N G s",
@@ -77,6 +82,7 @@ FORMULAS = {
     "flops_titans_mlp_forward": "N (96 D^2 + 20 C D), C = 16 (depth 2, expand 4)",
     "flops_miras_mlp_forward": "N (48 D^2 + 12 C D), C = 16 (depth 2, expand 2)",
     "flops_hope_dgd_forward": "N (96 D^2 + 50 C D), C = 16 (depth 2, expand 4)",
+    "flops_cms_sequential_forward": "N (28 D^2) (depth 2, expand 2, D the MLP's width)",
     "flops_forward_backward": "3 x flops_forward",
     "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
 }
@@ -105,12 +111,12 @@ def _nlc_rows(B, T, H, D):
     return rows
 
 
-def _module_row(name, rule, program, module, shape, ranges=None):
-    """(row name, rule, build): one generated module's op `level_memory` of `program`, timed on
+def _module_row(name, rule, program, module, shape, ranges=None, level="memory"):
+    """(row name, rule, build): one generated module's op `level_<level>` of `program`, timed on
     `_inputs` of `shape` (B, T, H, D) with the gates in `ranges`."""
     def build(device, dtype):
-        function = program.module(module).level_memory
-        q, k, v, gs = _inputs(*shape, program.op("memory").gates, device, dtype, ranges=ranges)
+        function = getattr(program.module(module), f"level_{level}")
+        q, k, v, gs = _inputs(*shape, program.op(level).gates, device, dtype, ranges=ranges)
         return _op_callables(
             lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
     return name, rule, build
@@ -161,6 +167,39 @@ def _hope_rows(B, T, H, D):
     program = nlc.compile(ROOT / "specs" / "hope.nl", heads=H, d_head=D, chunk=TITANS_CHUNK)
     return [_module_row(f"{label} hope_memory", "hope_dgd", program, module, (B, T, H, D), ranges)
             for label, module in CHUNKED]
+
+
+CMS_HEADS = """model cms_heads
+param d_model = 64
+param heads = 2
+param d_head = 16
+let q[heads, d_head] = l2norm(linear(x))
+let k[heads, d_head] = l2norm(linear(x))
+let v[heads, d_head] = linear(x)
+level memory {
+  memory mlp(depth = 2, expand = 2, act = gelu)
+  bias l2
+  retention none
+  algorithm gd(lr = 0.005)
+  init learned
+}
+output = linear(memory)
+"""
+
+
+def _cms_rows(B, T, H, D):
+    """The sequential family (an MLP of depth 2, expand 2 updated every token at its own state, as
+    CMS's fastest level): its Triton kernels (one program per (batch, head) over the tokens) and its
+    PyTorch form (per-token products over every (batch, head) at once), head-wise (H heads of D) and
+    as the shipped cms.nl's cms_fast, one head min(CMS_WIDTH, H D) wide (B programs)."""
+    width = min(CMS_WIDTH, H * D)
+    heads = nlc.compile(CMS_HEADS, heads=H, d_head=D)
+    wide = nlc.compile(ROOT / "specs" / "cms.nl", d_model=width)
+    rows = [_module_row(f"{label} cms_heads", "cms_sequential", heads, module, (B, T, H, D))
+            for label, module in CHUNKED]
+    rows += [_module_row(f"{label} cms_wide", "cms_wide", wide, module.replace("memory", "cms_fast"),
+                         (B, T, 1, width), level="cms_fast") for label, module in CHUNKED]
+    return rows
 
 
 def _layer_rows(B, T, H, D):
@@ -298,6 +337,12 @@ def _estimates(rule, B, T, H, D, gates, element):
     elif rule == "hope_dgd":
         C = TITANS_CHUNK
         forward_flops = N * (96 * D * D + 50 * C * D)
+    elif rule == "cms_sequential":
+        forward_flops = N * 28 * D * D
+    elif rule == "cms_wide":  # one head min(CMS_WIDTH, H D) wide
+        N, W = B * T, min(CMS_WIDTH, H * D)
+        forward_bytes = N * 4 * W * element
+        forward_flops = N * 28 * W * W
     else:
         forward_flops = N * (2 * C * K + 2 * C * V + 4 * K * V)
     return {"forward": (forward_bytes, forward_flops), "forward_backward": (3 * forward_bytes, 3 * forward_flops)}
@@ -319,7 +364,7 @@ def main(argv=None):
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
     rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _hope_rows(B, T, H, D) + \
-        _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
+        _cms_rows(B, T, H, D) + _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]

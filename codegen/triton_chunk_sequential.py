@@ -197,7 +197,8 @@ class SequentialKernels:
         em.line("a copy of the state every CHUNK tokens; the backward kernel replays each CHUNK-token segment")
         em.line("from its copy and runs the exact adjoint of one token at a time, in reverse.")
         if self.nested:
-            em.line(f"Nested: at every token j·RESTART (j >= 1) the state restarts from level {comment(lv.init_from)}'s")
+            em.line(f"Nested: at every token j·RESTART (j >= 1) the state restarts from level "
+                    f"{comment(lv.init_from)}'s")
             em.line("(`restart_states`, entry j - 1); the cotangent of the state there goes to that entry.")
         em.line('"""')
 
@@ -216,10 +217,10 @@ class SequentialKernels:
         if self.nested:
             em.line(f"RESTART = {lv.restart}  # restart from level {comment(lv.init_from)}'s state every "
                     "RESTART tokens")
-        em.line("AUTO = False  # checked under Triton's interpreter, not yet on a GPU: mode='auto' keeps the "
-                "PyTorch form, mode='triton' runs these kernels")
+        em.line("# checked under Triton's interpreter, not yet on a GPU: mode='auto' keeps the PyTorch form,")
+        em.line("# mode='triton' runs these kernels")
+        em.line("AUTO = False")
         em.line(f"READ_AFTER = {self.after}  # the read sees W_t (else W_{{t-1}}, before the write)")
-        em.line(f"RESIDUAL = {self.residual}  # y = x + chain(x)")
         em.line("NUM_WARPS = 4")
         em.line("BLOCK = tl.constexpr(64)  # rows and columns of a weight tile")
         em.line("BLOCK_N = tl.constexpr(1024)  # entries of a vector block")
@@ -352,7 +353,8 @@ class SequentialKernels:
         em.gap()
         em.line("@triton.jit")
         with em.indent("def _deltas(p, row):"):
-            em.line('"""δ_i of every layer from δ_L (at D{L}_AT), one sweep back at the state p: back_i = W_i δ_i."""')
+            em.line(f'"""δ_i of every layer from δ_{L} (at D{L}_AT), one sweep back at the state p: '
+                    'back_i = W_i δ_i."""')
             for i in range(L, 1, -1):
                 I, O = self.sizes[i - 1]
                 em.line(f"_mat_vec(p + {self.weight(i)}, row + D{i}_AT, row + BK{i}_AT, {self.dim(I)}, "
@@ -371,9 +373,10 @@ class SequentialKernels:
         em.gap()
         em.line("@triton.jit")
         with em.indent("def _memory_backward(p, row, dy, dz, da, work, EXTRA: tl.constexpr):"):
-            em.line('"""Back through y = M(p; a_1) from dy [V] into the spans dz_i = dz + OUT{i}_AT, da_i = da + IN{i}_AT')
-            em.line("(the key's DZ, DA or the read's DZR, DAR in work); EXTRA: the step's cotangents of δ_i (work")
-            em.line("DZX_i) and of a_i (work WD_i) join dz_i and da_i (the key's row). da_1 is dx less a residual.\"\"\"")
+            em.line('"""Back through y = M(p; a_1) from dy [V] into the spans dz_i = dz + OUT{i}_AT,')
+            em.line("da_i = da + IN{i}_AT (the key's DZ, DA or the read's DZR, DAR in work); EXTRA: the step's")
+            em.line("cotangents of δ_i (work DZX_i) and of a_i (work WD_i) join dz_i and da_i (the key's row).")
+            em.line('da_1 is dx less a residual."""')
             for i in range(L, 0, -1):
                 I, O = self.sizes[i - 1]
                 dz, da = f"dz + OUT{i}_AT", f"da + IN{i}_AT"
@@ -419,12 +422,13 @@ class SequentialKernels:
         em.line("    NESTED: tl.constexpr,")
         em.line("):")
         with em.indent():
-            em.line('"""Program (b, h): the tokens of one (batch, head) in order. q, k [B, T, H, K], v, o [B, T, H, V];')
-            em.line("decay, step and the bias's gates [B H, T] fp32; state [B H, STATE_SIZE] fp32, stepped in")
-            em.line("place; copies [B H, cdiv(T, CHUNK), STATE_SIZE] (W_(t-1) at every t = 0 mod CHUNK); saved")
-            em.line("[B H, T, ROW_SIZE]; reads [B H, T, READ_SIZE] (a read's vectors; unused when SHARED: the read")
-            em.line("before the write is the key's forward); restarts [B H, J, STATE_SIZE] (NESTED).\"\"\"")
-            em.line("i_bh = tl.program_id(0)")
+            em.line('"""Program (b, h): the tokens of one (batch, head) in order. q, k [B, T, H, K], v, o')
+            em.line("[B, T, H, V]; decay, step and the bias's gates [B H, T] fp32; state [B H, STATE_SIZE] fp32,")
+            em.line("stepped in place; copies [B H, cdiv(T, CHUNK), STATE_SIZE] (W_(t-1) at every t = 0 mod")
+            em.line("CHUNK); saved [B H, T, ROW_SIZE]; reads [B H, T, READ_SIZE] (a read's vectors; unused when")
+            em.line("SHARED: the read before the write is the key's forward); restarts [B H, J, STATE_SIZE]")
+            em.line("(NESTED).\"\"\"")
+            em.line("i_bh = tl.program_id(0).to(tl.int64)  # offsets may pass 2^31")
             em.line("i_b, i_h = i_bh // H, i_bh % H")
             em.line("state += i_bh * STATE_SIZE")
             with em.indent("for t in range(T):"):
@@ -472,7 +476,7 @@ class SequentialKernels:
             em.line("cotangent of the final state on entry, of the initial state on exit; states [B H, CHUNK + 1,")
             em.line("STATE_SIZE]: a segment's W_(t-1), replayed; work [B H, WORK_SIZE]; dq, dk [B, T, H, K], dv")
             em.line("[B, T, H, V], ddecay, dstep and the gates' [B H, T], drestarts [B H, J, STATE_SIZE] fp32.\"\"\"")
-            em.line("i_bh = tl.program_id(0)")
+            em.line("i_bh = tl.program_id(0).to(tl.int64)  # offsets may pass 2^31")
             em.line("i_b, i_h = i_bh // H, i_bh % H")
             em.line("dstate += i_bh * STATE_SIZE")
             em.line("states += i_bh * (CHUNK + 1) * STATE_SIZE")
@@ -528,9 +532,9 @@ class SequentialKernels:
         with em.indent("if NEED_DECAY:"):
             em.line("tl.store(ddecay + i_bh * T + t, _dot(dstate, P, STATE_SIZE))")
         with em.indent("if NEED_STEP:"):
-            terms = " + ".join(f"_dot(work + AW{i}_AT, row + D{i}_AT, {self.dim(O)})"
-                               for i, (_, O) in enumerate(self.sizes, 1))
-            em.line(f"tl.store(dstep + i_bh * T + t, -({terms}))")
+            for i, (_, O) in enumerate(self.sizes, 1):
+                em.line(f"b_ds {'=' if i == 1 else '+='} _dot(work + AW{i}_AT, row + D{i}_AT, {self.dim(O)})")
+            em.line("tl.store(dstep + i_bh * T + t, -b_ds)")
         em.line("# ∂/∂δ_i = −eta aW_i (in AW_i), ∂/∂a_i = −eta Wd_i (in WD_i)")
         for i, (I, O) in enumerate(self.sizes, 1):
             em.line(f"_scale_add(work + AW{i}_AT, work + AW{i}_AT, work + AW{i}_AT, -eta, 0.0, {self.dim(O)})")
@@ -627,7 +631,8 @@ class SequentialKernels:
                 em.line("                                work, dq, dk, dv, *dcoeffs, drestarts, T, ctx.starts[1], H=H,")
                 em.line(f"                                CHUNK=CHUNK, {self.restart_arg(True)}SHARED=ctx.shared,")
                 em.line("                                NESTED=len(ctx.shapes) > N_PARAMS,")
-                em.line("                                NEED_DECAY=need_decay, NEED_STEP=need_step, num_warps=NUM_WARPS)")
+                em.line("                                NEED_DECAY=need_decay, NEED_STEP=need_step,")
+                em.line("                                num_warps=NUM_WARPS)")
                 em.line("dcoeffs = [d.view(B, H, T).to(dtype) for d, dtype in zip(dcoeffs, ctx.dtypes)]")
                 em.line("dcoeffs[0] = dcoeffs[0] if need_decay else None")
                 em.line("dcoeffs[1] = dcoeffs[1] if need_step else None")
@@ -792,7 +797,8 @@ def _times_slope(x, z, out, N: tl.constexpr):
 
 @triton.jit
 def _curvature(dd, z, back, dback, dzx, N: tl.constexpr):
-    """Back through δ = back ⊙ act'(z) from dd = ∂/∂δ [N]: dback = dd ⊙ act'(z), dzx = dd ⊙ back ⊙ act''(z)."""
+    """Back through δ = back ⊙ act'(z) from dd = ∂/∂δ [N]: dback = dd ⊙ act'(z),
+    dzx = dd ⊙ back ⊙ act''(z)."""
     for n0 in range(0, N, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N

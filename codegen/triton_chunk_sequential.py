@@ -391,13 +391,8 @@ class SequentialKernels:
                     em.line(f"_scale_add({da}, work + WD{i}_AT, {da}, 1.0, 1.0, {self.dim(I)})")
 
     def dim(self, n: int) -> str:
-        """A layer size by its constant's name."""
-        lv = self.lv
-        if n == lv.d_key and self.sizes[0][0] == n:
-            return "K"
-        if n == lv.d_value:
-            return "V"
-        return "HIDDEN"
+        """A layer size by the name of a constant that holds it (K, then V, then HIDDEN)."""
+        return "K" if n == self.lv.d_key else "V" if n == self.lv.d_value else "HIDDEN"
 
     # ---- the kernels ---------------------------------------------------------------------------
     def restart_arg(self, launch: bool = False) -> str:

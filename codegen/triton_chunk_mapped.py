@@ -17,8 +17,8 @@ map D = dℓ/dy as Triton kernels (the frozen MLP file's); then the read through
 layer hook runs each layer's kernels, with what lies between the layers (activation, gate, norm,
 residual) in PyTorch. Chunks run in order: a chunk's keys a_t are taken at the weights it starts from.
 
-The other mapped rules (momentum, muon, FTRL, accumulators, KL, elastic's threshold, omega windows)
-keep their per-token maps in the chunked PyTorch form, and are refused here by name.
+The other mapped rules (momentum, muon, omega windows, KL, elastic's threshold) run as elementwise scans
+(`triton_chunk_mapped_scans`); FTRL accumulators keep their per-token maps in the chunked PyTorch form.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from nlc.plan import KernelPlan
 from . import torch_arch
 from . import torch_chunk_mapped_dgd as dgd
 from . import triton_chunk_common as common
+from . import triton_chunk_mapped_scans as scans
 from .emitter import comment, ident, where
 from .torch_chunk_common import render_layer_grads, render_product, show
 from .torch_reference import self_target
@@ -45,8 +46,7 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
     if plan.family != "mapped":
         return f"plan family {plan.family!r}, not 'mapped'"
     if not dgd.applies(rules):
-        return ("the mapped family's Triton kernels cover dgd with plain gradient steps, one gated delta rule "
-                f"per layer; {_rule(rules)} keeps its per-token maps in the chunked PyTorch form")
+        return scans.unsupported(rules, plan)
     coeffs = dgd.coefficients(rules)
     for role, expr in coeffs.items():
         vector = [g for g in ir.gate_names(expr) if lv.gate_axes[g] != "scalar"]
@@ -64,20 +64,10 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
     return None
 
 
-def _rule(rules: LevelRules) -> str:
-    """What takes a mapped level outside these kernels, in words."""
-    lv = rules.level
-    if lv.bias.kind == "omega":
-        return "an omega window"
-    if lv.algorithm.kind != "gd":
-        return f"{lv.algorithm.kind} steps"
-    if rules.accumulator:
-        return "an accumulator (W = psi(A))"
-    return f"retention {lv.retention.kind}"
-
-
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     """The source of `level_<name>_triton_chunk.py` for a level `unsupported` accepts."""
+    if not dgd.applies(rules):
+        return scans.MappedScans(rules, plan, model, file).text()
     return DgdKernels(rules, plan, model, file).text()
 
 

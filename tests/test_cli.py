@@ -89,8 +89,10 @@ def test_check_says_which_triton_kernels_a_level_has(capsys, tmp_path):
     assert code == 0 and ("triton: chunked (mode='triton' only: not yet run on a GPU); no fused recurrent (a mlp "
                           "memory: the fused recurrent kernels hold a matrix state [K, V] or a vector [V])") in out
     code, out, _ = run(capsys, "check", SPECS / "atlas.nl")
+    assert code == 0 and "triton: chunked (mode='triton' only: not yet run on a GPU); no fused recurrent" in out
+    code, out, _ = run(capsys, "check", SPECS / "cms_teach.nl")
     assert code == 0 and ("triton: none: fused recurrent (a mlp memory: the fused recurrent kernels hold a matrix "
-                          "state [K, V] or a vector [V]); chunked (the mapped family's Triton kernels cover dgd") in out
+                          "state [K, V] or a vector [V]); chunked (the level has no chunk-parallel form)") in out
     code, out, _ = run(capsys, "check", SPECS / "longhorn.nl")
     assert code == 0 and "triton: fused recurrent; no chunked (a step size over value channels" in out
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nlc
 from nlc.codegen import torch_chunk_mapped_dgd as dgd
 from nlc.codegen.triton_chunk_mapped import unsupported
 from nlc.derive.rules import derive
 from nlc.lower import check
 from nlc.plan import plan
-from nlc.program import triton_refusal
 
 from ..ops.design_space import chunked_points, spec_text
 from .test_fused_recurrent import DEVICE, GPU, HEADS, RTOL_BF16, SPECS, _compare, _compile, _only
@@ -111,29 +109,15 @@ def test_bf16_inputs_with_an_fp32_state():
     _compare(_only(_shipped("hope", 8).op("memory"), "chunked"), 63, dtype=torch.bfloat16, rtol=RTOL_BF16)
 
 
-def test_every_dgd_point_has_kernels_and_the_rest_say_why_not():
+def test_every_dgd_point_has_kernels():
     """Every mapped point with dgd and gd steps gets these kernels (every memory and bias among them);
-    every other mapped point is refused with the rule that keeps it out; mode='triton' runs them at
-    every length for an MLP memory."""
+    mode='triton' runs them at every length for an MLP memory. (The other mapped points are
+    test_chunk_mapped_scan_kernels'.)"""
     assert len(DESIGN) >= 24 and len(MAPPED) > len(DESIGN)
     assert {tuple(n.split("-")[:2]) for n, _ in DESIGN} == {
         (m, b) for m in MEMORIES for b in ("dot", "l2", "lp3", "l1", "huber", "huber_norm", "yaad", "robust")}
-    for name, text, closed in MAPPED:
-        why = unsupported(*_rules_and_plan(text))
-        assert (why is None) == closed, (name, why)
-        if not closed:
-            assert "keeps its per-token maps" in why, (name, why)
+    for name, text in DESIGN:
+        assert unsupported(*_rules_and_plan(text)) is None, name
     op = _shipped("hope", 16).op("memory")
     for T in (1, 48, 100):
         assert op.pick("triton", T, torch.device(DEVICE)).__module__.endswith("level_memory_triton_chunk")
-
-
-def test_other_mapped_levels_are_refused_by_name():
-    """ATLAS (muon, an omega window) keeps the chunked PyTorch form: `nlc check`'s refusal names why and
-    mode='triton' names the level."""
-    program = nlc.compile(SPECS / "atlas.nl")
-    assert program.plans["memory"].family == "mapped"
-    assert "level_memory_triton_chunk.py" not in program.sources
-    assert "an omega window" in triton_refusal(program.rules["memory"], program.plans["memory"], "chunked")
-    with pytest.raises(ValueError, match="mode='triton' for level 'memory'"):
-        program.op("memory").pick("triton", 64, torch.device(DEVICE))

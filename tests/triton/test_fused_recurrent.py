@@ -345,13 +345,12 @@ def test_kl_softmax_over_either_axis_with_any_mass(retention, algorithm, schedul
 
 
 def test_unsupported_levels_say_why():
-    program = nlc.compile(SPECS / "atlas.nl")  # an MLP memory of the mapped family: no Triton form
-    assert "level_memory_triton.py" not in program.sources
-    op = program.op("memory")
+    program = nlc.compile(SPECS / "cms_teach.nl")  # an MLP memory that the reference loop runs: no Triton form
+    assert not any(f.startswith("level_cms_fast_triton") for f in program.sources)
+    op = program.op("cms_fast")
     lv = op.level
     q = torch.zeros(1, 1, lv.heads, lv.d_key, device=DEVICE)
     v = torch.zeros(1, 1, lv.heads, lv.d_value, device=DEVICE)
     with pytest.raises(ValueError, match="mlp memory: the fused recurrent kernels hold a matrix .*; "
-                                         "chunked: the mapped family's Triton kernels cover dgd .*; an omega "
-                                         "window keeps its per-token maps"):
+                                         "chunked: the level has no chunk-parallel form"):
         op(q, q, v, **{g: 0.5 for g in op.gates}, mode="triton")

@@ -18,6 +18,8 @@ each chunk runs under activation checkpointing, so training keeps the state ente
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import sympy
 
 import nlc
@@ -77,7 +79,7 @@ class _Scan(RetentionMaps):
 
     def __init__(self, em: Emitter, name: str, expr, rows, softmax=None):
         self.em, self.name, self.expr, self.rows = em, name, sympy.sympify(expr), rows
-        self.x = type("Softmax", (), {"axis": softmax[0], "mass": softmax[1]})() if softmax else None
+        self.x = SimpleNamespace(axis=softmax[0], mass=softmax[1]) if softmax else None  # RetentionMaps reads x
 
     def tile_names(self) -> dict:
         return {sym: f"b_{name}" for sym, name in self.rows} | {S.w0: "b_h", S.s: "b_s", S.lw0: "b_lw"}

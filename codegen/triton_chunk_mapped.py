@@ -17,8 +17,8 @@ map D = dℓ/dy as Triton kernels (the frozen MLP file's); then the read through
 layer hook runs each layer's kernels, with what lies between the layers (activation, gate, norm,
 residual) in PyTorch. Chunks run in order: a chunk's keys a_t are taken at the weights it starts from.
 
-The other mapped rules (momentum, muon, omega windows, KL, elastic's threshold) run as elementwise scans
-(`triton_chunk_mapped_scans`); FTRL accumulators keep their per-token maps in the chunked PyTorch form.
+The other mapped rules (momentum, muon, omega windows, KL, elastic's threshold, FTRL accumulators) run
+as elementwise scans (`triton_chunk_mapped_scans`).
 """
 from __future__ import annotations
 

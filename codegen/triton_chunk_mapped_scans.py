@@ -1,6 +1,6 @@
 """Render a mapped-family level whose step is not dgd's closed form (MATH.md §3.6-3.8: ATLAS's
-Muon and omega windows, momentum, elastic's soft threshold, KL's softmax) as Triton scans beside
-PyTorch matmuls: `level_<name>_triton_chunk.py`, a real file in the cache.
+Muon and omega windows, momentum, elastic's soft threshold, KL's softmax, FTRL accumulators) as
+Triton scans beside PyTorch matmuls: `level_<name>_triton_chunk.py`, a real file in the cache.
 
 Every gradient of a chunk is taken at the weights W_0 entering it, so one forward and one vjp give
 every token's gradient g_t (a window sum of a_i ⊗ δ_i) before any weight moves. What stays sequential
@@ -9,6 +9,9 @@ is then elementwise in each state tensor, or (Muon) independent per token:
     M_t = beta_t M_(t-1) + c_t g_t      (momentum: c = -lr, s = M; muon: c = 1)   scan kernel
     X_t = NS(M_t)                       (muon: Newton-Schulz on every token's M_t)  PyTorch matmuls
     W_t = R(W_(t-1), s_t, gates_t)      (the derived retention map; KL: a softmax)  scan kernel
+
+An FTRL accumulator (lq, ftrl) scans A_t = decay_t A_(t-1) + s_t instead and reads W_t = psi(A_t), the
+reference's own map (a q-norm over each whole tensor, or a soft threshold) batched over tokens in PyTorch.
 
 Each scan kernel runs one program per (batch·head, tile of the tensor) over the chunk's tokens, the
 map R and its partial derivatives printed from the derived sympy expression; a softmax keeps its
@@ -47,16 +50,14 @@ _BETA, _LR = sympy.Symbol("beta"), sympy.Symbol("lr")  # the momentum scan's per
 def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
     """Why these scans cannot run a mapped level outside dgd's closed form, or None when they can."""
     lv, ret = rules.level, rules.retention
-    if rules.accumulator:
-        return "an FTRL accumulator (W = psi(A)) keeps its per-token maps in the chunked PyTorch form"
-    if ret.form not in ("elementwise", "threshold", "softmax"):
+    if not rules.accumulator and ret.form not in ("elementwise", "threshold", "softmax"):
         return f"retention {lv.retention.kind} is a {ret.form} map, not in the mapped scan kernels"
     if lv.lag_token:
         return "kl(apply = chunk)'s lag token keeps its per-token maps in the chunked PyTorch form"
-    if lv.algorithm.kind not in ("gd", "momentum", "muon"):
+    if lv.algorithm.kind not in ("gd", "momentum", "muon", "ftrl"):
         return f"{lv.algorithm.kind} steps are not in the mapped scan kernels"
     scans = MappedScans(rules, plan, "", "")
-    for role, expr in scans.coefficients().items():
+    for role, expr in {**scans.coefficients(), "retention": scans.retain, "map psi": scans.psi_expr()}.items():
         vector = [g for g in ir.gate_names(expr) if lv.gate_axes[g] != "scalar"]
         if vector:
             return f"the {role} reads per-channel gate(s) {', '.join(vector)}: the kernels take one per token"
@@ -218,18 +219,35 @@ class MappedScans:
     def __init__(self, rules: LevelRules, plan: KernelPlan, model: str, file: str):
         lv = self.lv = rules.level
         self.rules, self.plan, self.model, self.file = rules, plan, model, file
-        self.alg, self.omega = lv.algorithm.kind, lv.bias.kind == "omega"
+        # ftrl's step is gd's, s_t = -lr_t g_t: its accumulator is the retention's (rules.accumulator)
+        self.alg = "gd" if lv.algorithm.kind == "ftrl" else lv.algorithm.kind
+        self.omega = lv.bias.kind == "omega"
         ret = rules.retention
+        self.accumulator = rules.accumulator
         self.retain = rules.retention_new()
-        if ret.form == "threshold":  # elastic net: the soft threshold of the smooth centre
+        if self.accumulator:  # FTRL: the scan is the accumulator's, its map psi runs in PyTorch
+            self.retain = rules.accumulator_decay() * S.w0 + S.s
+        elif ret.form == "threshold":  # elastic net: the soft threshold of the smooth centre
             self.retain = soft_threshold(self.retain, rules.threshold())
         self.map_gates = ir.gate_names(self.retain)
+        self.psi_gates = ir.gate_names(self.psi_expr())
         # a softmax over the rows (axis 0) or columns (axis 1) of a weight [I, O]; a bias [O] scans as
         # one column [O, 1] or one row [1, O] so that its softmax runs over the same axis of its tile
         self.axis = None if ret.form != "softmax" else 0 if lv.retention.args["axis"] == "row" else 1
         self.em = Emitter()
         self.bias = MlpKernels(rules, plan, model, file)
         self.bias.em = self.em
+
+    def psi_expr(self):
+        """The gates' part of an accumulator's map psi (elastic's soft threshold under ftrl reads them)."""
+        rules = self.rules
+        if not self.accumulator or rules.retention.form != "threshold":
+            return sympy.Integer(0)
+        return rules.retention_new() + rules.threshold()
+
+    def chunk_gates(self) -> list[str]:
+        """The gates a chunk's maps read: the retention scan's, and an accumulator's psi's."""
+        return sorted(set(self.map_gates) | set(self.psi_gates))
 
     def coefficients(self) -> dict:
         """The per-token coefficients computed in PyTorch (role -> sympy expression in gates)."""
@@ -254,7 +272,8 @@ class MappedScans:
     def text(self) -> str:
         em, lv = self.em, self.lv
         self.header()
-        names = "N_PARAMS, _pack, default_state, memory_forward" + (", newton_schulz" if self.alg == "muon" else "")
+        names = "N_PARAMS, _pack, default_state, memory_forward" + (", newton_schulz" if self.alg == "muon" else "") \
+            + (", psi" if self.accumulator else "")
         common.imports(em, lv, names, "from nlc.runtime.vjp import tapped_vjp")
         em.line(f"CHUNK = {int(self.plan.chunk)}  # tokens whose gradients are taken at one W_0 (gradient chunk_start)")
         em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
@@ -280,6 +299,9 @@ class MappedScans:
         em.gap()
         self.tiles()
         em.gap()
+        if self.accumulator:
+            self.psi()
+            em.gap()
         for scan in scans:
             scan.function()
             em.gap()
@@ -306,7 +328,7 @@ class MappedScans:
         em.line("(the reference recurrent form) computes, in fp32.")
         for key, value in lv.describe().items():
             em.line(f"  {key:<10} {comment(value)}")
-        em.line(f"  step       {ALGORITHM_TEXT[self.alg]}")
+        em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
         em.line(f"  d = dℓ/dy = {show(self.bias.grad)}   (e = y - v" + (", r = ||e||)" if self.bias.norm else ")"))
         em.line("Per chunk of L <= CHUNK tokens, W_0 the weights entering it, one forward and one vjp at W_0 give")
         em.line("each layer's input a_i and output gradient δ_i (LAYERS); every token's gradient is then")
@@ -324,13 +346,18 @@ class MappedScans:
         retain = show(self.retain)
         if self.axis is not None:
             retain = f"{lv.retention.args['mass']}·softmax({retain}) over each {comment(lv.retention.args['axis'])}"
-        em.line(f"  W_t = {retain}   (scan kernel; w0 = W_(t-1))")
+        if self.accumulator:
+            em.line(f"  A_t = {retain}   (scan kernel; w0 = A_(t-1), the FTRL accumulator: the state)")
+            em.line("  W_t = psi(A_t)   (the reference's map, every token's at once in PyTorch)")
+        else:
+            em.line(f"  W_t = {retain}   (scan kernel; w0 = W_(t-1))")
         em.line(f"  o_t = M(W_{{t{'' if lv.read == 'after' else '-1'}}}; q_t)   (each token at its own weights, "
                 "batched products)")
         em.line("The scans run one program per (batch·head, tile of a state tensor) over the chunk's tokens;")
         em.line("their backward kernels run them in reverse. Each chunk runs under activation checkpointing.")
         em.line("Layout: q, k [B, T, H, K]; v [B, T, H, V]; gates [B, T, H]; inside, [B, H, T, ...] fp32. The")
         em.line(f"state is the reference's: {comment(', '.join(n for n, _, _ in torch_arch.param_layout(lv)))}"
+                + (" (the accumulators A)" if self.accumulator else "")
                 + (" and their momenta" if torch_arch.has_buffers(lv) else "") + ", float32.")
         em.line('"""')
 
@@ -369,6 +396,17 @@ def _per_token(c, x):
     return c.reshape(c.shape + (1,) * (x.dim() - 3))
 ''')
 
+    def psi(self) -> None:
+        """`_psi`: the reference's map psi on every token's accumulator at once."""
+        self.em.block('''
+def _psi(A, *gates):
+    """W_t = psi(A_t) for every token: A [B, H, L, ...] folded into the reference's [B, H·L, ...] (its
+    q-norm runs over each token's whole tensor), the gates [B, H, L]. Returns W [B, H, L, ...]."""
+    B, H, L = A.shape[:3]
+    gates = (g.reshape((B, H * L) + (1,) * (A.dim() - 3)) for g in gates)
+    return psi(A.flatten(1, 2), *gates).unflatten(1, (H, L))
+''')
+
     def grads(self) -> None:
         em = self.em
         with em.indent("def _grads(inputs, deltas, off, L):"):
@@ -398,14 +436,21 @@ def _per_token(c, x):
     def chunk(self) -> None:
         em, lv = self.em, self.lv
         rows = "lr, beta" if self.alg != "gd" else "lr"
-        gates = ", ".join(ident(g, "g") for g in self.map_gates)
-        with em.indent("def _chunk(q, inputs, deltas, off, coefficients, gates, params, buffers):"):
+        names = self.chunk_gates()
+        gates = ", ".join(ident(g, "g") for g in names)
+        acc = self.accumulator
+        with em.indent(f"def _chunk(q, inputs, deltas, off, coefficients, gates, params, buffers{', entry' if acc else ''}):"):
             em.line('"""One chunk of L tokens: q [B, H, L, K], inputs and deltas per layer at W_0 (`_layer_grads`),')
-            em.line(f"coefficients ({rows}) and the retention's gates ({gates or 'none'}) [B, H, L]. Returns")
-            em.line('(o [B, H, L, V], the weights and the momenta after the chunk)."""')
+            if acc:
+                em.line(f"coefficients ({rows}), the gates of the accumulator and of psi ({gates or 'none'}) [B, H, L]")
+                em.line("and the weights entering the chunk (psi(A_0), entry). Returns (o [B, H, L, V], the")
+                em.line('accumulators and the momenta after the chunk, its last weights)."""')
+            else:
+                em.line(f"coefficients ({rows}) and the retention's gates ({gates or 'none'}) [B, H, L]. Returns")
+                em.line('(o [B, H, L, V], the weights and the momenta after the chunk)."""')
             em.line(f"{rows}{',' if self.alg == 'gd' else ''} = coefficients")
             if gates:
-                em.line(f"{gates}{',' if len(self.map_gates) == 1 else ''} = gates")
+                em.line(f"{gates}{',' if len(names) == 1 else ''} = gates")
             em.line("grads = _grads(inputs, deltas, off, q.shape[2])")
             span = where(lv.algorithm.span) or "#"
             if self.alg == "gd":
@@ -418,21 +463,31 @@ def _per_token(c, x):
                 em.line(f"momenta = [_scan(MomentumScan, m, g, beta) for m, g in zip(buffers, grads)]  {span}")
                 em.line("steps = [-_per_token(lr, m) * (newton_schulz(m, NS_STEPS) if m.dim() == 5 else m) "
                         "for m in momenta]")
-            args = "".join(f", {g}" for g in gates.split(", ")) if gates else ""
-            em.line(f"weights = [_scan(RetentionScan, w, s{args}) for w, s in zip(params, steps)]  "
-                    f"{where(lv.retention.span) or '#'} W_t")
+            args = "".join(f", {ident(g, 'g')}" for g in self.map_gates)
+            if acc:
+                em.line(f"accumulators = [_scan(RetentionScan, a, s{args}) for a, s in zip(params, steps)]  "
+                        f"{where(lv.retention.span) or '#'} A_t")
+                args = "".join(f", {ident(g, 'g')}" for g in self.psi_gates)
+                em.line(f"weights = [_psi(a{args}) for a in accumulators]  # W_t = psi(A_t)")
+            else:
+                em.line(f"weights = [_scan(RetentionScan, w, s{args}) for w, s in zip(params, steps)]  "
+                        f"{where(lv.retention.span) or '#'} W_t")
             if lv.read == "after":
                 em.line("reads = weights  # read after the write: W_t")
             else:
-                em.line("reads = [torch.cat([w0.unsqueeze(2), w[:, :, :-1]], dim=2) for w0, w in zip(params, weights)]"
-                        "  # read before: W_(t-1)")
+                em.line("reads = [torch.cat([w0.unsqueeze(2), w[:, :, :-1]], dim=2) for w0, w in "
+                        f"zip({'entry' if acc else 'params'}, weights)]  # read before: W_(t-1)")
             em.gap(1)
             with em.indent("def layer(i, h, W, b):"):
                 em.line("w_index, b_index = LAYERS[i]")
                 em.line("o = (h[..., None, :] @ reads[w_index]).squeeze(-2)  # each token at its own weights")
                 em.line("return o if b_index is None else o + reads[b_index]")
             em.line("o = memory_forward(params, q, layer=layer)")
-            em.line("return o, tuple(w[:, :, -1] for w in weights), tuple(m[:, :, -1] for m in momenta)")
+            if acc:
+                em.line("last = tuple(w[:, :, -1] for w in weights)")
+                em.line("return o, tuple(a[:, :, -1] for a in accumulators), tuple(m[:, :, -1] for m in momenta), last")
+            else:
+                em.line("return o, tuple(w[:, :, -1] for w in weights), tuple(m[:, :, -1] for m in momenta)")
 
     def public(self) -> None:
         em, lv = self.em, self.lv
@@ -445,9 +500,13 @@ def _per_token(c, x):
             em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
             em.line("state = tuple(s.to(torch.float32) for s in state)")
             em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
+            if self.accumulator and self.psi_gates:
+                em.line("weights = params  # as the reference: psi needs a token's gates, the first read uses A")
+            elif self.accumulator:
+                em.line("weights = tuple(psi(a) for a in params)  # W_0 = psi(A_0)")
             em.line("qh, kh, vh = (x.transpose(1, 2).to(torch.float32) for x in (q, k, v))  # [B, H, T, D]")
             coeffs = self.coefficients()
-            used = set(self.map_gates).union(*(ir.gate_names(e) for e in coeffs.values()))
+            used = set(self.chunk_gates()).union(*(ir.gate_names(e) for e in coeffs.values()))
             heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
             for g in lv.gates:
                 if g in used:
@@ -466,17 +525,23 @@ def _per_token(c, x):
                 em.line("end = min(start + CHUNK, kh.shape[2])")
                 em.line("lo = max(start - (WINDOW - 1), 0)  # windows reach back into the previous chunk"
                         if self.omega else "lo = start")
-                target = self_target(lv, "vh[:, :, lo:end]", "params")
+                at = "weights" if self.accumulator else "params"
+                target = self_target(lv, "vh[:, :, lo:end]", at)
                 args = "".join(f", {ident(g, 'go')}[:, :, lo:end]" for g in self.bias.bias_gates)
-                em.line(f"inputs, deltas = _layer_grads(params, kh[:, :, lo:end], {target}{args})  "
+                em.line(f"inputs, deltas = _layer_grads({at}, kh[:, :, lo:end], {target}{args})  "
                         f"{where((lv.bias.inner or lv.bias).span) or '#'} a_i, δ_i at W_0")
                 if self.omega:
                     em.line("deltas = [gamma[:, :, lo:end, None] * d for d in deltas]  # gamma_i δ_i")
                 rows = ["lr"] + (["beta"] if self.alg != "gd" else [])
                 em.line(f"coefficients = {_tuple(f'{r}[:, :, start:end]' for r in rows)}")
-                em.line(f"gates = {_tuple(ident(g, 'gh') + '[:, :, start:end]' for g in self.map_gates)}")
-                em.line("o, params, buffers = _recomputed(_chunk, qh[:, :, start:end], inputs, deltas, start - lo,")
-                em.line("                                 coefficients, gates, params, buffers)")
+                em.line(f"gates = {_tuple(ident(g, 'gh') + '[:, :, start:end]' for g in self.chunk_gates())}")
+                if self.accumulator:
+                    em.line("o, params, buffers, weights = _recomputed(_chunk, qh[:, :, start:end], inputs, deltas,")
+                    em.line("                                          start - lo, coefficients, gates, params, "
+                            "buffers, weights)")
+                else:
+                    em.line("o, params, buffers = _recomputed(_chunk, qh[:, :, start:end], inputs, deltas, start - lo,")
+                    em.line("                                 coefficients, gates, params, buffers)")
                 em.line("outputs.append(o)")
             em.line("o = torch.cat(outputs, dim=2).transpose(1, 2)  # [B, T, H, V]")
             em.line("return o.to(v.dtype), (_pack(params + buffers) if output_final_state else None)")

@@ -1,10 +1,11 @@
 """Triton scans of the mapped family outside dgd's closed form (codegen/triton_chunk_mapped_scans.py:
 momentum and Muon's momentum as one scan, the retention map R(W, s) as another, Newton-Schulz and
-the reads in PyTorch) against the reference loop: outputs, final states and the gradients of every
-input (q, k, v, gates, initial state). Over ATLAS (Muon, an omega window), every mapped design point
-they take (matrix, depth-1 and depth-2 MLP memories; every bias; retentions none, decay, l2, KL by
-rows and globally, elastic; gd, momentum and Muon steps), layer biases (a KL softmax over a bias as a
-column and as a row), a gated MLP, reads before the write, tensors over one 64 x 64 tile.
+the reads in PyTorch; an FTRL accumulator's scan and its map psi) against the reference loop: outputs,
+final states and the gradients of every input (q, k, v, gates, initial state). Over ATLAS (Muon, an
+omega window), every mapped design point they take (matrix, depth-1 and depth-2 MLP memories; every
+bias; retentions none, decay, l2, KL by rows and globally, elastic, lq by its exact map and by Miras';
+gd, momentum, Muon and FTRL steps), layer biases (a KL softmax over a bias as a column and as a row; a
+q-norm over a bias), a gated MLP, reads before the write, psi with gates, tensors over one 64 x 64 tile.
 
 Precision as in test_fused_recurrent: fp32 against the float64 reference on the same inputs,
 relative error <= 1e-4; bf16 inputs (fp32 states) 2e-2.
@@ -37,6 +38,10 @@ VARIANTS = [
     ("mlp(depth = 2, expand = 1, bias = true)", "kl(decay = alpha, axis = column, mass = 2)", "momentum", "before"),
     ("mlp(depth = 2, expand = 2, gated = true, bias = true)", "elastic(l1 = 20, l2 = 2)", "momentum", "before"),
     ("mlp(depth = 3, expand = 1, act = gelu, residual = false)", "decay(alpha)", "muon", "before"),
+    ("mlp(depth = 2, expand = 1, bias = true)", "lq(q = 3, decay = alpha)", "momentum", "before"),
+    ("mlp(depth = 2, expand = 2, gated = true, bias = true)", "lq(q = 4, map = miras)", "muon", "after"),
+    ("mlp(depth = 2, expand = 1, bias = true)", "elastic(l1 = 10 * delta, l2 = 2)", "ftrl", "before"),
+    ("matrix", "elastic(l1 = 10 * delta, l2 = 1 + alpha)", "ftrl", "after"),
 ]
 
 
@@ -57,7 +62,9 @@ def test_biases_gated_mlps_and_reads_before(memory, retention, algorithm, read):
     """Layer biases scan as one row [1, O], or as one column [O, 1] under a KL softmax over each row of
     the weights (so the bias's softmax runs over the tile's same axis); a gated MLP (two products on one
     input); a deep MLP without residual; reads before the write (W_(t-1): the chunk's start, then each
-    token's predecessor)."""
+    token's predecessor; under an accumulator, psi(A) entering the chunk); an lq map's norm over a
+    bias; elastic's soft threshold as psi with gates (the first chunk's gradient at A_0 itself, as the
+    reference)."""
     text = spec_text("mlp2", "huber", "decay", "muon", "chunk").replace("mlp(depth = 2, expand = 1)", memory)
     text = text.replace("decay(alpha)", retention).replace(ALGORITHMS["muon"], ALGORITHMS[algorithm])
     text = text.replace("chunk_start(2)", f"chunk_start(2)\n  read {read}")
@@ -78,16 +85,14 @@ def test_bf16_inputs_with_an_fp32_state():
 
 
 def test_every_mapped_point_has_kernels_or_says_why_not():
-    """Every mapped point gets Triton kernels (dgd's closed form, or these scans) but FTRL accumulators
-    and dgd's map beside an omega window, which are refused by name; ATLAS runs these scans in
-    mode='triton' at every length."""
-    assert len(SCANNED) >= 300
-    assert {n.split("-")[3] for n, _ in SCANNED} == {"gd", "momentum", "muon"}
-    assert {n.split("-")[2] for n, _ in SCANNED} >= {"none", "decay", "l2", "kl", "kl_global", "elastic"}
-    for name, text, closed in MAPPED:
-        why = scans_unsupported(*_rules_and_plan(text))
-        if not closed and why is not None:
-            assert "FTRL accumulator" in why or "retention dgd" in why, (name, why)
+    """Every mapped point gets Triton kernels (dgd's closed form, or these scans) but dgd's map beside
+    an omega window, which is refused by name; ATLAS runs these scans in mode='triton' at every length."""
+    assert len(SCANNED) >= 620
+    assert {n.split("-")[3] for n, _ in SCANNED} == {"gd", "momentum", "muon", "ftrl"}
+    assert {n.split("-")[2] for n, _ in SCANNED} >= {"none", "decay", "l2", "kl", "kl_global", "elastic", "lq",
+                                                    "lq_miras"}
+    refused = [name for name, text, closed in MAPPED if not closed and scans_unsupported(*_rules_and_plan(text))]
+    assert len(refused) == 3 and all("-dgd-" in name and "-omega-" in name for name in refused), refused
     program = nlc.compile(SPECS / "atlas.nl")
     assert "level_memory_triton_chunk.py" in program.sources
     for T in (1, 48, 100):

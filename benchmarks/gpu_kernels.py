@@ -2,7 +2,8 @@
 milliseconds of the chunked gated delta and delta rules, with nlc's fused recurrent kernels and its
 chunked PyTorch forms for reference; the Titans ops (matrix and MLP memory); the Miras MLP ops with a
 step between chunks (Moneta's lq map, Memora's KL lag token); Hope's dgd memory; the sequential
-family's per-token MLP level (CMS's fastest) head-wise and one head wide; and whole Titans layers
+family's per-token MLP level (CMS's fastest) head-wise and one head wide; Longhorn (a step per value
+channel: one system per channel); and whole Titans layers
 (`layer` rows, bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
 
     python benchmarks/gpu_kernels.py --json benchmarks/results/gpu_kernels.json   # B=8 T=4096 H=16 D=128 bf16
@@ -71,6 +72,7 @@ CHUNK = 64
 TITANS_CHUNK = 16  # Titans' gradient chunk (part of its rule: gradients at each chunk's start state)
 LAYER_CHUNK = 64  # the whole-layer Titans rows' chunk, as benchmarks/peers.py on the CPU
 CHUNKED = (("nlc triton chunk", "level_memory_triton_chunk"), ("nlc torch chunk", "level_memory_chunk"))  # label, module
+LONGHORN_CHUNK = 16  # the per-value-channel systems' chunk (codegen/triton_chunk_delta_channels.py)
 CMS_WIDTH = 512  # the one-head sequential rows' width (d_model of cms.nl's cms_fast)
 RECOMPUTE = 512  # tokens per recomputed segment of the Titans MLP op's extra row (nlc.runtime.recompute)
 FORMULAS = {
@@ -83,6 +85,9 @@ FORMULAS = {
     "flops_miras_mlp_forward": "N (48 D^2 + 12 C D), C = 16 (depth 2, expand 2)",
     "flops_hope_dgd_forward": "N (96 D^2 + 50 C D), C = 16 (depth 2, expand 4)",
     "flops_cms_sequential_forward": "N (28 D^2) (depth 2, expand 2, D the MLP's width)",
+    "bytes_longhorn_forward": "N (2K + 3V) s (beta per value channel)",
+    "flops_longhorn_forward": "N (6KV + 4CK + 4CV), C = 16 (K S_0, Q S_0, K^T D; K K^T, Q K^T; the "
+                              "forward substitution, P D)",
     "flops_forward_backward": "3 x flops_forward",
     "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
 }
@@ -108,6 +113,22 @@ def _nlc_rows(B, T, H, D):
                               ("nlc triton recurrent", "level_memory_triton"),
                               ("nlc torch chunk", "level_memory_chunk")):
             rows.append(_module_row(f"{label} {rule}", rule, program, module, (B, T, H, D)))
+    return rows
+
+
+def _longhorn_rows(B, T, H, D):
+    """Longhorn's memory (d_state = d_head = D) with beta per value channel [B, T, H, D]: the chunked
+    kernels (one system per value channel), the fused recurrent ones and the chunked PyTorch form."""
+    program = nlc.compile(ROOT / "specs" / "longhorn.nl", heads=H, d_state=D, d_head=D)
+    rows = []
+    for label, module in (("nlc triton chunk", "level_memory_triton_chunk"),
+                          ("nlc triton recurrent", "level_memory_triton"), ("nlc torch chunk", "level_memory_chunk")):
+        def build(device, dtype, module=module):
+            function = program.module(module).level_memory
+            q, k, v, gs = _inputs(B, T, H, D, ("beta",), device, dtype)
+            beta = gs["beta"][..., None].expand(B, T, H, D).contiguous()  # one step size per value channel
+            return _op_callables(lambda q, k, v, beta: function(q, k, v, g_beta=beta)[0], q, k, v, {"beta": beta})
+        rows.append((f"{label} longhorn", "longhorn", build))
     return rows
 
 
@@ -339,6 +360,10 @@ def _estimates(rule, B, T, H, D, gates, element):
         forward_flops = N * (96 * D * D + 50 * C * D)
     elif rule == "cms_sequential":
         forward_flops = N * 28 * D * D
+    elif rule == "longhorn":  # beta per value channel: G = V gate entries a token
+        C = LONGHORN_CHUNK
+        forward_bytes = N * (2 * K + 3 * V) * element
+        forward_flops = N * (6 * K * V + 4 * C * K + 4 * C * V)
     elif rule == "cms_wide":  # one head min(CMS_WIDTH, H D) wide
         N, W = B * T, min(CMS_WIDTH, H * D)
         forward_bytes = N * 4 * W * element
@@ -364,7 +389,7 @@ def main(argv=None):
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
     rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _hope_rows(B, T, H, D) + \
-        _cms_rows(B, T, H, D) + _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
+        _cms_rows(B, T, H, D) + _longhorn_rows(B, T, H, D) + _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]

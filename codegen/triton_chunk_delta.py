@@ -6,7 +6,8 @@ Within a chunk the WY/UT form (`chunk_wy_fwd_kernel`): the strictly lower G_ij =
 W = A (exp(ge) K) and U = A V; across chunks the state recurrence (pseudo-values D = U - W S_0, then
 S_C = exp(g_C) S_0 + ...); then the outputs. The kernels are in `triton_chunk_common`; this module
 says which levels qualify (a scalar decay and a scalar step size, both printed from the derived rules)
-and what the generated docstring states.
+and what the generated docstring states. A step per value channel or through ||k_t||^2 (Longhorn, the
+implicit step) has one system per channel instead: `triton_chunk_delta_channels`.
 """
 from __future__ import annotations
 
@@ -14,16 +15,22 @@ from nlc.derive.rules import LevelRules
 from nlc.plan import KernelPlan
 
 from . import triton_chunk_common as common
+from . import triton_chunk_delta_channels as channels
 from .torch_chunk_decay import show
 
 
 def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
     """Why the chunked Triton kernels cannot run this level, or None when they can."""
+    if channels.applies(rules, plan):
+        return channels.unsupported(rules, plan)
     return common.unsupported(rules, plan, "delta")
 
 
 def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
-    """The source of `level_<name>_triton_chunk.py` for a delta-family level `unsupported` accepts."""
+    """The source of `level_<name>_triton_chunk.py` for a delta-family level `unsupported` accepts: a step
+    per value channel or through ||k||^2 takes the per-channel systems (`triton_chunk_delta_channels`)."""
+    if channels.applies(rules, plan):
+        return channels.render(rules, plan, model, file)
     form = common.chunk_form(rules, plan)
     retained = form.error == "g"
     math_lines = [

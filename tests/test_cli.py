@@ -94,7 +94,7 @@ def test_check_says_which_triton_kernels_a_level_has(capsys, tmp_path):
     assert code == 0 and ("triton: none: fused recurrent (a mlp memory: the fused recurrent kernels hold a matrix "
                           "state [K, V] or a vector [V]); chunked (the level has no chunk-parallel form)") in out
     code, out, _ = run(capsys, "check", SPECS / "longhorn.nl")
-    assert code == 0 and "triton: fused recurrent; no chunked (a step size over value channels" in out
+    assert code == 0 and "triton: fused recurrent, chunked (mode='triton' only: not yet run on a GPU)" in out
 
 
 def test_check_syntax_error_points_at_the_spec(capsys, tmp_path):

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import nlc
-from nlc.codegen.triton_chunk_common import unsupported as triton_chunk_unsupported
+from nlc.codegen.triton_chunk_decay import unsupported as triton_decay_unsupported
+from nlc.codegen.triton_chunk_delta import unsupported as triton_delta_unsupported
 from nlc.codegen.triton_chunk_frozen import unsupported as triton_frozen_unsupported
 from nlc.codegen.triton_chunk_mapped import unsupported as triton_mapped_unsupported
 from nlc.codegen.triton_chunk_period import unsupported as triton_period_unsupported
@@ -132,8 +133,8 @@ def test_sources_parse_and_have_docstrings(shipped, stem):
     expected |= {f"level_{name}_chunk.py" for name, p in program.plans.items()
                  if p.family != "reference"}
     expected |= {f"level_{name}_triton_chunk.py" for name, p in program.plans.items()
-                 if (p.family in ("decay", "delta")
-                     and triton_chunk_unsupported(program.rules[name], p, p.family) is None)
+                 if (p.family == "decay" and triton_decay_unsupported(program.rules[name], p) is None)
+                 or (p.family == "delta" and triton_delta_unsupported(program.rules[name], p) is None)
                  or (p.family == "frozen" and triton_frozen_unsupported(program.rules[name], p) is None)
                  or (p.family == "period" and triton_period_unsupported(program.rules[name], p) is None)
                  or (p.family == "mapped" and triton_mapped_unsupported(program.rules[name], p) is None)

@@ -4,7 +4,9 @@ design-space point whose plan family is decay or delta, for T = 1, 63, 100 and h
 with chunks of 16 or 64 tokens (neither divides 63 or 100). Per-key-channel decays (GLA's kernels):
 the shipped GLA, the design space's decay points with their decay gate over key channels (and one
 with a scalar times a per-channel gate), and a decay strong enough (log a = -5 a token) that a
-chunk's cumulative log reaches -320, where exp(-g) overflows float32.
+chunk's cumulative log reaches -320, where exp(-g) overflows float32. Steps per value channel or
+through ||k||^2 (Longhorn, the implicit step: one system per value channel): the shipped Longhorn,
+the design space's implicit points, 80 value channels over two programs, reads before, bf16.
 
 Precision as in test_fused_recurrent: fp32 kernels against the float64 reference on the same inputs,
 relative error ||x - ref|| / ||ref|| <= 1e-4; bf16 inputs (fp32 states) 2e-2.
@@ -145,10 +147,21 @@ def test_design_space_matches_the_reference(name, text, dim, T, chunk, monkeypat
     _compare(program, "memory", T, chunk, monkeypatch)
 
 
-@pytest.mark.parametrize("stem", ["gated_deltanet", "gla"])
+@pytest.mark.parametrize("stem", ["gated_deltanet", "gla", "longhorn"])
 def test_bf16_inputs_with_an_fp32_state(stem, monkeypatch):
     _compare(_shipped_program(stem, 32), "memory", 100, 16 if stem != "gla" else 64, monkeypatch,
              dtype=torch.bfloat16, rtol=RTOL_BF16)
+
+
+@pytest.mark.parametrize("read", ["after", "before"])
+def test_a_step_per_value_channel_over_two_value_blocks(read, monkeypatch):
+    """Longhorn's systems (one per value channel) with 80 value channels: two programs of BV = 64 per
+    head, whose parts of dq and dk are summed; reads after the write and before it (P strictly lower)."""
+    path = SPECS / "longhorn.nl"
+    text = path.read_text().replace("  read after", f"  read {read}")
+    program = _compile(text, heads=HEADS, d_head=80, d_state=16)
+    assert program.module("level_memory_triton_chunk").READ_AFTER is (read == "after")
+    _compare(program, "memory", 40, 16, monkeypatch)
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["every-channel", "half-the-channels"])
@@ -170,18 +183,16 @@ def test_a_strong_per_channel_decay_stays_finite(mixed, monkeypatch):
 
 
 def test_every_family_level_is_covered_or_says_why():
-    """Gated DeltaNet, DeltaNet, RetNet, Mamba2, linear attention and GLA (a per-key-channel decay)
-    have chunked kernels; Longhorn's per-value-channel step says why not, and keeps fused recurrent ones."""
+    """Gated DeltaNet, DeltaNet, RetNet, Mamba2, linear attention, GLA (a per-key-channel decay) and
+    Longhorn (a step per value channel through ||k||^2) have chunked kernels, as has every design point
+    of the two families but those the planner's families leave to the reference loop."""
     assert {s for s, _ in KERNELS} >= {"deltanet", "gated_deltanet", "gla", "linear_attention", "mamba2",
-                                       "retnet"}
-    assert {s for s, _, has in SHIPPED if not has} == {"longhorn"}
-    from nlc.codegen.triton_chunk_common import unsupported
-    for stem, level, has in SHIPPED:
-        if not has:
-            program = nlc.compile(SPECS / f"{stem}.nl")
-            p = program.plans[level]
-            assert unsupported(program.rules[level], p, p.family)
-            assert f"level_{level}_triton.py" in program.sources
+                                       "retnet", "longhorn"}
+    assert all(has for _, _, has in SHIPPED)
+    assert "CHUNK = 16  # tokens per chunk (BT, a power of two >= 16): one system per value channel" in \
+        nlc.compile(SPECS / "longhorn.nl").sources["level_memory_triton_chunk.py"]
+    implicit = [text for name, text in DESIGN if "-implicit-" in name]  # a step through ||k||^2
+    assert implicit and all("level_memory_triton_chunk.py" in _design_program(text, 16).sources for text in implicit)
     assert len(DESIGN) >= 19
     assert len(CHANNELS) == 5 and len(CHANNEL_SIZES) == len(CHANNELS)
 

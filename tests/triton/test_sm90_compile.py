@@ -43,7 +43,9 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # its map run at those chunk starts only; retnet_lag: KL's lag token every 8 tokens; deltanet_vector: a
 # vector memory (the state tile one row [1, BV]) with a Huber bias; hope: the mapped family's dgd kernels
 # (the delta family's per layer) on an MLP of expand 4, so the second layer's keys are 512 wide;
-# cms_fast: the sequential family's per-(batch, head) token loop (d_model 128: 256 hidden channels)
+# cms_fast: the sequential family's per-(batch, head) token loop (d_model 128: 256 hidden channels);
+# longhorn: the delta family's per-value-channel systems; atlas: the mapped family's scans (momentum,
+# an elastic-free decay map) over 64 x 64 tiles
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("gated_deltanet", "memory", {}, 1), ("retnet", "memory", {}, 70), ("gla", "memory", {}, 70),
          ("titans", "memory", {"depth": 1, "chunk": 16}, 20), ("titans", "memory", {"depth": 2, "chunk": 16}, 20),
@@ -55,7 +57,8 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("retnet_period", "memory", {}, 20), ("cms", "cms_mid", {"d_model": 128}, 20),
          ("retnet_chunk", "memory", {}, 20), ("retnet_lag", "memory", {}, 20),
          ("deltanet_vector", "memory", {}, 20), ("hope", "memory", {"chunk": 16}, 20),
-         ("cms", "cms_fast", {"d_model": 128}, 5)]
+         ("cms", "cms_fast", {"d_model": 128}, 5), ("longhorn", "memory", {}, 20),
+         ("atlas", "memory", {"chunk": 16}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
 VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorithm momentum(lr = eta, beta = 0.9)"),
             "retnet_kl": ("retnet", "retention decay(gamma)", "retention kl(decay = gamma)\n  init learned"),
@@ -96,10 +99,14 @@ def _launches(op, T):
 
 def _job(fn, args, kwargs):
     """One kernel as launched on a GPU: tensors as pointers of their dtype, integers as i32,
-    constexprs as given, fp32 matmuls as the GPU runs them on bf16 inputs (tf32, bf16 operands)."""
+    constexprs (by keyword, or positional where the parameter says tl.constexpr) as given, fp32 matmuls
+    as the GPU runs them on bf16 inputs (tf32, bf16 operands)."""
     names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
     signature, constants, options = {}, {}, {}
     for name, value in zip(names, args):
+        if "constexpr" in str(fn.__annotations__.get(name, "")):
+            signature[name], constants[name] = "constexpr", value
+            continue
         assert torch.is_tensor(value) or (isinstance(value, int) and not isinstance(value, bool)), (name, value)
         signature[name] = ("*bf16" if value.dtype == torch.bfloat16 else "*fp32") if torch.is_tensor(value) else "i32"
     for name, value in kwargs.items():

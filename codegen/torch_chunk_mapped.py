@@ -103,13 +103,6 @@ def _map_gates(rules: LevelRules) -> list[str]:
     return sorted(gates)
 
 
-def _psi_gates(rules: LevelRules) -> list[str]:
-    """The gate arguments of the reference's psi: a soft threshold's (elastic under ftrl), else none."""
-    if rules.retention.form != "threshold":
-        return []
-    return sorted(set(ir.gate_names(rules.retention_new())) | set(ir.gate_names(rules.threshold())))
-
-
 def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, model: str, file: str) -> None:
     lv = rules.level
     alg = lv.algorithm.kind
@@ -226,7 +219,7 @@ def _render_op(em: Emitter, rules: LevelRules) -> None:
         coeffs["beta"] = lv.algorithm.args["beta"]
     if omega:
         coeffs["gamma"] = lv.bias.args["gamma"]
-    map_gates, psi_gates = _map_gates(rules), _psi_gates(rules)
+    map_gates, psi_gates = _map_gates(rules), rules.psi_gates()
     with em.indent(op_signature(lv)):
         render_op_inputs(em, rules, coeffs, (*map_gates, *psi_gates))
         em.line("# per-token coefficients of the whole sequence, [B, H, T]")

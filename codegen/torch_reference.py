@@ -184,10 +184,7 @@ def _render_accumulator(em: Emitter, rules: LevelRules, span: str) -> None:
         em.line('"""A_t = decay·A_{t-1} + s."""')
         em.line(f"return {_mul(to_torch(decay, names), 'A')} + s")
     em.gap()
-    psi_args = []
-    if ret.form == "threshold":
-        psi_args = sorted(set(ir.gate_names(rules.retention_new()))
-                          | set(ir.gate_names(rules.threshold())))
+    psi_args = rules.psi_gates()
     params = "".join(f", {ident(g, 'g')}" for g in psi_args)
     names = {S.A: "A", S.N: "N", S.w0: "0.0", S.s: "A",
              **{ir.gate_symbol(g): ident(g, "g") for g in psi_args}}
@@ -268,7 +265,7 @@ def _render_op(em: Emitter, rules: LevelRules, gates: list[str]) -> None:
         em.line("state = (state,) if torch.is_tensor(state) else tuple(state)")
         em.line("params, buffers = state[:N_PARAMS], state[N_PARAMS:]")
         em.line("qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]")
-        weights = "weights = tuple(psi(a) for a in params)" if rules.accumulator and not _psi_gated(rules) \
+        weights = "weights = tuple(psi(a) for a in params)" if rules.accumulator and not rules.psi_gates() \
             else "weights = params"
         if lv.period is None:
             em.line("# update outer: the memory changes only in the outer training loop")
@@ -283,7 +280,7 @@ def _render_op(em: Emitter, rules: LevelRules, gates: list[str]) -> None:
 def _render_loop(em: Emitter, rules: LevelRules, weights: str, mlp: bool) -> None:
     """The per-token loop of a level that learns in context."""
     lv = rules.level
-    em.line(weights if not _psi_gated(rules) else "weights = params  # psi needs gates; first read uses A")
+    em.line(weights if not rules.psi_gates() else "weights = params  # psi needs gates; first read uses A")
     if (lv.period or 1) > 1:
         em.line("committed = weights  # what reads see: the state at the last period boundary")
     if lv.bias.kind == "omega":
@@ -342,11 +339,6 @@ def render_return(em: Emitter, lv: ir.Level) -> None:
             em.line("    p.new_zeros(p.shape[:1] + (0,) + p.shape[1:]) for p in params)")
             em.line("return o, final, periods")
     em.line("return o, final")
-
-
-def _psi_gated(rules: LevelRules) -> bool:
-    return rules.accumulator and rules.retention.form == "threshold" and bool(
-        ir.gate_names(rules.retention_new()) or ir.gate_names(rules.threshold()))
 
 
 def _render_pack(em: Emitter) -> None:
@@ -443,11 +435,7 @@ def _render_step(em: Emitter, rules: LevelRules, mlp: bool) -> None:
                              ir.gate_names(rules.accumulator_decay()))
         em.line(f"params = tuple(accumulate(a, s{decay_args}) for a, s in zip(params, steps))  "
                 f"{where(lv.retention.span)}")
-        psi_args = ""
-        if _psi_gated(rules):
-            syms = sorted(set(ir.gate_names(rules.retention_new()))
-                          | set(ir.gate_names(rules.threshold())))
-            psi_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in syms)
+        psi_args = "".join(f", {_bcast(mlp, ident(g, 'gs'), 'a')}" for g in rules.psi_gates())
         if lv.maps_at_chunks:
             em.line("weights = tuple(c * a for c, a in zip(scales, params))  # the chunk start's slope")
         else:

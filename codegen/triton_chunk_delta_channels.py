@@ -27,7 +27,7 @@ from nlc.plan import KernelPlan
 
 from . import triton_chunk_common as common
 from .emitter import Emitter, comment, ident, where
-from .torch_chunk_decay import decay_axis, gate_names, gate_views, show, step_factors
+from .torch_chunk_decay import gate_names, gate_views, show, step_factors
 from .triton_recurrent import decorators, first_order_only
 
 CHUNK = 16  # tokens per system (BT): a forward substitution costs BT steps of [BT, BV] work per chunk
@@ -48,7 +48,7 @@ def applies(rules: LevelRules, plan: KernelPlan) -> bool:
 def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
     """Why these kernels cannot run a level `applies` accepts, or None when they can."""
     lv = rules.level
-    if plan.decay != 1 or decay_axis(rules, plan) != "scalar":
+    if plan.decay != 1:
         return (f"a decay ({show(plan.decay)}) beside a step size per value channel or reading ||k||^2: "
                 "the per-channel kernels take none")
     step = _step(rules, plan)
@@ -317,7 +317,7 @@ def chunk_channels_bwd(q, k, eps, z, h, do, dht):
         with em.indent(f"def {name}(q, k, v, *, {kw}initial_state=None, output_final_state=False):"):
             common.public_head(em, lv, "S [B, H, K, V]", gates)
             em.line("(S,) = (state,) if torch.is_tensor(state) else tuple(state)")
-            em.line("B, T, H, V = v.shape")
+            em.line("T, H, V = v.shape[1:]")
             em.line("k = k.contiguous()")
             gate_views(em, rules, [self.step])
             text = to_torch(self.step, gate_names(rules, [self.step]))

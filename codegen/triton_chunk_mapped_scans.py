@@ -57,8 +57,9 @@ def unsupported(rules: LevelRules, plan: KernelPlan) -> str | None:
     if lv.algorithm.kind not in ("gd", "momentum", "muon", "ftrl"):
         return f"{lv.algorithm.kind} steps are not in the mapped scan kernels"
     scans = MappedScans(rules, plan, "", "")
-    for role, expr in {**scans.coefficients(), "retention": scans.retain, "map psi": scans.psi_expr()}.items():
-        vector = [g for g in ir.gate_names(expr) if lv.gate_axes[g] != "scalar"]
+    reads = {role: ir.gate_names(expr) for role, expr in scans.coefficients().items()}
+    for role, gates in {**reads, "retention": scans.map_gates, "map psi": scans.psi_gates}.items():
+        vector = [g for g in gates if lv.gate_axes[g] != "scalar"]
         if vector:
             return f"the {role} reads per-channel gate(s) {', '.join(vector)}: the kernels take one per token"
     vector = [g for g in ir.gate_names(rules.bias.grad) if lv.gate_axes[g] != "scalar"]
@@ -230,20 +231,13 @@ class MappedScans:
         elif ret.form == "threshold":  # elastic net: the soft threshold of the smooth centre
             self.retain = soft_threshold(self.retain, rules.threshold())
         self.map_gates = ir.gate_names(self.retain)
-        self.psi_gates = ir.gate_names(self.psi_expr())
+        self.psi_gates = rules.psi_gates()
         # a softmax over the rows (axis 0) or columns (axis 1) of a weight [I, O]; a bias [O] scans as
         # one column [O, 1] or one row [1, O] so that its softmax runs over the same axis of its tile
         self.axis = None if ret.form != "softmax" else 0 if lv.retention.args["axis"] == "row" else 1
         self.em = Emitter()
         self.bias = MlpKernels(rules, plan, model, file)
         self.bias.em = self.em
-
-    def psi_expr(self):
-        """The gates' part of an accumulator's map psi (elastic's soft threshold under ftrl reads them)."""
-        rules = self.rules
-        if not self.accumulator or rules.retention.form != "threshold":
-            return sympy.Integer(0)
-        return rules.retention_new() + rules.threshold()
 
     def chunk_gates(self) -> list[str]:
         """The gates a chunk's maps read: the retention scan's, and an accumulator's psi's."""

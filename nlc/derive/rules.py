@@ -50,6 +50,13 @@ class LevelRules:
     def threshold(self) -> sympy.Expr:
         return self.retention.threshold.subs(lr, self.lr)
 
+    def psi_gates(self) -> list[str]:
+        """The gates an FTRL accumulator's map W = psi(A) reads, sorted: a soft threshold's (elastic
+        under ftrl), else none."""
+        if not self.accumulator or self.retention.form != "threshold":
+            return []
+        return sorted(set(ir.gate_names(self.retention_new())) | set(ir.gate_names(self.threshold())))
+
     def accumulator_decay(self) -> sympy.Expr:
         """An FTRL accumulator's factor on itself, A_t = decay·A_(t-1) + s_t: the mirror map's decay,
         a decay retention's rate, else 1 (MATH.md §1.4, §2.13)."""

@@ -1,10 +1,11 @@
 """nlc's generated Triton kernels beside fla's hand-written ones on one GPU: forward and forward+backward
 milliseconds of the chunked gated delta and delta rules, with nlc's fused recurrent kernels and its
 chunked PyTorch forms for reference; the Titans ops (matrix and MLP memory); the Miras MLP ops with a
-step between chunks (Moneta's lq map, Memora's KL lag token); Hope's dgd memory; the sequential
-family's per-token MLP level (CMS's fastest) head-wise and one head wide; Longhorn (a step per value
-channel: one system per channel); and whole Titans layers
-(`layer` rows, bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
+step between chunks (Moneta's lq map, Memora's KL lag token); Hope's dgd memory; ATLAS's memory (the
+mapped family's scans: omega windows, Muon's Newton-Schulz on every token's momenta); the sequential
+family's per-token MLP level (CMS's fastest) head-wise, with momentum too, and one head wide;
+Longhorn (a step per value channel: one system per channel); and whole Titans layers (`layer` rows,
+bf16 autocast) beside titans-pytorch `NeuralMemory`. Prints a table and writes JSON.
 
     python benchmarks/gpu_kernels.py --json benchmarks/results/gpu_kernels.json   # B=8 T=4096 H=16 D=128 bf16
     python benchmarks/gpu_kernels.py --small                                       # a quick smoke run
@@ -40,7 +41,14 @@ C = 64 the chunk length:
          cms_sequential forward (an MLP of depth 2, expand 2, updated every token, D its width: sum I O
          = 4 D^2): N (28 D^2) (the key's and the query's forwards, 2 x 2 sum I O; the sweep back
          through the second layer, 4 D^2; the rank-1 steps, 2 sum I O); the state's traffic (about 4
-         passes over its 4 D^2 fp32 entries per token) is not in the bytes bound;
+         passes over its 4 D^2 fp32 entries per token) is not in the bytes bound; with momentum
+         (Titans' per-token rule, cms_momentum) N (40 D^2): the rank-1 steps go into the momenta, then
+         W = a W + c M, 3 sum I O more;
+         atlas forward (atlas.nl: polynomial keys of K = 73 features, an MLP of depth 2, expand 2, so
+         layers K x 2K and 2K x D; C = 16; Muon with 5 Newton-Schulz steps on every token's momentum of
+         each layer, m x n with m <= n): N sum over layers (5 (4 m^2 n + 2 m^3) + 15 I O), the
+         Newton-Schulz steps, then an estimate of the rest (keys at W_0 and the vjp, window sums over
+         4 tokens, the momentum and retention scans, the reads at every token's weights);
          forward+backward: 3x forward.
 Peaks compared against: H100 SXM, 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16.
 """
@@ -85,17 +93,23 @@ FORMULAS = {
     "flops_miras_mlp_forward": "N (48 D^2 + 12 C D), C = 16 (depth 2, expand 2)",
     "flops_hope_dgd_forward": "N (96 D^2 + 50 C D), C = 16 (depth 2, expand 4)",
     "flops_cms_sequential_forward": "N (28 D^2) (depth 2, expand 2, D the MLP's width)",
+    "flops_cms_momentum_forward": "N (40 D^2) (the same MLP, steps into the momenta, W = a W + c M)",
     "bytes_longhorn_forward": "N (2K + 3V) s (beta per value channel)",
     "flops_longhorn_forward": "N (6KV + 4CK + 4CV), C = 16 (K S_0, Q S_0, K^T D; K K^T, Q K^T; the "
                               "forward substitution, P D)",
+    "flops_atlas_forward": "N sum_layers (5 (4 m^2 n + 2 m^3) + 15 I O), layers K x 2K, 2K x V, K = 73, "
+                           "m = min(I, O), n = max(I, O), C = 16",
+    "bytes_atlas_forward": "N (2K + 2V) s + 4 N s (K = 73 key features, four gates)",
     "flops_forward_backward": "3 x flops_forward",
     "N": "B T H", "C": CHUNK, "peaks": "H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 dense",
 }
 
 
-def _inputs(B, T, H, D, gates, device, dtype, seed=0, ranges=None):
+def _inputs(B, T, H, D, gates, device, dtype, seed=0, ranges=None, K=None):
+    """q, k [B, T, H, K] (unit rows; K = D unless given), v [B, T, H, D] and the gates in `ranges`
+    (name -> (lo, hi), uniform) that `gates` names [B, T, H]."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    unit = lambda: torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(B, T, H, K or D, generator=g), dim=-1)
     q, k, v = unit(), unit(), torch.randn(B, T, H, D, generator=g)
     ranges = ranges or {"alpha": (0.9, 1.0), "beta": (0.0, 1.0)}
     gs = {name: lo + (hi - lo) * torch.rand(B, T, H, generator=g) for name, (lo, hi) in ranges.items()
@@ -190,6 +204,29 @@ def _hope_rows(B, T, H, D):
             for label, module in CHUNKED]
 
 
+def _atlas_program(H, D):
+    return nlc.compile(ROOT / "specs" / "atlas.nl", heads=H, d_head=D, chunk=TITANS_CHUNK)
+
+
+def _atlas_rows(B, T, H, D):
+    """ATLAS's memory as shipped (polynomial keys of 73 features, MLP of depth 2, expand 2, omega
+    windows of 4, Muon with 5 Newton-Schulz steps, gradients at chunk starts of TITANS_CHUNK tokens):
+    the chunked Triton kernels (the mapped family's scans beside PyTorch products) and the chunked
+    PyTorch form. Gates as the spec's: a decay near 1, learning rates below max_lr = 0.01."""
+    program = _atlas_program(H, D)
+    K = program.op("memory").level.d_key
+    ranges = {"alpha": (0.98, 0.998), "eta": (0.0, 0.01), "theta": (0.0, 1.0), "gamma": (0.0, 1.0)}
+    rows = []
+    for label, module in CHUNKED:
+        def build(device, dtype, module=module):
+            function = program.module(module).level_memory
+            q, k, v, gs = _inputs(B, T, H, D, program.op("memory").gates, device, dtype, ranges=ranges, K=K)
+            return _op_callables(
+                lambda q, k, v, **gs: function(q, k, v, **{f"g_{n}": x for n, x in gs.items()})[0], q, k, v, gs)
+        rows.append((f"{label} atlas", "atlas", build))
+    return rows
+
+
 CMS_HEADS = """model cms_heads
 param d_model = 64
 param heads = 2
@@ -211,13 +248,18 @@ output = linear(memory)
 def _cms_rows(B, T, H, D):
     """The sequential family (an MLP of depth 2, expand 2 updated every token at its own state, as
     CMS's fastest level): its Triton kernels (one program per (batch, head) over the tokens) and its
-    PyTorch form (per-token products over every (batch, head) at once), head-wise (H heads of D) and
+    PyTorch form (per-token products over every (batch, head) at once), head-wise (H heads of D, with
+    gd and with momentum: Titans' per-token rule) and
     as the shipped cms.nl's cms_fast, one head min(CMS_WIDTH, H D) wide (B programs)."""
     width = min(CMS_WIDTH, H * D)
     heads = nlc.compile(CMS_HEADS, heads=H, d_head=D)
     wide = nlc.compile(ROOT / "specs" / "cms.nl", d_model=width)
+    momentum = nlc.compile(CMS_HEADS.replace("gd(lr = 0.005)", "momentum(lr = 0.005, beta = 0.9)"),
+                           heads=H, d_head=D)
     rows = [_module_row(f"{label} cms_heads", "cms_sequential", heads, module, (B, T, H, D))
             for label, module in CHUNKED]
+    rows += [_module_row(f"{label} cms_momentum", "cms_momentum", momentum, module, (B, T, H, D))
+             for label, module in CHUNKED]
     rows += [_module_row(f"{label} cms_wide", "cms_wide", wide, module.replace("memory", "cms_fast"),
                          (B, T, 1, width), level="cms_fast") for label, module in CHUNKED]
     return rows
@@ -360,6 +402,15 @@ def _estimates(rule, B, T, H, D, gates, element):
         forward_flops = N * (96 * D * D + 50 * C * D)
     elif rule == "cms_sequential":
         forward_flops = N * 28 * D * D
+    elif rule == "cms_momentum":
+        forward_flops = N * 40 * D * D
+    elif rule == "atlas":
+        K = _atlas_program(H, D).op("memory").level.d_key
+        forward_bytes = N * (2 * K + 2 * V) * element + N * gates * element
+        forward_flops = 0
+        for I, O in ((K, 2 * K), (2 * K, V)):
+            m, n = min(I, O), max(I, O)
+            forward_flops += N * (5 * (4 * m * m * n + 2 * m ** 3) + 15 * I * O)
     elif rule == "longhorn":  # beta per value channel: G = V gate entries a token
         C = LONGHORN_CHUNK
         forward_bytes = N * (2 * K + 3 * V) * element
@@ -389,7 +440,7 @@ def main(argv=None):
     print(f"B={B} T={T} H={H} D={D} {str(dtype).replace('torch.', '')} on "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter: no timing)'}")
     rows = _nlc_rows(B, T, H, D) + _titans_rows(B, T, H, D) + _miras_rows(B, T, H, D) + _hope_rows(B, T, H, D) + \
-        _cms_rows(B, T, H, D) + _longhorn_rows(B, T, H, D) + _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
+        _atlas_rows(B, T, H, D) + _cms_rows(B, T, H, D) + _longhorn_rows(B, T, H, D) + _fla_rows(B, T, H, D) + _layer_rows(B, T, H, D)
     rows.sort(key=lambda row: ("triton chunk" not in row[0] and "fla" not in row[0], "recurrent" not in row[0]))
     if args.only:
         rows = [r for r in rows if any(s in r[0] for s in args.only)]
@@ -405,7 +456,7 @@ def main(argv=None):
             if rule.startswith("layer"):  # a whole layer: no kernel estimates
                 print(f"{name:<30} {entry['forward_ms']:>9.3f} {entry['forward_backward_ms']:>11.3f}")
             else:
-                gates = {"gated_delta": 2, "titans_matrix": 3, "titans_mlp": 3, "miras_mlp": 2}.get(rule, 1)
+                gates = {"gated_delta": 2, "titans_matrix": 3, "titans_mlp": 3, "miras_mlp": 2, "atlas": 4}.get(rule, 1)
                 est = _estimates(rule, B, T, H, D, gates, torch.finfo(dtype).bits // 8)
                 for mode in ("forward", "forward_backward"):
                     seconds = entry[f"{mode}_ms"] / 1e3

@@ -18,11 +18,13 @@ loop, but does per token only what the rule needs:
 
 The family takes a matrix memory or a plain MLP chain (any depth, expand, activation gelu | silu |
 relu | tanh, layer biases, a residual; not gated, no layer norm), any bias but omega (the bias's own
-derivative comes from autograd over one token's [V] vectors; l2's is written out), gd under an
-elementwise affine retention w = a·w0 + c·s with per-head scalar gates (none, decay, l2), read
-before or after the write, and a nested level (`init from`) that restarts from its source's state
-every RESTART tokens (the backward's replay segments start at restarts). Everything else stays on
-the reference loop (nlc/plan.py says why).
+derivative comes from autograd over one token's [V] vectors; l2's is written out), gd or momentum
+(Titans' per-token rule: the rank-1 product goes into each weight's momentum M ← beta·M − lr·a ⊗ δ,
+then W ← a·W + c·M, and the backward carries M's cotangent beside W's) under an elementwise affine
+retention w = a·w0 + c·s with per-head scalar gates (none, decay, l2), read before or after the
+write, and a nested level (`init from`, gd) that restarts from its source's state every RESTART
+tokens (the backward's replay segments start at restarts). Everything else stays on the reference
+loop (nlc/plan.py says why).
 """
 from __future__ import annotations
 
@@ -64,10 +66,11 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
         why = f"activation {lv.memory.act} has no written derivatives"
     if why is not None:
         raise NotImplementedError(f"level {lv.name!r}: {why}")
-    decay, step = sympy.sympify(plan.decay), sympy.simplify(plan.scale * rules.lr)
+    coeffs = coefficients(rules, plan)
+    momentum = lv.algorithm.kind == "momentum"
     l2 = rules.bias.grad == S.e
     em = Emitter()
-    _header(em, rules, plan, decay, step, model, file)
+    _header(em, rules, plan, coeffs, model, file)
     em.line("import math")
     em.line()
     em.line("import torch")
@@ -83,17 +86,31 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.line(f"LAYERS = {tuple(torch_arch.layers(lv))!r}  # per layer: index of its weight, of its bias (or None)")
     em.line(f"RESIDUAL = {bool(lv.memory.kind == 'mlp' and lv.memory.residual)}  # y = x + chain(x)")
     em.line(f"READ_AFTER = {lv.read == 'after'}  # the read sees W_t (else W_{{t-1}}, before the write)")
+    em.line(f"COEFFS = {tuple(coeffs)!r}  # the per-token coefficients, in order (numbers or [B, H, T])")
+    em.line("N_COEFFS = len(COEFFS)")
     em.gap()
     _render_slopes(em, lv.memory)
     em.gap()
     _render_helpers(em)
     em.gap()
+    _render_update(em, momentum)
+    em.gap()
     _render_bias_vjp(em, l2)
     em.gap()
-    _render_function(em, lv.init_from is not None)
+    _render_function(em, lv.init_from is not None, momentum)
     em.gap()
-    _render_op(em, rules, decay, step)
+    _render_op(em, rules, coeffs)
     return em.text()
+
+
+def coefficients(rules: LevelRules, plan: KernelPlan) -> dict:
+    """role -> sympy expression of the per-token coefficients: gd's decay a_t and step eta_t = c_t lr_t;
+    momentum's decay a_t, lr_t (on the gradient, into M), scale c_t (on M, into W) and beta_t (on M)."""
+    decay, scale = sympy.sympify(plan.decay), sympy.sympify(plan.scale)
+    if rules.level.algorithm.kind == "momentum":
+        return {"decay": decay, "lr": rules.lr, "scale": scale,
+                "beta": sympy.sympify(rules.level.algorithm.args["beta"])}
+    return {"decay": decay, "step": sympy.simplify(scale * rules.lr)}
 
 
 def copies_every(rules: LevelRules, plan: KernelPlan) -> int:
@@ -103,8 +120,8 @@ def copies_every(rules: LevelRules, plan: KernelPlan) -> int:
     return int(plan.chunk) if lv.init_from is None else math.gcd(int(plan.chunk), lv.restart)
 
 
-def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, decay, step, model: str, file: str) -> None:
-    lv = rules.level
+def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs: dict, model: str, file: str) -> None:
+    lv, momentum = rules.level, "beta" in coeffs
     em.line(f'"""Level {comment(lv.name)!r} of model {comment(model)!r}: exact per-token form, sequential '
             "family.")
     em.line()
@@ -113,13 +130,21 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, decay, step, model
     for key, value in lv.describe().items():
         em.line(f"  {key:<10} {comment(value)}")
     em.line(f"  step       {ALGORITHM_TEXT[lv.algorithm.kind]}")
-    em.line(f"  a_t = {show(decay)}   (retention: factor on the old state)")
-    em.line(f"  eta_t = c_t lr_t = {show(step)}   (the step on the gradient)")
+    em.line(f"  a_t = {show(coeffs['decay'])}   (retention: factor on the old state)")
+    if momentum:
+        em.line(f"  lr_t = {show(coeffs['lr'])}   (the step on the gradient, into the momentum)")
+        em.line(f"  c_t = {show(coeffs['scale'])}   (retention: factor on the step)")
+        em.line(f"  beta_t = {show(coeffs['beta'])}   (the momentum's decay)")
+    else:
+        em.line(f"  eta_t = c_t lr_t = {show(coeffs['step'])}   (the step on the gradient)")
     em.line()
     em.line("Token t, W = W_{t-1} (every layer of LAYERS: input a_i, pre-activation z_i, product a_i W_i + b_i):")
     em.line("  y = M(W; k_t) (one forward; a read before the write is a row of it),  dy = output_grad(y, v_t)")
     em.line("  δ_i = dℓ/dz_i by one sweep back over the layers at W,   u_i = a_i ⊗ δ_i (bias: δ_i)")
-    em.line("  W_i ← a_t W_i − eta_t a_i ⊗ δ_i   in place (baddbmm)")
+    if momentum:
+        em.line("  M_i ← beta_t M_i − lr_t a_i ⊗ δ_i,   W_i ← a_t W_i + c_t M_i   in place (baddbmm)")
+    else:
+        em.line("  W_i ← a_t W_i − eta_t a_i ⊗ δ_i   in place (baddbmm)")
     em.line("Backward (_Sequential): the exact adjoint of each token in reverse, W_{t-1} replayed from copies")
     em.line(f"of the state every CHUNK = {copies_every(rules, plan)} tokens, O(T·d) saved vectors and O(CHUNK) states.")
     if lv.init_from is not None:
@@ -127,7 +152,8 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, decay, step, model
         em.line("(`restart_states`, entry j - 1); in the backward pass the cotangent of the state at a restart")
         em.line("goes to that entry, none to the state before it.")
     em.line("Layout (fla): q, k [B, T, H, K]; v [B, T, H, V]; scalar gates [B, T, H]; the state is the")
-    em.line(f"reference's: {comment(', '.join(n for n, _, _ in torch_arch.param_layout(lv)))}.")
+    em.line(f"reference's: {comment(', '.join(n for n, _, _ in torch_arch.param_layout(lv)))}"
+            + (", then their momenta." if momentum else "."))
     em.line('"""')
 
 
@@ -149,9 +175,19 @@ def _aliased(a, b):
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
-def _per_head(c, t):
-    """Token t's coefficient: a number, or [B, H] -> [B, H, 1, 1] from a [B, H, T] tensor."""
-    return c[:, :, t, None, None] if torch.is_tensor(c) else c
+def _at(coeffs, t):
+    """Token t's coefficients: numbers, or [B, H, 1, 1] from [B, H, T] tensors."""
+    return tuple(c[:, :, t, None, None] if torch.is_tensor(c) else c for c in coeffs)
+
+
+def _fit(c, x):
+    """A coefficient (a number or [B, H, 1, 1]) shaped to broadcast against a state tensor x [B, H, ...]."""
+    return c.reshape(c.shape[:2] + (1,) * (x.dim() - 2)) if torch.is_tensor(c) else c
+
+
+def _inner(xs, ys):
+    """Σ over tensors of <x, y> per (batch, head): [B, H]."""
+    return sum((x * y).flatten(2).sum(-1) for x, y in zip(xs, ys))
 
 
 def _forward(params, x):
@@ -202,19 +238,45 @@ def _add_outer(p, out, left, right, scale, alpha):
     else:
         torch.baddbmm(p.flatten(0, 1), *factors, beta=scale, alpha=alpha, out=out.flatten(0, 1))
 
+''')
 
-def _update(params, inputs, deltas, decay, step, out):
+
+def _render_update(em: Emitter, momentum: bool) -> None:
+    if not momentum:
+        em.block('''
+def _update(state, inputs, deltas, coeffs, out):
     """One token's gd step W_i ← decay·W_i − step·a_i ⊗ δ_i, b_i ← decay·b_i − step·δ_i into `out`
-    (params itself: in place). decay, step: numbers or [B, H, 1, 1]; inputs, deltas per layer
-    [B, H, 1, I|O]."""
+    (state itself: in place). coeffs (decay, step): numbers or [B, H, 1, 1]; inputs, deltas per
+    layer [B, H, 1, I|O]."""
+    decay, step = coeffs
     for (w, b), a, d in zip(LAYERS, inputs, deltas):
         if torch.is_tensor(step):
             d, alpha = d * step, -1.0
         else:
             alpha = -step
-        _add_outer(params[w], out[w], a, d, decay, alpha)
+        _add_outer(state[w], out[w], a, d, decay, alpha)
         if b is not None:
-            _add_outer(params[b], out[b], None, d, decay, alpha)
+            _add_outer(state[b], out[b], None, d, decay, alpha)
+''')
+        return
+    em.block('''
+def _update(state, inputs, deltas, coeffs, out):
+    """One token's momentum step into `out` (state itself: in place): M_i ← beta·M_i − lr·a_i ⊗ δ_i
+    (a bias's momentum: − lr·δ_i), then W_i ← decay·W_i + scale·M_i. The state is the N_PARAMS
+    weights, then their momenta; coeffs (decay, lr, scale, beta): numbers or [B, H, 1, 1]; inputs,
+    deltas per layer [B, H, 1, I|O]."""
+    decay, lr, scale, beta = coeffs
+    for (w, b), a, d in zip(LAYERS, inputs, deltas):
+        if torch.is_tensor(lr):
+            d, alpha = d * lr, -1.0
+        else:
+            alpha = -lr
+        _add_outer(state[N_PARAMS + w], out[N_PARAMS + w], a, d, beta, alpha)
+        if b is not None:
+            _add_outer(state[N_PARAMS + b], out[N_PARAMS + b], None, d, beta, alpha)
+    for w, m, o in zip(state[:N_PARAMS], out[N_PARAMS:], out):
+        torch.mul(w, _fit(decay, w), out=o)
+        o.add_(m * _fit(scale, m))
 ''')
 
 
@@ -238,18 +300,20 @@ def _bias_vjp(y, v, gates, ddy):
 ''')
 
 
-def _render_function(em: Emitter, nested: bool) -> None:
+def _render_function(em: Emitter, nested: bool, momentum: bool) -> None:
     """`_Sequential` (_FUNCTION): a line that starts `#@nested ` belongs to a nested level (`init from`:
-    its restarts) only, a line that ends `  #@flat` to any other level only."""
+    its restarts) only, a line that ends `  #@flat` to any other level only; likewise `#@momentum `
+    and `  #@gd` for a level with momentum and one without."""
     lines = []
     for line in _FUNCTION.splitlines():
-        if line.startswith("#@nested "):
-            if nested:
-                lines.append(line[len("#@nested "):])
-        elif line.endswith("  #@flat"):
-            if not nested:
-                lines.append(line[:-len("  #@flat")])
-        else:
+        for prefix, suffix, on in (("#@nested ", "  #@flat", nested), ("#@momentum ", "  #@gd", momentum)):
+            if line.startswith(prefix):
+                line = line[len(prefix):] if on else None
+                break
+            if line.endswith(suffix):
+                line = line[:-len(suffix)] if not on else None
+                break
+        if line is not None:
             lines.append(line)
     em.block("\n".join(lines))
 
@@ -279,20 +343,22 @@ def _chain_back(params, slopes, dy, da_extra, dz_extra):
 
 class _Sequential(torch.autograd.Function):
     """The tokens in order, with an exact hand-written backward (the module docstring).
-    forward(shared, n_gates, decay, step, qh, kh, vh, *gates, *state): shared: q and k are the same
-    memory (a read before the write then reuses the gradient's forward); decay, step: numbers or
-    [B, H, T]; qh, kh [B, H, T, K], vh [B, H, T, V]; the bias's n_gates gates [B, H, T, 1|K|V]; the
-    initial state tensors [B, H, ...]. Returns o [B, H, T, V] and the final state tensors."""  #@flat
+    forward(shared, n_gates, qh, kh, vh, *coeffs, *gates, *state): shared: q and k are the same
+    memory (a read before the write then reuses the gradient's forward); qh, kh [B, H, T, K], vh
+    [B, H, T, V]; the N_COEFFS coefficients of COEFFS: numbers or [B, H, T]; the bias's n_gates gates
+    [B, H, T, 1|K|V]; the initial state tensors [B, H, ...]. Returns o [B, H, T, V] and the final
+    state tensors."""  #@flat
 #@nested     initial state tensors [B, H, ...], then the restart states [B, J, H, ...] (none: no restarts).
 #@nested     Returns o [B, H, T, V] and the final state tensors."""
 
     @staticmethod
     @autocast_forward
-    def forward(ctx, shared, n_gates, decay, step, qh, kh, vh, *rest):
-        gates = rest[:n_gates]
-        params = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest[n_gates:])  #@flat
-#@nested         params = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest[n_gates:n_gates + N_PARAMS])
-#@nested         restarts = rest[n_gates + N_PARAMS:]  # [B, J, H, ...] each, or none
+    def forward(ctx, shared, n_gates, qh, kh, vh, *rest):
+        coeffs, gates, rest = rest[:N_COEFFS], rest[N_COEFFS:N_COEFFS + n_gates], rest[N_COEFFS + n_gates:]
+        state = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest)  #@flat
+#@nested         state = tuple(p.clone(memory_format=torch.contiguous_format) for p in rest[:N_PARAMS])
+#@nested         restarts = rest[N_PARAMS:]  # [B, J, H, ...] each, or none
+        params = state[:N_PARAMS]  # the weights, stepped in place (with momentum, their momenta follow)
         T = kh.shape[2]
         two = not READ_AFTER and not shared  # the read's query rides as a second row of the forward
         copies, saved, outputs = [], [], []
@@ -301,7 +367,7 @@ class _Sequential(torch.autograd.Function):
 #@nested                 for p, r in zip(params, restarts):
 #@nested                     p.copy_(r[:, t // RESTART - 1])
             if t % CHUNK == 0:
-                copies.append(tuple(p.clone() for p in params))  # W_{t-1}, for the backward's replay
+                copies.append(tuple(p.clone() for p in state))  # W_{t-1}, for the backward's replay
             x = kh[:, :, t:t + 1] if not two else torch.cat([kh[:, :, t:t + 1], qh[:, :, t:t + 1]], 2)
             y, inputs, slopes = _forward(params, x)  # at W_{t-1}, [B, H, 1|2, D]: row 0 the key's
             grad_in, grad_slopes = [a[:, :, :1] for a in inputs], [tuple(x[:, :, :1] for x in s) for s in slopes]
@@ -310,7 +376,7 @@ class _Sequential(torch.autograd.Function):
                                     output_grad(y0, vh[:, :, t:t + 1], *g_t))
             if not READ_AFTER:
                 outputs.append(y[:, :, -1:])  # read before write: the last row (the key's, if shared)
-            _update(params, grad_in, deltas, _per_head(decay, t), _per_head(step, t), params)
+            _update(state, grad_in, deltas, _at(coeffs, t), state)
             if READ_AFTER:
                 o_t, read_in, read_slopes = _forward(params, qh[:, :, t:t + 1])  # at W_t
                 outputs.append(o_t)
@@ -319,9 +385,9 @@ class _Sequential(torch.autograd.Function):
             saved.append((grad_in, grad_slopes, deltas, backs, y0, read_in, read_slopes))
         ctx.shared, ctx.n_gates, ctx.copies, ctx.saved = shared, n_gates, copies, saved
 #@nested         ctx.restart_shapes = [r.shape for r in restarts]
-        ctx.coefficients = tuple(c if not torch.is_tensor(c) else None for c in (decay, step))
-        ctx.save_for_backward(vh, *gates, *(c for c in (decay, step) if torch.is_tensor(c)))
-        return (torch.cat(outputs, 2),) + params
+        ctx.coefficients = tuple(c if not torch.is_tensor(c) else None for c in coeffs)
+        ctx.save_for_backward(vh, *gates, *(c for c in coeffs if torch.is_tensor(c)))
+        return (torch.cat(outputs, 2),) + state
 
     @staticmethod
     @autocast_backward
@@ -331,44 +397,56 @@ class _Sequential(torch.autograd.Function):
                                "for second derivatives run the level with mode='reference'")
         vh, *tensors = ctx.saved_tensors
         gates, tensors = tensors[:ctx.n_gates], iter(tensors[ctx.n_gates:])
-        decay, step = (c if c is not None else next(tensors) for c in ctx.coefficients)
-        need_decay, need_step = ctx.needs_input_grad[2:4]
-        dW = [d.clone(memory_format=torch.contiguous_format) for d in dstate]  # Ŵ, the cotangent of W_t
+        coeffs = tuple(c if c is not None else next(tensors) for c in ctx.coefficients)
+        dcoeffs = [torch.zeros_like(c) if need else None for c, need in zip(coeffs, ctx.needs_input_grad[5:])]
+        dW = [d.clone(memory_format=torch.contiguous_format) for d in dstate]  # the cotangent of the state: Ŵ (then M̂)
         K = ctx.saved[0][0][0].shape[-1]
         dq, dk, dv = vh.new_zeros(vh.shape[:3] + (K,)), vh.new_zeros(vh.shape[:3] + (K,)), torch.zeros_like(vh)
         dgates = [torch.zeros_like(g) for g in gates]
 #@nested         drestarts = [vh.new_zeros(shape) for shape in ctx.restart_shapes]
-        ddecay = torch.zeros_like(decay) if need_decay else None
-        dstep = torch.zeros_like(step) if need_step else None
         T = vh.shape[2]
         buffers = [tuple(torch.empty_like(p) for p in dW) for _ in range(min(CHUNK, T))]
         for start in reversed(range(0, T, CHUNK)):
             stop = min(start + CHUNK, T)
             states = [ctx.copies[start // CHUNK]] + buffers[:stop - start]  # W_{t-1}, t = start..stop
             for t in range(start, stop):  # replayed as the forward stepped
-                _update(states[t - start], ctx.saved[t][0], ctx.saved[t][2], _per_head(decay, t),
-                        _per_head(step, t), states[t - start + 1])
+                _update(states[t - start], ctx.saved[t][0], ctx.saved[t][2], _at(coeffs, t), states[t - start + 1])
             for t in reversed(range(start, stop)):
                 grad_in, grad_slopes, deltas, backs, y0, read_in, read_slopes = ctx.saved[t]
-                P, a_t, eta = states[t - start], _per_head(decay, t), _per_head(step, t)
+                prev, c = states[t - start], _at(coeffs, t)
+                P, a_t, eta = prev[:N_PARAMS], c[0], c[1]
                 no_extra = [None] * len(LAYERS)
                 if READ_AFTER:  # the read at W_t: its weights' cotangent joins Ŵ first
-                    dx, dzs = _chain_back(states[t - start + 1], [s[0] for s in read_slopes],
+                    dx, dzs = _chain_back(states[t - start + 1][:N_PARAMS], [s[0] for s in read_slopes],
                                           do[:, :, t:t + 1], no_extra, no_extra)
                     dq[:, :, t:t + 1] = dx
                     for (w, b), a, dz in zip(LAYERS, read_in, dzs):
                         _add_outer(dW[w], dW[w], a, dz, 1.0, 1.0)
                         if b is not None:
                             _add_outer(dW[b], dW[b], None, dz, 1.0, 1.0)
-                # the step −eta Σ_i a_i ⊗ δ_i: cotangents of a_i, δ_i and eta from Ŵ
+#@momentum                 # W_t = decay·W_(t-1) + scale·M_t: M̂ (the momenta's cotangent) takes scale·Ŵ
+#@momentum                 dM, scale, beta = dW[N_PARAMS:], c[2], c[3]
+#@momentum                 if dcoeffs[2] is not None:
+#@momentum                     dcoeffs[2][:, :, t] = _inner(dW, states[t - start + 1][N_PARAMS:])
+#@momentum                 for m, w in zip(dM, dW):
+#@momentum                     m.add_(w * _fit(scale, w))
+                if dcoeffs[0] is not None:
+                    dcoeffs[0][:, :, t] = _inner(dW, P)
+                # the step −eta Σ_i a_i ⊗ δ_i: cotangents of a_i, δ_i and eta from Ŵ  #@gd
+                G = dW  #@gd
+#@momentum                 # the step −lr Σ_i a_i ⊗ δ_i into M: cotangents of a_i, δ_i and lr from M̂
+#@momentum                 G = dM
                 aW, Wd = [], []
                 for (w, b), a, d in zip(LAYERS, grad_in, deltas):
-                    aW.append(a @ dW[w] if b is None else a @ dW[w] + dW[b][:, :, None, :])
-                    Wd.append(d @ dW[w].transpose(-1, -2))
-                if need_decay:
-                    ddecay[:, :, t] = sum((g * p).flatten(2).sum(-1) for g, p in zip(dW, P))
-                if need_step:
-                    dstep[:, :, t] = -sum((x * d).sum((-2, -1)) for x, d in zip(aW, deltas))
+                    aW.append(a @ G[w] if b is None else a @ G[w] + G[b][:, :, None, :])
+                    Wd.append(d @ G[w].transpose(-1, -2))
+                if dcoeffs[1] is not None:
+                    dcoeffs[1][:, :, t] = -sum((x * d).sum((-2, -1)) for x, d in zip(aW, deltas))
+#@momentum                 # M_t = beta·M_(t-1) − lr·u_t: beta's cotangent, then M̂_(t-1) = beta·M̂_t
+#@momentum                 if dcoeffs[3] is not None:
+#@momentum                     dcoeffs[3][:, :, t] = _inner(dM, prev[N_PARAMS:])
+#@momentum                 for m in dM:
+#@momentum                     m.mul_(_fit(beta, m))
                 da_extra = [-eta * x for x in Wd]
                 ddelta = [-eta * x for x in aW]
                 # back through the sweep δ_i = (δ_{i+1} W_{i+1}ᵀ) * act'(z_i)
@@ -405,28 +483,32 @@ class _Sequential(torch.autograd.Function):
 #@nested                     d[:, start // RESTART - 1] = w
 #@nested                     w.zero_()
             del states
-#@nested         return (None, None, ddecay, dstep, dq, dk, dv, *dgates, *dW, *drestarts)
-        return (None, None, ddecay, dstep, dq, dk, dv, *dgates, *dW)  #@flat
+#@nested         return (None, None, dq, dk, dv, *dcoeffs, *dgates, *dW, *drestarts)
+        return (None, None, dq, dk, dv, *dcoeffs, *dgates, *dW)  #@flat
 '''
 
 
-def _render_op(em: Emitter, rules: LevelRules, decay, step) -> None:
+COEFFICIENT_TEXT = {"decay": "a_t, on the old state", "step": "eta_t = c_t lr_t, on the gradient",
+                     "lr": "lr_t, on the gradient, into the momentum", "scale": "c_t, on the momentum, into W",
+                     "beta": "beta_t, on the momentum"}
+
+
+def _render_op(em: Emitter, rules: LevelRules, coeffs: dict) -> None:
     lv = rules.level
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
-    coeffs = {role: e for role, e in (("decay", decay), ("step", step)) if e.free_symbols}
     bias_gates = [ident(g, "go") for g in ir.gate_names(rules.bias.grad)]
     # the reference op's signature, with restart_states for a nested level
     signature = op_signature(lv).replace("initial_state=None", nesting_keywords(lv) + "initial_state=None", 1)
     with em.indent(signature):
-        render_op_inputs(em, rules, coeffs)
+        render_op_inputs(em, rules, {role: e for role, e in coeffs.items() if e.free_symbols})
         em.line("# per-token coefficients: numbers, or [B, H, T] tensors")
-        for role, expr, span, what in (("decay", decay, lv.retention.span, "a_t, on the old state"),
-                                       ("step", step, lv.algorithm.span, "eta_t = c_t lr_t, on the gradient")):
+        for role, expr in coeffs.items():
+            span = lv.retention.span if role in ("decay", "scale") else lv.algorithm.span
             text = to_torch(expr, heads) if expr.free_symbols else repr(float(expr))
-            em.line(f"{role} = {text}  {where(span) or '#'} {what}")
+            em.line(f"{role} = {text}  {where(span) or '#'} {COEFFICIENT_TEXT[role]}")
         em.line(f"{where(lv.span)} level {comment(lv.name)}: the tokens in order")
         gates = "".join(f"{g}, " for g in bias_gates)
         restarts = ", *(restart_states or ())" if lv.init_from is not None else ""
-        em.line(f"o, *final = _Sequential.apply(_aliased(qh, kh), {len(bias_gates)}, decay, step, qh, kh, vh, "
-                f"{gates}*params{restarts})")
+        em.line(f"o, *final = _Sequential.apply(_aliased(qh, kh), {len(bias_gates)}, qh, kh, vh, "
+                f"{', '.join(coeffs)}, {gates}*{'state' if 'beta' in coeffs else 'params'}{restarts})")
         em.line("return o.transpose(1, 2), (_pack(tuple(final)) if output_final_state else None)")

@@ -5,7 +5,9 @@ previous token left; codegen/torch_chunk_sequential.py) as Triton kernels:
 No chunk-parallel form is exact for these levels, so the kernels run the tokens in order, one
 program per (batch, head) holding the whole per-token step: the MLP's forward at W_{t-1} on the key
 (and the query), the bias map D = dℓ/dy, one sweep back over the layers for each layer's δ_i, and the
-rank-1 steps W_i ← a_t W_i − eta_t a_i ⊗ δ_i. The state lives in global memory, flat per (batch,
+rank-1 steps W_i ← a_t W_i − eta_t a_i ⊗ δ_i (with momentum, M_i ← beta_t M_i − lr_t a_i ⊗ δ_i and then
+W_i ← a_t W_i + c_t M_i, the momenta after the weights in the state, their cotangent carried beside the
+weights' in the backward). The state lives in global memory, flat per (batch,
 head), and the layer products stream it in [BLOCK, BLOCK] tiles, so any width fits (a program's
 phases are ordered by barriers). The forward keeps each token's vectors (O(T·d)) and a copy of the
 state every CHUNK tokens; the backward kernel replays each CHUNK-token segment from its copy and runs
@@ -31,7 +33,7 @@ from nlc.plan import KernelPlan
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import show
-from .torch_chunk_sequential import copies_every
+from .torch_chunk_sequential import COEFFICIENT_TEXT, coefficients, copies_every
 from .torch_reference import render_nesting_doc
 from .triton_printer import diff, to_triton
 from .triton_recurrent import AMP_IMPORT, decorators, first_order_only
@@ -102,8 +104,8 @@ class SequentialKernels:
     def __init__(self, rules: LevelRules, plan: KernelPlan, model: str, file: str):
         lv = self.lv = rules.level
         self.rules, self.plan, self.model, self.file = rules, plan, model, file
-        self.decay = sympy.sympify(plan.decay)
-        self.step = sympy.simplify(plan.scale * rules.lr)
+        self.coeffs = coefficients(rules, plan)  # role -> sympy: decay, step (gd) or decay, lr, scale, beta
+        self.momentum = lv.algorithm.kind == "momentum"
         self.grad = sympy.sympify(rules.bias.grad).subs(S.y, S.e + S.v)  # d(e, r, v, gates)
         self.norm = S.r in self.grad.free_symbols
         self.bias_gates = ir.gate_names(self.grad)
@@ -127,6 +129,10 @@ class SequentialKernels:
         shapes = {n: math.prod(self._dims(s)) for n, s, _ in torch_arch.param_layout(self.lv)}
         for name in self.names:
             self.state.add(name, shapes[name])
+        self.params_size = self.state.size
+        if self.momentum:  # each weight's momentum, in the same order
+            for name in self.names:
+                self.state.add(f"M_{name}", shapes[name])
         L = len(self.layers)
         for i, (I, O) in enumerate(self.sizes, 1):
             self.row.add(f"A{i}", I)
@@ -162,6 +168,10 @@ class SequentialKernels:
         b = self.layers[i - 1][1]
         return None if b is None else f"{self.names[b].upper()}_AT"
 
+    def stepped(self, at: str | None) -> str | None:
+        """Where the rank-1 step lands for a weight or bias at offset `at`: itself (gd) or its momentum."""
+        return None if at is None else f"M_{at}" if self.momentum else at
+
     # ---- the file ----------------------------------------------------------------------------
     def text(self) -> str:
         self.header()
@@ -183,14 +193,17 @@ class SequentialKernels:
         em.line(f"op in {ident(lv.name, 'level')}.py computes, up to round-off.")
         for key, value in lv.describe().items():
             em.line(f"  {key:<10} {comment(value)}")
-        em.line(f"  a_t = {show(self.decay)}   (retention: factor on the old state)")
-        em.line(f"  eta_t = c_t lr_t = {show(self.step)}   (the step on the gradient)")
+        for role, expr in self.coeffs.items():
+            em.line(f"  {role} = {show(expr)}   ({COEFFICIENT_TEXT[role]})")
         em.line()
         em.line("One program per (batch, head) runs every token t, with W = W_{t-1} (layer i: input a_i,")
         em.line("pre-activation z_i = a_i W_i (+ b_i); a_1 the key):")
         em.line("  y = M(W; k_t) (a read before the write: M(W; q_t)),  δ_L = dℓ/dy at (y, v_t)")
         em.line("  back_i = W_i δ_i,  δ_(i-1) = back_i ⊙ act'(z_(i-1))   (one sweep back over the layers)")
-        em.line("  W_i ← a_t W_i − eta_t a_i ⊗ δ_i  (b_i ← a_t b_i − eta_t δ_i)   in place")
+        if self.momentum:
+            em.line("  M_i ← beta_t M_i − lr_t a_i ⊗ δ_i  (a bias's: − lr_t δ_i),  W_i ← a_t W_i + c_t M_i   in place")
+        else:
+            em.line("  W_i ← a_t W_i − eta_t a_i ⊗ δ_i  (b_i ← a_t b_i − eta_t δ_i)   in place")
         em.line("The state is flat per (batch, head) in global memory ([B H, STATE_SIZE] fp32); the products")
         em.line("stream it in [BLOCK, BLOCK] tiles and every helper ends with a barrier, so a phase reads")
         em.line("what the one before wrote. The forward keeps each token's vectors (a row of ROW_SIZE) and")
@@ -221,6 +234,10 @@ class SequentialKernels:
         em.line("# mode='triton' runs these kernels")
         em.line("AUTO = False")
         em.line(f"READ_AFTER = {self.after}  # the read sees W_t (else W_{{t-1}}, before the write)")
+        em.line(f"COEFFS = {tuple(self.coeffs)!r}  # the per-token coefficients, in order ([B, H, T])")
+        em.line("N_COEFFS = len(COEFFS)")
+        em.line("N_STATE = " + ("2 * N_PARAMS  # the state tensors: the weights, then their momenta" if self.momentum
+                                else "N_PARAMS  # the state tensors: the weights"))
         em.line("NUM_WARPS = 4")
         em.line("BLOCK = tl.constexpr(64)  # rows and columns of a weight tile")
         em.line("BLOCK_N = tl.constexpr(1024)  # entries of a vector block")
@@ -230,8 +247,9 @@ class SequentialKernels:
         em.line(f"V = tl.constexpr({V})")
         if len(self.layers) > 1:
             em.line(f"HIDDEN = tl.constexpr({self.sizes[0][1]})")
-        self.layout_constants("one (batch, head)'s state, flat: each parameter row-major", self.state,
-                              "STATE_SIZE")
+        self.layout_constants("one (batch, head)'s state, flat: each parameter row-major" +
+                              (", then each one's momentum" if self.momentum else ""), self.state, "STATE_SIZE")
+        em.line(f"PARAMS_SIZE = tl.constexpr({self.params_size})  # the weights' part of the state")
         self.layout_constants("one token's saved vectors: the forward part (a read's row: READ_SIZE) "
                               "then δ_i and back_i = W_i δ_i", self.row, "ROW_SIZE")
         em.line(f"READ_SIZE = tl.constexpr({self.read_size})")
@@ -362,14 +380,16 @@ class SequentialKernels:
                 em.line(f"_times_slope(row + BK{i}_AT, row + Z{i - 1}_AT, row + D{i - 1}_AT, {self.dim(I)})")
         em.gap()
         em.line("@triton.jit")
-        with em.indent("def _step(p, out, row, decay, step):"):
-            em.line('"""out = the state after the token: W_i ← decay W_i − step a_i ⊗ δ_i (out may be p)."""')
-            for i, (I, O) in enumerate(self.sizes, 1):
-                em.line(f"_outer(p + {self.weight(i)}, out + {self.weight(i)}, row + A{i}_AT, row + D{i}_AT, "
-                        f"decay, -step, {self.dim(I)}, {self.dim(O)})")
-                b = self.bias(i)
-                if b:
-                    em.line(f"_scale_add(p + {b}, row + D{i}_AT, out + {b}, decay, -step, {self.dim(O)})")
+        if self.momentum:
+            with em.indent("def _step(p, out, row, decay, lr, scale, beta):"):
+                em.line('"""out = the state after the token (out may be p): M_i ← beta M_i − lr a_i ⊗ δ_i, then')
+                em.line('W_i ← decay W_i + scale M_i."""')
+                self.rank_one_steps("beta", "-lr")
+                em.line("_scale_add(p, out + PARAMS_SIZE, out, decay, scale, PARAMS_SIZE)  # the weights")
+        else:
+            with em.indent("def _step(p, out, row, decay, step):"):
+                em.line('"""out = the state after the token: W_i ← decay W_i − step a_i ⊗ δ_i (out may be p)."""')
+                self.rank_one_steps("decay", "-step")
         em.gap()
         em.line("@triton.jit")
         with em.indent("def _memory_backward(p, row, dy, dz, da, work, EXTRA: tl.constexpr):"):
@@ -389,6 +409,24 @@ class SequentialKernels:
                 em.line(f"_mat_vec(p + {self.weight(i)}, {dz}, {da}, {self.dim(I)}, {self.dim(O)}, False)")
                 with em.indent("if EXTRA:"):
                     em.line(f"_scale_add({da}, work + WD{i}_AT, {da}, 1.0, 1.0, {self.dim(I)})")
+
+    def rank_one_steps(self, scale: str, alpha: str) -> None:
+        """out's span of each weight (or momentum) = scale · p's + alpha a_i ⊗ δ_i (a bias's: + alpha δ_i)."""
+        em = self.em
+        for i, (I, O) in enumerate(self.sizes, 1):
+            w = self.stepped(self.weight(i))
+            em.line(f"_outer(p + {w}, out + {w}, row + A{i}_AT, row + D{i}_AT, {scale}, {alpha}, {self.dim(I)}, "
+                    f"{self.dim(O)})")
+            b = self.stepped(self.bias(i))
+            if b:
+                em.line(f"_scale_add(p + {b}, row + D{i}_AT, out + {b}, {scale}, {alpha}, {self.dim(O)})")
+
+    def coefficient_args(self, prefix: str = "") -> str:
+        """The kernels' coefficient pointers: decay, step (gd) or decay, lr, scale, beta."""
+        return "".join(f"{prefix}{role}, " for role in self.coeffs)
+
+    def load_coefficients(self) -> str:
+        return ", ".join(f"tl.load({role} + i_bh * T + t)" for role in self.coeffs)
 
     def dim(self, n: int) -> str:
         """A layer size by the name of a constant that holds it (K, then V, then HIDDEN)."""
@@ -412,13 +450,13 @@ class SequentialKernels:
         em = self.em
         em.line("@triton.jit")
         em.line("def sequential_fwd_kernel(")
-        em.line(f"    q, k, v, decay, step, {self.token_gates()}state, copies, saved, reads, restarts, o,")
+        em.line(f"    q, k, v, {self.coefficient_args()}{self.token_gates()}state, copies, saved, reads, restarts, o,")
         em.line(f"    T, J, H: tl.constexpr, CHUNK: tl.constexpr, {self.restart_arg()}SHARED: tl.constexpr,")
         em.line("    NESTED: tl.constexpr,")
         em.line("):")
         with em.indent():
             em.line('"""Program (b, h): the tokens of one (batch, head) in order. q, k [B, T, H, K], v, o')
-            em.line("[B, T, H, V]; decay, step and the bias's gates [B H, T] fp32; state [B H, STATE_SIZE] fp32,")
+            em.line(f"[B, T, H, V]; {self.coefficient_args()}the bias's gates [B H, T] fp32; state [B H, STATE_SIZE] fp32,")
             em.line("stepped in place; copies [B H, cdiv(T, CHUNK), STATE_SIZE] (W_(t-1) at every t = 0 mod")
             em.line("CHUNK); saved [B H, T, ROW_SIZE]; reads [B H, T, READ_SIZE] (a read's vectors; unused when")
             em.line("SHARED: the read before the write is the key's forward); restarts [B H, J, STATE_SIZE]")
@@ -450,7 +488,7 @@ class SequentialKernels:
                 gates = "".join(f", {ident(g, 'b_g')}" for g in self.bias_gates)
                 em.line(f"_bias_grad(row + Y_AT, v + x_t * V, row + D{L}_AT{gates})")
                 em.line("_deltas(state, row)")
-                em.line("_step(state, state, row, tl.load(decay + i_bh * T + t), tl.load(step + i_bh * T + t))")
+                em.line(f"_step(state, state, row, {self.load_coefficients()})")
                 if self.after:
                     em.line("_copy(q + x_t * K, read + A1_AT, K)")
                     em.line("_memory_forward(state, read)  # at W_t")
@@ -460,17 +498,17 @@ class SequentialKernels:
         em = self.em
         em.line("@triton.jit")
         em.line("def sequential_bwd_kernel(")
-        em.line(f"    q, k, v, do, decay, step, {self.token_gates()}copies, saved, reads, states, dstate, work,")
-        em.line(f"    dq, dk, dv, ddecay, dstep, {self.token_gates('dg')}"
+        em.line(f"    q, k, v, do, {self.coefficient_args()}{self.token_gates()}copies, saved, reads, states, dstate, work,")
+        em.line(f"    dq, dk, dv, {self.coefficient_args('d')}{self.token_gates('dg')}"
                 "drestarts,")
         em.line(f"    T, J, H: tl.constexpr, CHUNK: tl.constexpr, {self.restart_arg()}SHARED: tl.constexpr,")
-        em.line("    NESTED: tl.constexpr, NEED_DECAY: tl.constexpr, NEED_STEP: tl.constexpr,")
+        em.line("    NESTED: tl.constexpr, " + " ".join(f"NEED_{role.upper()}: tl.constexpr," for role in self.coeffs))
         em.line("):")
         with em.indent():
             em.line('"""Program (b, h): the adjoint of the tokens in reverse. dstate [B H, STATE_SIZE]: Ŵ, the')
             em.line("cotangent of the final state on entry, of the initial state on exit; states [B H, CHUNK + 1,")
             em.line("STATE_SIZE]: a segment's W_(t-1), replayed; work [B H, WORK_SIZE]; dq, dk [B, T, H, K], dv")
-            em.line("[B, T, H, V], ddecay, dstep and the gates' [B H, T], drestarts [B H, J, STATE_SIZE] fp32.\"\"\"")
+            em.line(f"[B, T, H, V], {self.coefficient_args('d')}the gates' [B H, T], drestarts [B H, J, STATE_SIZE] fp32.\"\"\"")
             em.line("i_bh = tl.program_id(0).to(tl.int64)  # offsets may pass 2^31")
             em.line("i_b, i_h = i_bh // H, i_bh % H")
             em.line("dstate += i_bh * STATE_SIZE")
@@ -485,7 +523,7 @@ class SequentialKernels:
                     em.line("t = start + j")
                     em.line("_step(states + j * STATE_SIZE, states + (j + 1) * STATE_SIZE, saved + (i_bh * T + t) * "
                             "ROW_SIZE,")
-                    em.line("      tl.load(decay + i_bh * T + t), tl.load(step + i_bh * T + t))")
+                    em.line(f"      {self.load_coefficients()})")
                 with em.indent("for jj in range(n):"):
                     em.line("j = n - 1 - jj")
                     em.line("t = start + j")
@@ -505,7 +543,7 @@ class SequentialKernels:
         em.line("row = saved + (i_bh * T + t) * ROW_SIZE")
         em.line("read = saved + (i_bh * T + t) * ROW_SIZE if SHARED else reads + (i_bh * T + t) * READ_SIZE")
         em.line("a_t = tl.load(decay + i_bh * T + t)")
-        em.line("eta = tl.load(step + i_bh * T + t)")
+        em.line(f"eta = tl.load({'lr' if self.momentum else 'step'} + i_bh * T + t)")
         em.line("_copy(do + x_t * V, work + DO_AT, V)")
         if self.after:
             em.line("# the read at W_t: its weights' cotangent joins Ŵ first")
@@ -517,19 +555,32 @@ class SequentialKernels:
                 b = self.bias(i)
                 if b:
                     em.line(f"_scale_add(dstate + {b}, work + DZR{i}_AT, dstate + {b}, 1.0, 1.0, {self.dim(O)})")
-        em.line("# the step −eta Σ_i a_i ⊗ δ_i: aW_i = a_i Ŵ_i (+ b̂_i), Wd_i = Ŵ_i δ_i")
-        for i, (I, O) in enumerate(self.sizes, 1):
-            b = self.bias(i)
-            em.line(f"_vec_mat(row + A{i}_AT, dstate + {self.weight(i)}, {f'dstate + {b}' if b else 'dstate'}, "
-                    f"work + AW{i}_AT, {self.dim(I)}, {self.dim(O)}, {b is not None}, False)")
-            em.line(f"_mat_vec(dstate + {self.weight(i)}, row + D{i}_AT, work + WD{i}_AT, {self.dim(I)}, "
-                    f"{self.dim(O)}, False)")
+        if self.momentum:
+            em.line("# W_t = a_t W_(t-1) + c_t M_t: M̂ (the momenta's cotangent, after Ŵ) takes c_t Ŵ")
+            with em.indent("if NEED_SCALE:"):
+                em.line("tl.store(dscale + i_bh * T + t, _dot(dstate, P + STATE_SIZE + PARAMS_SIZE, PARAMS_SIZE))")
+            em.line("_scale_add(dstate + PARAMS_SIZE, dstate, dstate + PARAMS_SIZE, 1.0, tl.load(scale + i_bh * T + t), "
+                    "PARAMS_SIZE)")
         with em.indent("if NEED_DECAY:"):
-            em.line("tl.store(ddecay + i_bh * T + t, _dot(dstate, P, STATE_SIZE))")
-        with em.indent("if NEED_STEP:"):
+            em.line("tl.store(ddecay + i_bh * T + t, _dot(dstate, P, PARAMS_SIZE))")
+        target, hat = ("M", "M̂") if self.momentum else ("W", "Ŵ")
+        em.line(f"# the step −eta Σ_i a_i ⊗ δ_i into {target}: aW_i = a_i {hat}_i (+ its bias's), Wd_i = {hat}_i δ_i")
+        for i, (I, O) in enumerate(self.sizes, 1):
+            w, b = self.stepped(self.weight(i)), self.stepped(self.bias(i))
+            em.line(f"_vec_mat(row + A{i}_AT, dstate + {w}, {f'dstate + {b}' if b else 'dstate'}, "
+                    f"work + AW{i}_AT, {self.dim(I)}, {self.dim(O)}, {b is not None}, False)")
+            em.line(f"_mat_vec(dstate + {w}, row + D{i}_AT, work + WD{i}_AT, {self.dim(I)}, {self.dim(O)}, False)")
+        eta = "LR" if self.momentum else "STEP"
+        with em.indent(f"if NEED_{eta}:"):
             for i, (_, O) in enumerate(self.sizes, 1):
                 em.line(f"b_ds {'=' if i == 1 else '+='} _dot(work + AW{i}_AT, row + D{i}_AT, {self.dim(O)})")
-            em.line("tl.store(dstep + i_bh * T + t, -b_ds)")
+            em.line(f"tl.store(d{eta.lower()} + i_bh * T + t, -b_ds)")
+        if self.momentum:
+            em.line("# M_t = beta_t M_(t-1) − lr_t u_t: beta's cotangent, then M̂_(t-1) = beta_t M̂_t")
+            with em.indent("if NEED_BETA:"):
+                em.line("tl.store(dbeta + i_bh * T + t, _dot(dstate + PARAMS_SIZE, P + PARAMS_SIZE, PARAMS_SIZE))")
+            em.line("_scale_add(dstate + PARAMS_SIZE, dstate + PARAMS_SIZE, dstate + PARAMS_SIZE, "
+                    "tl.load(beta + i_bh * T + t), 0.0, PARAMS_SIZE)")
         em.line("# ∂/∂δ_i = −eta aW_i (in AW_i), ∂/∂a_i = −eta Wd_i (in WD_i)")
         for i, (I, O) in enumerate(self.sizes, 1):
             em.line(f"_scale_add(work + AW{i}_AT, work + AW{i}_AT, work + AW{i}_AT, -eta, 0.0, {self.dim(O)})")
@@ -577,19 +628,20 @@ class SequentialKernels:
         em.block(_PACKING)
         em.gap()
         with em.indent("class _Sequential(torch.autograd.Function):"):
-            em.line('"""forward(n_gates, decay, step, q, k, v, *gates, *params, *restarts): decay, step [B, H, T];')
-            em.line("q, k [B, T, H, K], v [B, T, H, V]; the bias's n_gates gates [B, H, T]; the state tensors")
-            em.line("[B, H, ...]; the restart states [B, J, H, ...] (none: no restarts). Returns o [B, T, H, V] and")
-            em.line('the final state tensors (fp32)."""')
+            em.line('"""forward(n_gates, q, k, v, *coeffs, *gates, *params, *restarts): q, k [B, T, H, K], v')
+            em.line("[B, T, H, V]; the N_COEFFS coefficients of COEFFS [B, H, T]; the bias's n_gates gates [B, H, T];")
+            em.line("the N_STATE state tensors [B, H, ...]; the restart states [B, J, H, ...] (none: no restarts).")
+            em.line('Returns o [B, T, H, V] and the final state tensors (fp32)."""')
             em.gap(1)
             decorators(em, "forward")
-            with em.indent("def forward(ctx, n_gates, decay, step, q, k, v, *rest):"):
-                em.line("gates, params, restarts = rest[:n_gates], rest[n_gates:n_gates + N_PARAMS], "
-                        "rest[n_gates + N_PARAMS:]")
+            with em.indent("def forward(ctx, n_gates, q, k, v, *rest):"):
+                em.line("coeffs, rest = rest[:N_COEFFS + n_gates], rest[N_COEFFS + n_gates:]  # with the gates")
+                em.line("params, restarts = rest[:N_STATE], rest[N_STATE:]")
                 em.line("B, T, H = k.shape[:3]")
                 em.line("shared = not READ_AFTER and _aliased(q, k)  # the read before the write is the key's forward")
                 em.line("q, k, v = q.contiguous(), k.contiguous(), v.contiguous()")
-                em.line("coeffs = [_token_rows(x) for x in (decay, step, *gates)]  # [B H, T] fp32")
+                em.line("dtypes = [x.dtype for x in coeffs]")
+                em.line("coeffs = [_token_rows(x) for x in coeffs]  # [B H, T] fp32")
                 em.line("state = _flat(params)")
                 em.line("copies = state.new_empty(B * H, triton.cdiv(T, CHUNK), state.shape[1])")
                 em.line("saved = state.new_empty(B * H, T, ROW_SIZE)")
@@ -603,7 +655,7 @@ class SequentialKernels:
                 em.line("                                num_warps=NUM_WARPS)")
                 em.line("ctx.save_for_backward(q, k, v, *coeffs, copies, saved, reads)")
                 em.line("ctx.shared, ctx.n_gates, ctx.starts = shared, n_gates, starts.shape")
-                em.line("ctx.dtypes = [x.dtype for x in (decay, step, *gates)]")
+                em.line("ctx.dtypes = dtypes")
                 em.line("ctx.shapes = [(p.shape, p.dtype) for p in params] + [(r.shape, r.dtype) for r in restarts]")
                 em.line("return (o, *_unflat(state, [(p.shape, torch.float32) for p in params]))")
             em.gap(1)
@@ -611,9 +663,9 @@ class SequentialKernels:
             with em.indent("def backward(ctx, do, *dfinal):"):
                 first_order_only(em)
                 em.line("q, k, v, *rest = ctx.saved_tensors")
-                em.line("coeffs, (copies, saved, reads) = rest[:2 + ctx.n_gates], rest[2 + ctx.n_gates:]")
+                em.line("coeffs, (copies, saved, reads) = rest[:N_COEFFS + ctx.n_gates], rest[N_COEFFS + ctx.n_gates:]")
                 em.line("B, T, H = k.shape[:3]")
-                em.line("need_decay, need_step = ctx.needs_input_grad[1:3]")
+                em.line("needs = ctx.needs_input_grad[4:4 + N_COEFFS]  # of each coefficient")
                 em.line("dstate = _flat(dfinal)  # Ŵ: the final state's cotangent, then the initial state's")
                 em.line("states = dstate.new_empty(B * H, CHUNK + 1, dstate.shape[1])")
                 em.line("work = dstate.new_zeros(B * H, WORK_SIZE)")
@@ -625,16 +677,14 @@ class SequentialKernels:
                         "states, dstate,")
                 em.line("                                work, dq, dk, dv, *dcoeffs, drestarts, T, ctx.starts[1], H=H,")
                 em.line(f"                                CHUNK=CHUNK, {self.restart_arg(True)}SHARED=ctx.shared,")
-                em.line("                                NESTED=len(ctx.shapes) > N_PARAMS,")
-                em.line("                                NEED_DECAY=need_decay, NEED_STEP=need_step,")
+                em.line("                                NESTED=len(ctx.shapes) > N_STATE,")
+                em.line("                                **{f'NEED_{role.upper()}': need for role, need in zip(COEFFS, needs)},")
                 em.line("                                num_warps=NUM_WARPS)")
                 em.line("dcoeffs = [d.view(B, H, T).to(dtype) for d, dtype in zip(dcoeffs, ctx.dtypes)]")
-                em.line("dcoeffs[0] = dcoeffs[0] if need_decay else None")
-                em.line("dcoeffs[1] = dcoeffs[1] if need_step else None")
-                em.line("dparams = _unflat(dstate, ctx.shapes[:N_PARAMS])")
-                em.line("drest = _unflat_restarts(drestarts, ctx.shapes[N_PARAMS:], B, H)")
-                em.line("return (None, *dcoeffs[:2], dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dcoeffs[2:], "
-                        "*dparams, *drest)")
+                em.line("dcoeffs[:N_COEFFS] = [d if need else None for d, need in zip(dcoeffs, needs)]")
+                em.line("dparams = _unflat(dstate, ctx.shapes[:N_STATE])")
+                em.line("drest = _unflat_restarts(drestarts, ctx.shapes[N_STATE:], B, H)")
+                em.line("return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *dcoeffs, *dparams, *drest)")
 
     def public(self) -> None:
         em, lv = self.em, self.lv
@@ -645,7 +695,7 @@ class SequentialKernels:
             em.line(f'"""Level {comment(lv.name)!r}, tokens in order (Triton). q, k: [B, T, H, K]; v: [B, T, H, V]; '
                     f"gates {', '.join(lv.gates) or '(none)'}:")
             em.line("[B, T, H]; float32, bfloat16 or float16 (the state and accumulation in fp32).")
-            em.line("initial_state: a tuple of [B, H, ...] per parameter tensor (default: the reference's).")
+            em.line("initial_state: a tuple of [B, H, ...] per state tensor (default: the reference's).")
             em.line("Returns (o [B, T, H, V] in v's dtype, final state float32, or None)" +
                     ("." if self.nested else '."""'))
             if self.nested:
@@ -653,22 +703,22 @@ class SequentialKernels:
                 em.line('"""')
             em.line("B, T, H = k.shape[:3]")
             em.line("state = initial_state if initial_state is not None else default_state(B, torch.float32, k.device)")
-            em.line("params = (state,) if torch.is_tensor(state) else tuple(state)[:N_PARAMS]")
+            em.line("params = (state,) if torch.is_tensor(state) else tuple(state)[:N_STATE]")
             heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
-            used = set(ir.gate_names(self.decay)) | set(ir.gate_names(self.step))
+            used = set().union(*(ir.gate_names(e) for e in self.coeffs.values()))
             for g in lv.gates:
                 if g in used:
                     em.line(f"{ident(g, 'gh')} = {ident(g, 'g')}.transpose(1, 2)  # gate {comment(g)} [B, H, T]")
             em.line("ones = torch.ones(B, H, T, dtype=torch.float32, device=k.device)")
-            for role, expr, span, what in (("decay", self.decay, lv.retention.span, "a_t, on the old state"),
-                                           ("step", self.step, lv.algorithm.span, "eta_t = c_t lr_t, on the gradient")):
+            for role, expr in self.coeffs.items():
+                span = lv.retention.span if role in ("decay", "scale") else lv.algorithm.span
                 text = to_torch(expr, heads) if expr.free_symbols else repr(float(expr))
-                em.line(f"{role} = ({text}) * ones  {where(span) or '#'} {what}, [B, H, T]")
+                em.line(f"{role} = ({text}) * ones  {where(span) or '#'} {COEFFICIENT_TEXT[role]}, [B, H, T]")
             gates = "".join(f"{ident(g, 'g')}.transpose(1, 2), " for g in self.bias_gates)
             restarts = ", *(restart_states or ())" if self.nested else ""
             em.line(f"{where(lv.span)} level {comment(lv.name)}: the tokens in order".strip())
-            em.line(f"o, *final = _Sequential.apply({len(self.bias_gates)}, decay, step, q, k, v, {gates}*params"
-                    f"{restarts})")
+            em.line(f"o, *final = _Sequential.apply({len(self.bias_gates)}, q, k, v, {', '.join(self.coeffs)}, "
+                    f"{gates}*params{restarts})")
             em.line("return o, (_pack(tuple(final)) if output_final_state else None)")
 
 

@@ -24,8 +24,9 @@ Families recognised here:
           under a scalar affine retention: units of min(C, P) tokens, one batched read and one
           weighted vjp each (CMS levels of cms and Hope). `update outer` needs none: it never changes.
 - sequential: every gradient at the previous token's state (`gradient current` or chunk_start(1)),
-          updated every token: no chunk-parallel form is exact, so the tokens run in order, one memory
-          forward each, in-place rank-1 steps and a hand-written backward (cms_fast of cms and Hope).
+          updated every token, gd or momentum: no chunk-parallel form is exact, so the tokens run in
+          order, one memory forward each, in-place rank-1 steps (into the momentum, with momentum) and
+          a hand-written backward (cms_fast of cms and Hope; Titans' per-token rule).
 """
 from __future__ import annotations
 
@@ -240,20 +241,22 @@ def _sequential(rules: LevelRules, affine, chunk: int) -> KernelPlan:
 def sequential_unsupported(rules: LevelRules, affine) -> str | None:
     """Why the sequential form (codegen/torch_chunk_sequential.py) cannot run a level, or None: it
     takes an update every token with each gradient at the previous token's state, a matrix memory or
-    a plain MLP chain, any bias but omega, gd under an elementwise affine retention with per-head
-    scalar gates, a read before or after the write."""
+    a plain MLP chain, any bias but omega, gd or momentum under an elementwise affine retention with
+    per-head scalar gates, a read before or after the write."""
     lv, m = rules.level, rules.level.memory
     if lv.period != 1 or not (lv.grad_at == "current" or (lv.grad_at == "chunk" and lv.grad_chunk == 1)):
         return "it needs an update every token with each gradient at the previous token's state"
     if m.kind not in ("matrix", "mlp") or m.gated or m.norm != "none":
         return f"a {m.describe()} memory is not a plain chain of layers"
-    if lv.algorithm.kind != "gd":
-        return f"{lv.algorithm.kind} keeps optimizer buffers that it does not carry"
+    if lv.algorithm.kind not in ("gd", "momentum"):
+        return f"{lv.algorithm.kind}'s steps are not in it (gd's and momentum's are)"
+    if lv.algorithm.kind == "momentum" and lv.init_from is not None:
+        return "a nested level's restarts (momentum buffers from zero) with momentum are not in it"
     if lv.bias.kind == "omega":
         return "omega windows are not in it"
     if affine is None:
         return f"retention {lv.retention.kind} is not an affine map of the old state"
-    vector = _per_channel(lv, (*affine, rules.lr))
+    vector = _per_channel(lv, (*affine, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0))))
     if vector:
         return f"per-channel gates ({', '.join(vector)}) in the step coefficients"
     return None

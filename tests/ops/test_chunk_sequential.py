@@ -9,6 +9,7 @@ import torch
 
 import nlc
 
+from ..architectures.test_nested_cms import SEQUENTIAL
 from .design_space import TEMPLATE, op_inputs
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
@@ -55,6 +56,10 @@ RULES = {
     "l2_decay_before": dict(bias="huber(delta = delta, form = mixture)", retention="decay(alpha)"),
     "l2_retention_after": dict(bias="lp(p = 3)", retention="l2(global = 2)", schedule=""),
     "chunk_start_1": dict(bias="l2", retention="none", schedule="gradient chunk_start(1)\n  read before"),
+    "momentum_before": dict(bias="huber(delta = delta, form = mixture)", retention="decay(alpha)",
+                            algorithm="momentum(lr = eta, beta = theta)"),
+    "momentum_l2_after": dict(bias="l2", retention="l2(global = 2)", algorithm="momentum(lr = eta, beta = theta)",
+                              schedule=""),
 }
 
 
@@ -90,10 +95,11 @@ def test_shared_query_and_key_equal_reference(spec):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("algorithm", ["gd(lr = eta)", "momentum(lr = eta, beta = theta)"])
+def test_gradcheck(algorithm):
     op = nlc.compile(_point(memory="mlp(depth = 2, expand = 1, bias = true)",
                             bias="huber(delta = delta, form = mixture)",
-                            retention="l2(global = 2)")).op("memory")
+                            retention="l2(global = 2)", algorithm=algorithm)).op("memory")
     q, k, v, gates, state = op_inputs(op, 6, seed=1)
     names = list(gates)
 
@@ -123,7 +129,6 @@ def test_two_pieces_equal_the_whole(cut):
 
 
 @pytest.mark.parametrize("change,reason", [
-    (dict(algorithm="momentum(lr = eta, beta = theta)"), "momentum keeps optimizer buffers"),
     (dict(memory="mlp(depth = 2, gated = true)"), "is not a plain chain of layers"),
     (dict(memory="mlp(depth = 1, norm = layernorm)"), "is not a plain chain of layers"),
     (dict(memory="vector"), "a vector memory is not a plain chain of layers"),
@@ -131,3 +136,10 @@ def test_two_pieces_equal_the_whole(cut):
 def test_levels_left_on_the_reference_say_why(change, reason):
     p = nlc.compile(_point(**change)).plans["memory"]
     assert p.family == "reference" and reason in p.reason
+
+
+def test_a_nested_level_with_momentum_stays_on_the_reference():
+    """Restarts zero a nested level's momentum buffers: not in the sequential form."""
+    text = SEQUENTIAL.replace("READ", "before").replace("gd(lr = lr_mid)", "momentum(lr = lr_mid, beta = 0.5)")
+    p = nlc.compile(text).plans["mid"]
+    assert p.family == "reference" and "restarts (momentum buffers from zero) with momentum" in p.reason

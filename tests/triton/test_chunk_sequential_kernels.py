@@ -3,7 +3,8 @@
 state) against the reference loop: outputs, final states and the gradients of every input (q, k, v,
 gates, initial state). Over the shipped CMS levels updated every token (cms, cms_independent, hope,
 hope_attention; cms_nested's restarting from cms_mid's period states), every sequential design point
-with an MLP memory (depth 1 and 2, every bias, retentions none, decay and l2, reads before and after),
+with an MLP memory (depth 1 and 2, every bias, retentions none, decay and l2, gd and momentum, reads
+before and after),
 deeper and wider chains (layer biases, silu, tanh, relu, no residual), a query stored where the key is,
 bf16 inputs; for T = 1, 63, 100 and head dims 16, 32.
 
@@ -83,10 +84,12 @@ def test_design_space_matches_the_reference(name, text, dim, T):
 
 @pytest.mark.parametrize("read", ["before", "after"])
 @pytest.mark.parametrize("chain", CHAINS)
-def test_chains_the_design_sample_does_not_reach(chain, read):
+@pytest.mark.parametrize("algorithm", ["gd", "momentum"])
+def test_chains_the_design_sample_does_not_reach(algorithm, chain, read):
     """Three layers, layer biases, silu, tanh, relu, no residual, a hidden width (80) over the tile
-    (64), one layer with a bias and a residual; 23 tokens make 5 segments of CHUNK = 5."""
-    text = spec_text("mlp2", "yaad", "l2", "gd", "before").replace("mlp(depth = 2, expand = 1)", CHAINS[chain])
+    (64), one layer with a bias and a residual, with gd and with momentum (each bias's momentum too);
+    23 tokens make 5 segments of CHUNK = 5."""
+    text = spec_text("mlp2", "yaad", "l2", algorithm, "before").replace("mlp(depth = 2, expand = 1)", CHAINS[chain])
     _compare(_only(_design_program(text.replace("read before", f"read {read}"), 16).op("memory"), "chunked"), 23)
 
 
@@ -133,18 +136,19 @@ def test_bf16_inputs_with_an_fp32_state():
 
 
 def test_every_sequential_point_has_triton_kernels():
-    """Every MLP point of the sequential family gets these kernels, every bias and retention among
-    them; every matrix point is refused for its fused recurrent kernels, which it has."""
-    assert len(DESIGN) >= 96
+    """Every MLP point of the sequential family gets these kernels, every bias, retention and algorithm
+    (gd, momentum) among them; every matrix point is refused for its fused recurrent kernels, which it
+    has."""
+    assert len(DESIGN) >= 192
     for name, _, rules, p in SEQUENTIAL_POINTS:
         why = unsupported(rules, p)
         if name.startswith("matrix"):
             assert "fused recurrent kernels" in why and triton_recurrent.unsupported(rules) is None, name
         else:
             assert why is None, f"{name}: {why}"
-    assert {tuple(n.split("-")[:3]) for n in dict(DESIGN)} == {
-        (m, b, r) for m in ("mlp1", "mlp2") for b in ("dot", "l2", "lp3", "l1", "huber", "huber_norm", "yaad", "robust")
-        for r in ("none", "decay", "l2")}
+    assert {tuple(n.split("-")[:4]) for n in dict(DESIGN)} == {
+        (m, b, r, a) for m in ("mlp1", "mlp2") for b in ("dot", "l2", "lp3", "l1", "huber", "huber_norm", "yaad", "robust")
+        for r in ("none", "decay", "l2") for a in ("gd", "momentum")}
 
 
 def test_per_channel_bias_gates_are_refused_by_name():

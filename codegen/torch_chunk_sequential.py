@@ -21,8 +21,9 @@ relu | tanh, layer biases, a residual; not gated, no layer norm), any bias but o
 derivative comes from autograd over one token's [V] vectors; l2's is written out), gd or momentum
 (Titans' per-token rule: the rank-1 product goes into each weight's momentum M ← beta·M − lr·a ⊗ δ,
 then W ← a·W + c·M, and the backward carries M's cotangent beside W's) under an elementwise affine
-retention w = a·w0 + c·s with per-head scalar gates (none, decay, l2), read before or after the
-write, and a nested level (`init from`, gd) that restarts from its source's state every RESTART
+retention w = a·w0 + c·s with per-head scalar gates (none, decay, l2) or a soft threshold of one
+(elastic net: W ← sign(w)·max(|w| − τ, 0); the backward passes W's cotangent where W ≠ 0, which is
+where |w| > τ), read before or after the write, and a nested level (`init from`, gd) that restarts from its source's state every RESTART
 tokens (the backward's replay segments start at restarts). Everything else stays on the reference
 loop (nlc/plan.py says why).
 """
@@ -67,7 +68,7 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     if why is not None:
         raise NotImplementedError(f"level {lv.name!r}: {why}")
     coeffs = coefficients(rules, plan)
-    momentum = lv.algorithm.kind == "momentum"
+    momentum, threshold = lv.algorithm.kind == "momentum", "threshold" in coeffs
     l2 = rules.bias.grad == S.e
     em = Emitter()
     _header(em, rules, plan, coeffs, model, file)
@@ -93,11 +94,11 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
     em.gap()
     _render_helpers(em)
     em.gap()
-    _render_update(em, momentum)
+    _render_update(em, tuple(coeffs), momentum)
     em.gap()
     _render_bias_vjp(em, l2)
     em.gap()
-    _render_function(em, lv.init_from is not None, momentum)
+    _render_function(em, lv.init_from is not None, momentum, threshold)
     em.gap()
     _render_op(em, rules, coeffs)
     return em.text()
@@ -105,12 +106,17 @@ def render(rules: LevelRules, plan: KernelPlan, model: str, file: str) -> str:
 
 def coefficients(rules: LevelRules, plan: KernelPlan) -> dict:
     """role -> sympy expression of the per-token coefficients: gd's decay a_t and step eta_t = c_t lr_t;
-    momentum's decay a_t, lr_t (on the gradient, into M), scale c_t (on M, into W) and beta_t (on M)."""
+    momentum's decay a_t, lr_t (on the gradient, into M), scale c_t (on M, into W) and beta_t (on M);
+    then a soft threshold's tau_t (elastic net)."""
     decay, scale = sympy.sympify(plan.decay), sympy.sympify(plan.scale)
     if rules.level.algorithm.kind == "momentum":
-        return {"decay": decay, "lr": rules.lr, "scale": scale,
-                "beta": sympy.sympify(rules.level.algorithm.args["beta"])}
-    return {"decay": decay, "step": sympy.simplify(scale * rules.lr)}
+        out = {"decay": decay, "lr": rules.lr, "scale": scale,
+               "beta": sympy.sympify(rules.level.algorithm.args["beta"])}
+    else:
+        out = {"decay": decay, "step": sympy.simplify(scale * rules.lr)}
+    if rules.retention.form == "threshold":  # elastic net: W = soft(a·W + c·s, threshold)
+        out["threshold"] = sympy.simplify(rules.threshold())
+    return out
 
 
 def copies_every(rules: LevelRules, plan: KernelPlan) -> int:
@@ -137,6 +143,8 @@ def _header(em: Emitter, rules: LevelRules, plan: KernelPlan, coeffs: dict, mode
         em.line(f"  beta_t = {show(coeffs['beta'])}   (the momentum's decay)")
     else:
         em.line(f"  eta_t = c_t lr_t = {show(coeffs['step'])}   (the step on the gradient)")
+    if "threshold" in coeffs:
+        em.line(f"  tau_t = {show(coeffs['threshold'])}   (retention: the soft threshold W = sign(w) max(|w| - tau_t, 0))")
     em.line()
     em.line("Token t, W = W_{t-1} (every layer of LAYERS: input a_i, pre-activation z_i, product a_i W_i + b_i):")
     em.line("  y = M(W; k_t) (one forward; a read before the write is a row of it),  dy = output_grad(y, v_t)")
@@ -241,14 +249,12 @@ def _add_outer(p, out, left, right, scale, alpha):
 ''')
 
 
-def _render_update(em: Emitter, momentum: bool) -> None:
-    if not momentum:
-        em.block('''
+_UPDATE_GD = '''
 def _update(state, inputs, deltas, coeffs, out):
     """One token's gd step W_i ← decay·W_i − step·a_i ⊗ δ_i, b_i ← decay·b_i − step·δ_i into `out`
-    (state itself: in place). coeffs (decay, step): numbers or [B, H, 1, 1]; inputs, deltas per
-    layer [B, H, 1, I|O]."""
-    decay, step = coeffs
+    (state itself: in place)THEN.
+    coeffs (ROLES): numbers or [B, H, 1, 1]; inputs, deltas per layer [B, H, 1, I|O]."""
+    ROLES = coeffs
     for (w, b), a, d in zip(LAYERS, inputs, deltas):
         if torch.is_tensor(step):
             d, alpha = d * step, -1.0
@@ -257,15 +263,15 @@ def _update(state, inputs, deltas, coeffs, out):
         _add_outer(state[w], out[w], a, d, decay, alpha)
         if b is not None:
             _add_outer(state[b], out[b], None, d, decay, alpha)
-''')
-        return
-    em.block('''
+'''
+
+_UPDATE_MOMENTUM = '''
 def _update(state, inputs, deltas, coeffs, out):
     """One token's momentum step into `out` (state itself: in place): M_i ← beta·M_i − lr·a_i ⊗ δ_i
-    (a bias's momentum: − lr·δ_i), then W_i ← decay·W_i + scale·M_i. The state is the N_PARAMS
-    weights, then their momenta; coeffs (decay, lr, scale, beta): numbers or [B, H, 1, 1]; inputs,
-    deltas per layer [B, H, 1, I|O]."""
-    decay, lr, scale, beta = coeffs
+    (a bias's momentum: − lr·δ_i), then W_i ← decay·W_i + scale·M_iTHEN. The state is the N_PARAMS
+    weights, then their momenta.
+    coeffs (ROLES): numbers or [B, H, 1, 1]; inputs, deltas per layer [B, H, 1, I|O]."""
+    ROLES = coeffs
     for (w, b), a, d in zip(LAYERS, inputs, deltas):
         if torch.is_tensor(lr):
             d, alpha = d * lr, -1.0
@@ -277,7 +283,27 @@ def _update(state, inputs, deltas, coeffs, out):
     for w, m, o in zip(state[:N_PARAMS], out[N_PARAMS:], out):
         torch.mul(w, _fit(decay, w), out=o)
         o.add_(m * _fit(scale, m))
-''')
+'''
+
+_SOFT_THRESHOLD = '''
+def _soft_threshold(ws, threshold):
+    """Each weight w ← sign(w)·max(|w| − threshold, 0), in place; threshold a number or [B, H, 1, 1]."""
+    for w in ws:
+        w.copy_(torch.sign(w) * (w.abs() - _fit(threshold, w)).clamp_min(0))
+'''
+
+
+def _render_update(em: Emitter, roles: tuple, momentum: bool) -> None:
+    """`_update`: one token's step into a state (gd or momentum), then a soft threshold's (elastic net)."""
+    threshold = "threshold" in roles
+    if threshold:
+        em.block(_SOFT_THRESHOLD)
+        em.gap()
+    text = (_UPDATE_MOMENTUM if momentum else _UPDATE_GD).replace("ROLES", ", ".join(roles))
+    text = text.replace("THEN", ", then the soft threshold" if threshold else "")
+    if threshold:
+        text += "    _soft_threshold(out[:N_PARAMS], threshold)\n"
+    em.block(text)
 
 
 def _render_bias_vjp(em: Emitter, l2: bool) -> None:
@@ -300,13 +326,14 @@ def _bias_vjp(y, v, gates, ddy):
 ''')
 
 
-def _render_function(em: Emitter, nested: bool, momentum: bool) -> None:
+def _render_function(em: Emitter, nested: bool, momentum: bool, threshold: bool) -> None:
     """`_Sequential` (_FUNCTION): a line that starts `#@nested ` belongs to a nested level (`init from`:
     its restarts) only, a line that ends `  #@flat` to any other level only; likewise `#@momentum `
-    and `  #@gd` for a level with momentum and one without."""
+    and `  #@gd` for a level with momentum and one without, and `#@threshold ` for a soft threshold."""
     lines = []
     for line in _FUNCTION.splitlines():
-        for prefix, suffix, on in (("#@nested ", "  #@flat", nested), ("#@momentum ", "  #@gd", momentum)):
+        for prefix, suffix, on in (("#@nested ", "  #@flat", nested), ("#@momentum ", "  #@gd", momentum),
+                                   ("#@threshold ", "  #@affine", threshold)):
             if line.startswith(prefix):
                 line = line[len(prefix):] if on else None
                 break
@@ -424,6 +451,12 @@ class _Sequential(torch.autograd.Function):
                         _add_outer(dW[w], dW[w], a, dz, 1.0, 1.0)
                         if b is not None:
                             _add_outer(dW[b], dW[b], None, dz, 1.0, 1.0)
+#@threshold                 # W_t = soft(w, tau_t): w's cotangent is Ŵ where W_t ≠ 0 (|w| > tau_t), tau's −Σ Ŵ sign(W_t)
+#@threshold                 now = states[t - start + 1][:N_PARAMS]
+#@threshold                 if dcoeffs[-1] is not None:
+#@threshold                     dcoeffs[-1][:, :, t] = -_inner(dW, [w.sign() for w in now])
+#@threshold                 for d, w in zip(dW, now):
+#@threshold                     d.mul_(w != 0)
 #@momentum                 # W_t = decay·W_(t-1) + scale·M_t: M̂ (the momenta's cotangent) takes scale·Ŵ
 #@momentum                 dM, scale, beta = dW[N_PARAMS:], c[2], c[3]
 #@momentum                 if dcoeffs[2] is not None:
@@ -490,7 +523,7 @@ class _Sequential(torch.autograd.Function):
 
 COEFFICIENT_TEXT = {"decay": "a_t, on the old state", "step": "eta_t = c_t lr_t, on the gradient",
                      "lr": "lr_t, on the gradient, into the momentum", "scale": "c_t, on the momentum, into W",
-                     "beta": "beta_t, on the momentum"}
+                     "beta": "beta_t, on the momentum", "threshold": "tau_t, the soft threshold on W"}
 
 
 def _render_op(em: Emitter, rules: LevelRules, coeffs: dict) -> None:
@@ -503,7 +536,7 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs: dict) -> None:
         render_op_inputs(em, rules, {role: e for role, e in coeffs.items() if e.free_symbols})
         em.line("# per-token coefficients: numbers, or [B, H, T] tensors")
         for role, expr in coeffs.items():
-            span = lv.retention.span if role in ("decay", "scale") else lv.algorithm.span
+            span = lv.retention.span if role in ("decay", "scale", "threshold") else lv.algorithm.span
             text = to_torch(expr, heads) if expr.free_symbols else repr(float(expr))
             em.line(f"{role} = {text}  {where(span) or '#'} {COEFFICIENT_TEXT[role]}")
         em.line(f"{where(lv.span)} level {comment(lv.name)}: the tokens in order")

@@ -7,7 +7,8 @@ program per (batch, head) holding the whole per-token step: the MLP's forward at
 (and the query), the bias map D = dℓ/dy, one sweep back over the layers for each layer's δ_i, and the
 rank-1 steps W_i ← a_t W_i − eta_t a_i ⊗ δ_i (with momentum, M_i ← beta_t M_i − lr_t a_i ⊗ δ_i and then
 W_i ← a_t W_i + c_t M_i, the momenta after the weights in the state, their cotangent carried beside the
-weights' in the backward). The state lives in global memory, flat per (batch,
+weights' in the backward), then, for elastic net, the soft threshold W ← sign(W) max(|W| − tau_t, 0)
+(the backward passes W's cotangent where W ≠ 0). The state lives in global memory, flat per (batch,
 head), and the layer products stream it in [BLOCK, BLOCK] tiles, so any width fits (a program's
 phases are ordered by barriers). The forward keeps each token's vectors (O(T·d)) and a copy of the
 state every CHUNK tokens; the backward kernel replays each CHUNK-token segment from its copy and runs
@@ -106,6 +107,7 @@ class SequentialKernels:
         self.rules, self.plan, self.model, self.file = rules, plan, model, file
         self.coeffs = coefficients(rules, plan)  # role -> sympy: decay, step (gd) or decay, lr, scale, beta
         self.momentum = lv.algorithm.kind == "momentum"
+        self.threshold = "threshold" in self.coeffs  # elastic net: W = soft(a W + c s, tau)
         self.grad = sympy.sympify(rules.bias.grad).subs(S.y, S.e + S.v)  # d(e, r, v, gates)
         self.norm = S.r in self.grad.free_symbols
         self.bias_gates = ir.gate_names(self.grad)
@@ -204,6 +206,8 @@ class SequentialKernels:
             em.line("  M_i ← beta_t M_i − lr_t a_i ⊗ δ_i  (a bias's: − lr_t δ_i),  W_i ← a_t W_i + c_t M_i   in place")
         else:
             em.line("  W_i ← a_t W_i − eta_t a_i ⊗ δ_i  (b_i ← a_t b_i − eta_t δ_i)   in place")
+        if self.threshold:
+            em.line("  then W ← sign(W) max(|W| − tau_t, 0) on every weight (the soft threshold)")
         em.line("The state is flat per (batch, head) in global memory ([B H, STATE_SIZE] fp32); the products")
         em.line("stream it in [BLOCK, BLOCK] tiles and every helper ends with a barrier, so a phase reads")
         em.line("what the one before wrote. The forward keeps each token's vectors (a row of ROW_SIZE) and")
@@ -290,6 +294,9 @@ class SequentialKernels:
         em.gap()
         em.block(_ELEMENTWISE)
         em.gap()
+        if self.threshold:
+            em.block(_THRESHOLD)
+            em.gap()
         self.bias_functions()
 
     def elem(self, expr) -> str:
@@ -381,15 +388,20 @@ class SequentialKernels:
         em.gap()
         em.line("@triton.jit")
         if self.momentum:
-            with em.indent("def _step(p, out, row, decay, lr, scale, beta):"):
+            with em.indent(f"def _step(p, out, row, {', '.join(self.coeffs)}):"):
                 em.line('"""out = the state after the token (out may be p): M_i ← beta M_i − lr a_i ⊗ δ_i, then')
                 em.line('W_i ← decay W_i + scale M_i."""')
                 self.rank_one_steps("beta", "-lr")
                 em.line("_scale_add(p, out + PARAMS_SIZE, out, decay, scale, PARAMS_SIZE)  # the weights")
+                if self.threshold:
+                    em.line("_soft_threshold(out, threshold, PARAMS_SIZE)")
         else:
-            with em.indent("def _step(p, out, row, decay, step):"):
-                em.line('"""out = the state after the token: W_i ← decay W_i − step a_i ⊗ δ_i (out may be p)."""')
+            with em.indent(f"def _step(p, out, row, {', '.join(self.coeffs)}):"):
+                em.line('"""out = the state after the token: W_i ← decay W_i − step a_i ⊗ δ_i' +
+                        (", then the soft threshold" if self.threshold else "") + ' (out may be p)."""')
                 self.rank_one_steps("decay", "-step")
+                if self.threshold:
+                    em.line("_soft_threshold(out, threshold, PARAMS_SIZE)")
         em.gap()
         em.line("@triton.jit")
         with em.indent("def _memory_backward(p, row, dy, dz, da, work, EXTRA: tl.constexpr):"):
@@ -555,6 +567,11 @@ class SequentialKernels:
                 b = self.bias(i)
                 if b:
                     em.line(f"_scale_add(dstate + {b}, work + DZR{i}_AT, dstate + {b}, 1.0, 1.0, {self.dim(O)})")
+        if self.threshold:
+            em.line("# W_t = soft(w, tau_t): w's cotangent is Ŵ where W_t ≠ 0 (|w| > tau_t), tau's −Σ Ŵ sign(W_t)")
+            em.line("b_dtau = _threshold_back(dstate, P + STATE_SIZE, PARAMS_SIZE)")
+            with em.indent("if NEED_THRESHOLD:"):
+                em.line("tl.store(dthreshold + i_bh * T + t, b_dtau)")
         if self.momentum:
             em.line("# W_t = a_t W_(t-1) + c_t M_t: M̂ (the momenta's cotangent, after Ŵ) takes c_t Ŵ")
             with em.indent("if NEED_SCALE:"):
@@ -852,6 +869,35 @@ def _curvature(dd, z, back, dback, dzx, N: tl.constexpr):
         tl.store(dback + o_n, b_dd * slope, mask=m_n)
         tl.store(dzx + o_n, b_dd * tl.load(back + o_n, mask=m_n, other=0.0) * curve, mask=m_n)
     tl.debug_barrier()
+'''
+
+_THRESHOLD = '''
+@triton.jit
+def _soft_threshold(x, tau, N: tl.constexpr):
+    """x [N] ← sign(x) max(|x| − tau, 0), in place."""
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_x = tl.load(x + o_n, mask=m_n, other=0.0)
+        b_m = tl.maximum(tl.abs(b_x) - tau, 0.0)
+        tl.store(x + o_n, tl.where(b_x < 0, -b_m, b_m), mask=m_n)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _threshold_back(dw, w, N: tl.constexpr):
+    """Back through w = soft(c, tau) from dw [N] at the thresholded w [N]: dw ← dw where w ≠ 0 (|c| > tau),
+    in place; returns ∂/∂tau = −Σ dw sign(w)."""
+    b_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N
+        b_w = tl.load(w + o_n, mask=m_n, other=0.0)
+        b_dw = tl.where(b_w != 0, tl.load(dw + o_n, mask=m_n, other=0.0), 0.0)
+        b_acc += tl.where(b_w > 0, b_dw, -b_dw)
+        tl.store(dw + o_n, b_dw, mask=m_n)
+    tl.debug_barrier()
+    return -tl.sum(b_acc, 0)
 '''
 
 _PACKING = '''

@@ -24,9 +24,10 @@ Families recognised here:
           under a scalar affine retention: units of min(C, P) tokens, one batched read and one
           weighted vjp each (CMS levels of cms and Hope). `update outer` needs none: it never changes.
 - sequential: every gradient at the previous token's state (`gradient current` or chunk_start(1)),
-          updated every token, gd or momentum: no chunk-parallel form is exact, so the tokens run in
-          order, one memory forward each, in-place rank-1 steps (into the momentum, with momentum) and
-          a hand-written backward (cms_fast of cms and Hope; Titans' per-token rule).
+          updated every token, gd or momentum under an affine retention or elastic net's soft
+          threshold of one: no chunk-parallel form is exact, so the tokens run in order, one memory
+          forward each, in-place rank-1 steps (into the momentum, with momentum) and a hand-written
+          backward (cms_fast of cms and Hope; Titans' per-token rule).
 """
 from __future__ import annotations
 
@@ -110,6 +111,9 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
         return _mapped_at_chunks(rules)
     if lv.lag_token:
         return _lag_token(rules)
+    centre = _threshold_centre(rules)
+    if centre is not None and (lv.grad_at == "current" or lv.grad_chunk == 1):
+        return _sequential(rules, centre, chunk)
     if affine is None or lv.algorithm.kind == "muon":
         return _mapped(rules, affine)
     if lv.bias.kind == "omega":
@@ -241,8 +245,8 @@ def _sequential(rules: LevelRules, affine, chunk: int) -> KernelPlan:
 def sequential_unsupported(rules: LevelRules, affine) -> str | None:
     """Why the sequential form (codegen/torch_chunk_sequential.py) cannot run a level, or None: it
     takes an update every token with each gradient at the previous token's state, a matrix memory or
-    a plain MLP chain, any bias but omega, gd or momentum under an elementwise affine retention with
-    per-head scalar gates, a read before or after the write."""
+    a plain MLP chain, any bias but omega, gd or momentum under an elementwise affine retention or a
+    soft threshold of one (elastic net) with per-head scalar gates, a read before or after the write."""
     lv, m = rules.level, rules.level.memory
     if lv.period != 1 or not (lv.grad_at == "current" or (lv.grad_at == "chunk" and lv.grad_chunk == 1)):
         return "it needs an update every token with each gradient at the previous token's state"
@@ -256,7 +260,8 @@ def sequential_unsupported(rules: LevelRules, affine) -> str | None:
         return "omega windows are not in it"
     if affine is None:
         return f"retention {lv.retention.kind} is not an affine map of the old state"
-    vector = _per_channel(lv, (*affine, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0))))
+    threshold = [rules.threshold()] if rules.retention.form == "threshold" else []
+    vector = _per_channel(lv, (*affine, rules.lr, lv.algorithm.args.get("beta", sympy.Integer(0)), *threshold))
     if vector:
         return f"per-channel gates ({', '.join(vector)}) in the step coefficients"
     return None
@@ -356,6 +361,14 @@ def _separable(step: sympy.Expr, axes) -> bool:
         if len(kinds) > 1:
             return False
     return True
+
+
+def _threshold_centre(rules: LevelRules) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """(a, c) of a soft threshold's centre w = a·w0 + c·s (elastic net: W = soft(centre, threshold)),
+    where it is affine and the level keeps no accumulator; else None."""
+    if rules.retention.form != "threshold" or rules.level.accumulates:
+        return None
+    return _affine_coefficients(rules.retention_new())
 
 
 def _affine(rules: LevelRules) -> tuple[sympy.Expr, sympy.Expr] | None:

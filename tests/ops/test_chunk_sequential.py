@@ -60,6 +60,9 @@ RULES = {
                             algorithm="momentum(lr = eta, beta = theta)"),
     "momentum_l2_after": dict(bias="l2", retention="l2(global = 2)", algorithm="momentum(lr = eta, beta = theta)",
                               schedule=""),
+    "elastic_before": dict(bias="huber(delta = delta, form = mixture)", retention="elastic(l1 = 2, l2 = 2)"),
+    "elastic_momentum_after": dict(bias="l2", retention="elastic(l1 = 2, l2 = 2)",
+                                   algorithm="momentum(lr = eta, beta = theta)", schedule=""),
 }
 
 

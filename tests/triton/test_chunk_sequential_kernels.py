@@ -3,8 +3,8 @@
 state) against the reference loop: outputs, final states and the gradients of every input (q, k, v,
 gates, initial state). Over the shipped CMS levels updated every token (cms, cms_independent, hope,
 hope_attention; cms_nested's restarting from cms_mid's period states), every sequential design point
-with an MLP memory (depth 1 and 2, every bias, retentions none, decay and l2, gd and momentum, reads
-before and after),
+with an MLP memory (depth 1 and 2, every bias, retentions none, decay, l2 and elastic net's soft
+threshold, gd and momentum, reads before and after),
 deeper and wider chains (layer biases, silu, tanh, relu, no residual), a query stored where the key is,
 bf16 inputs; for T = 1, 63, 100 and head dims 16, 32.
 
@@ -93,6 +93,16 @@ def test_chains_the_design_sample_does_not_reach(algorithm, chain, read):
     _compare(_only(_design_program(text.replace("read before", f"read {read}"), 16).op("memory"), "chunked"), 23)
 
 
+@pytest.mark.parametrize("read", ["before", "after"])
+@pytest.mark.parametrize("algorithm", ["gd", "momentum"])
+def test_a_soft_threshold_on_a_deep_chain(algorithm, read):
+    """Elastic net's soft threshold with a threshold large enough to zero many weights (l1 = 2), on three
+    layers with biases (each bias thresholded too) and an 80-wide hidden layer, over 5 segments."""
+    text = spec_text("mlp2", "yaad", "elastic", algorithm, "before").replace(
+        "mlp(depth = 2, expand = 1)", CHAINS["deep_silu_bias"]).replace("elastic(l1 = 20, l2 = 2)", "elastic(l1 = 2, l2 = 2)")
+    _compare(_only(_design_program(text.replace("read before", f"read {read}"), 16).op("memory"), "chunked"), 23)
+
+
 def test_a_query_stored_where_the_key_is():
     """q and k one tensor (a layer passing `query = key`): the read before the write is the key's
     forward, and the gradient reaching that tensor is the sum of both."""
@@ -136,10 +146,10 @@ def test_bf16_inputs_with_an_fp32_state():
 
 
 def test_every_sequential_point_has_triton_kernels():
-    """Every MLP point of the sequential family gets these kernels, every bias, retention and algorithm
-    (gd, momentum) among them; every matrix point is refused for its fused recurrent kernels, which it
-    has."""
-    assert len(DESIGN) >= 192
+    """Every MLP point of the sequential family gets these kernels, every bias, retention (elastic net
+    too) and algorithm (gd, momentum) among them; every matrix point is refused for its fused recurrent
+    kernels, which it has."""
+    assert len(DESIGN) >= 256
     for name, _, rules, p in SEQUENTIAL_POINTS:
         why = unsupported(rules, p)
         if name.startswith("matrix"):
@@ -148,7 +158,7 @@ def test_every_sequential_point_has_triton_kernels():
             assert why is None, f"{name}: {why}"
     assert {tuple(n.split("-")[:4]) for n in dict(DESIGN)} == {
         (m, b, r, a) for m in ("mlp1", "mlp2") for b in ("dot", "l2", "lp3", "l1", "huber", "huber_norm", "yaad", "robust")
-        for r in ("none", "decay", "l2") for a in ("gd", "momentum")}
+        for r in ("none", "decay", "l2", "elastic") for a in ("gd", "momentum")}
 
 
 def test_per_channel_bias_gates_are_refused_by_name():

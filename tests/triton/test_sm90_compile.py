@@ -44,7 +44,8 @@ CHILD = Path(__file__).with_name("sm90_compile_child.py")
 # vector memory (the state tile one row [1, BV]) with a Huber bias; hope: the mapped family's dgd kernels
 # (the delta family's per layer) on an MLP of expand 4, so the second layer's keys are 512 wide;
 # cms_fast: the sequential family's per-(batch, head) token loop (d_model 128: 256 hidden channels),
-# and with momentum (cms_momentum: each weight's momentum after the weights in the state);
+# and with momentum and elastic net (cms_elastic_momentum: each weight's momentum after the weights in
+# the state, then the soft threshold);
 # longhorn: the delta family's per-value-channel systems; atlas: the mapped family's scans (momentum,
 # an elastic-free decay map) over 64 x 64 tiles
 CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
@@ -58,7 +59,7 @@ CASES = [("deltanet", "memory", {}, 70), ("gated_deltanet", "memory", {}, 70),
          ("retnet_period", "memory", {}, 20), ("cms", "cms_mid", {"d_model": 128}, 20),
          ("retnet_chunk", "memory", {}, 20), ("retnet_lag", "memory", {}, 20),
          ("deltanet_vector", "memory", {}, 20), ("hope", "memory", {"chunk": 16}, 20),
-         ("cms", "cms_fast", {"d_model": 128}, 5), ("cms_momentum", "cms_fast", {"d_model": 128}, 5),
+         ("cms", "cms_fast", {"d_model": 128}, 5), ("cms_elastic_momentum", "cms_fast", {"d_model": 128}, 5),
          ("longhorn", "memory", {}, 20),
          ("atlas", "memory", {"chunk": 16}, 20)]
 # spec variants: (shipped spec, text replaced, replacement)
@@ -78,7 +79,8 @@ VARIANTS = {"omeganet_momentum": ("omeganet", "algorithm gd(lr = eta)", "algorit
                            "bias l2\n  retention kl(decay = gamma, apply = chunk)\n  algorithm gd(lr = 0.1)\n"
                            "  gradient chunk_start(8)\n  init learned"),
             "deltanet_vector": ("deltanet", "memory matrix\n  bias l2", "memory vector\n  bias huber(delta = 0.5)"),
-            "cms_momentum": ("cms", "algorithm gd(lr = lr_fast)", "algorithm momentum(lr = lr_fast, beta = 0.9)")}
+            "cms_elastic_momentum": ("cms", "retention none\n  algorithm gd(lr = lr_fast)",
+                                     "retention elastic(l1 = 20, l2 = 2)\n  algorithm momentum(lr = lr_fast, beta = 0.9)")}
 
 
 def _launches(op, T):

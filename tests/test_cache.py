@@ -187,7 +187,7 @@ def test_unknown_mode_lists_the_modes(op, program):
 
 
 def test_chunk_mode_says_why_a_level_has_no_chunked_form():
-    text = SPEC.replace("  bias l2\n", "  bias lp(p = 3)\n").replace("gd(lr = beta)", "momentum(lr = beta, beta = 0.9)")
+    text = SPEC.replace("  bias l2\n", "  bias lp(p = 3)\n").replace("gd(lr = beta)", "muon(lr = beta, beta = 0.9)")
     program = nlc.compile(text)
     assert program.plans["memory"].family == "reference"
     op = program.op("memory")

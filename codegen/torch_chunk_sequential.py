@@ -249,38 +249,29 @@ def _add_outer(p, out, left, right, scale, alpha):
 ''')
 
 
-_UPDATE_GD = '''
+_UPDATE = '''
 def _update(state, inputs, deltas, coeffs, out):
-    """One token's gd step W_i ← decay·W_i − step·a_i ⊗ δ_i, b_i ← decay·b_i − step·δ_i into `out`
-    (state itself: in place)THEN.
-    coeffs (ROLES): numbers or [B, H, 1, 1]; inputs, deltas per layer [B, H, 1, I|O]."""
-    ROLES = coeffs
+    """{doc}
+    coeffs ({roles}): numbers or [B, H, 1, 1]; inputs, deltas per layer [B, H, 1, I|O]."""
+    {roles} = coeffs
     for (w, b), a, d in zip(LAYERS, inputs, deltas):
-        if torch.is_tensor(step):
-            d, alpha = d * step, -1.0
+        if torch.is_tensor({step}):
+            d, alpha = d * {step}, -1.0
         else:
-            alpha = -step
-        _add_outer(state[w], out[w], a, d, decay, alpha)
+            alpha = -{step}
+        _add_outer(state[{at}w], out[{at}w], a, d, {keep}, alpha)
         if b is not None:
-            _add_outer(state[b], out[b], None, d, decay, alpha)
+            _add_outer(state[{at}b], out[{at}b], None, d, {keep}, alpha)
 '''
-
-_UPDATE_MOMENTUM = '''
-def _update(state, inputs, deltas, coeffs, out):
-    """One token's momentum step into `out` (state itself: in place): M_i ← beta·M_i − lr·a_i ⊗ δ_i
-    (a bias's momentum: − lr·δ_i), then W_i ← decay·W_i + scale·M_iTHEN. The state is the N_PARAMS
-    weights, then their momenta.
-    coeffs (ROLES): numbers or [B, H, 1, 1]; inputs, deltas per layer [B, H, 1, I|O]."""
-    ROLES = coeffs
-    for (w, b), a, d in zip(LAYERS, inputs, deltas):
-        if torch.is_tensor(lr):
-            d, alpha = d * lr, -1.0
-        else:
-            alpha = -lr
-        _add_outer(state[N_PARAMS + w], out[N_PARAMS + w], a, d, beta, alpha)
-        if b is not None:
-            _add_outer(state[N_PARAMS + b], out[N_PARAMS + b], None, d, beta, alpha)
-    for w, m, o in zip(state[:N_PARAMS], out[N_PARAMS:], out):
+# gd: the rank-1 step into the weights; momentum: into their momenta, then the weights from them
+_GD = dict(step="step", at="", keep="decay",
+           doc="One token's gd step W_i ← decay·W_i − step·a_i ⊗ δ_i, b_i ← decay·b_i − step·δ_i into `out`\n"
+               "    (state itself: in place){then}.")
+_MOMENTUM = dict(step="lr", at="N_PARAMS + ", keep="beta",
+                 doc="One token's momentum step into `out` (state itself: in place): M_i ← beta·M_i − lr·a_i ⊗ δ_i\n"
+                     "    (a bias's momentum: − lr·δ_i), then W_i ← decay·W_i + scale·M_i{then}. The state is the N_PARAMS\n"
+                     "    weights, then their momenta.")
+_WEIGHTS_FROM_MOMENTA = '''    for w, m, o in zip(state[:N_PARAMS], out[N_PARAMS:], out):
         torch.mul(w, _fit(decay, w), out=o)
         o.add_(m * _fit(scale, m))
 '''
@@ -299,8 +290,11 @@ def _render_update(em: Emitter, roles: tuple, momentum: bool) -> None:
     if threshold:
         em.block(_SOFT_THRESHOLD)
         em.gap()
-    text = (_UPDATE_MOMENTUM if momentum else _UPDATE_GD).replace("ROLES", ", ".join(roles))
-    text = text.replace("THEN", ", then the soft threshold" if threshold else "")
+    fields = _MOMENTUM if momentum else _GD
+    doc = fields["doc"].format(then=", then the soft threshold" if threshold else "")
+    text = _UPDATE.format(**{**fields, "doc": doc, "roles": ", ".join(roles)})
+    if momentum:
+        text += _WEIGHTS_FROM_MOMENTA
     if threshold:
         text += "    _soft_threshold(out[:N_PARAMS], threshold)\n"
     em.block(text)

@@ -111,7 +111,7 @@ def _rule_plan(rules: LevelRules, chunk: int) -> KernelPlan:
         return _mapped_at_chunks(rules)
     if lv.lag_token:
         return _lag_token(rules)
-    centre = _threshold_centre(rules)
+    centre = _affine(rules, "threshold")  # elastic net: W = soft(a·w0 + c·s, threshold)
     if centre is not None and (lv.grad_at == "current" or lv.grad_chunk == 1):
         return _sequential(rules, centre, chunk)
     if affine is None or lv.algorithm.kind == "muon":
@@ -363,17 +363,11 @@ def _separable(step: sympy.Expr, axes) -> bool:
     return True
 
 
-def _threshold_centre(rules: LevelRules) -> tuple[sympy.Expr, sympy.Expr] | None:
-    """(a, c) of a soft threshold's centre w = a·w0 + c·s (elastic net: W = soft(centre, threshold)),
-    where it is affine and the level keeps no accumulator; else None."""
-    if rules.retention.form != "threshold" or rules.level.accumulates:
-        return None
-    return _affine_coefficients(rules.retention_new())
-
-
-def _affine(rules: LevelRules) -> tuple[sympy.Expr, sympy.Expr] | None:
-    """(a, c) if the retention's derived map is w = a·w0 + c·s with a, c free of w0 and s."""
-    if rules.retention.form != "elementwise" or rules.level.accumulates:
+def _affine(rules: LevelRules, form: str = "elementwise") -> tuple[sympy.Expr, sympy.Expr] | None:
+    """(a, c) if the retention's derived map (of `form`: with "threshold", the centre that elastic net's
+    soft threshold then takes) is w = a·w0 + c·s with a, c free of w0 and s, and no accumulator holds
+    the state."""
+    if rules.retention.form != form or rules.level.accumulates:
         return None
     return _affine_coefficients(rules.retention_new())
 

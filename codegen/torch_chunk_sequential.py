@@ -520,6 +520,11 @@ COEFFICIENT_TEXT = {"decay": "a_t, on the old state", "step": "eta_t = c_t lr_t,
                      "beta": "beta_t, on the momentum", "threshold": "tau_t, the soft threshold on W"}
 
 
+def coefficient_span(lv: ir.Level, role: str):
+    """The spec span a per-token coefficient comes from: the retention's or the algorithm's."""
+    return lv.retention.span if role in ("decay", "scale", "threshold") else lv.algorithm.span
+
+
 def _render_op(em: Emitter, rules: LevelRules, coeffs: dict) -> None:
     lv = rules.level
     heads = {ir.gate_symbol(g): ident(g, "gh") for g in lv.gates}
@@ -530,9 +535,8 @@ def _render_op(em: Emitter, rules: LevelRules, coeffs: dict) -> None:
         render_op_inputs(em, rules, {role: e for role, e in coeffs.items() if e.free_symbols})
         em.line("# per-token coefficients: numbers, or [B, H, T] tensors")
         for role, expr in coeffs.items():
-            span = lv.retention.span if role in ("decay", "scale", "threshold") else lv.algorithm.span
             text = to_torch(expr, heads) if expr.free_symbols else repr(float(expr))
-            em.line(f"{role} = {text}  {where(span) or '#'} {COEFFICIENT_TEXT[role]}")
+            em.line(f"{role} = {text}  {where(coefficient_span(lv, role)) or '#'} {COEFFICIENT_TEXT[role]}")
         em.line(f"{where(lv.span)} level {comment(lv.name)}: the tokens in order")
         gates = "".join(f"{g}, " for g in bias_gates)
         restarts = ", *(restart_states or ())" if lv.init_from is not None else ""

@@ -34,7 +34,7 @@ from nlc.plan import KernelPlan
 from . import torch_arch
 from .emitter import Emitter, comment, ident, where
 from .torch_chunk_common import show
-from .torch_chunk_sequential import COEFFICIENT_TEXT, coefficients, copies_every
+from .torch_chunk_sequential import COEFFICIENT_TEXT, coefficient_span, coefficients, copies_every
 from .torch_reference import render_nesting_doc
 from .triton_printer import diff, to_triton
 from .triton_recurrent import AMP_IMPORT, decorators, first_order_only
@@ -107,6 +107,7 @@ class SequentialKernels:
         self.rules, self.plan, self.model, self.file = rules, plan, model, file
         self.coeffs = coefficients(rules, plan)  # role -> sympy: decay, step (gd) or decay, lr, scale, beta
         self.momentum = lv.algorithm.kind == "momentum"
+        self.step_role = "lr" if self.momentum else "step"  # the coefficient on the rank-1 step
         self.threshold = "threshold" in self.coeffs  # elastic net: W = soft(a W + c s, tau)
         self.grad = sympy.sympify(rules.bias.grad).subs(S.y, S.e + S.v)  # d(e, r, v, gates)
         self.norm = S.r in self.grad.free_symbols
@@ -387,21 +388,18 @@ class SequentialKernels:
                 em.line(f"_times_slope(row + BK{i}_AT, row + Z{i - 1}_AT, row + D{i - 1}_AT, {self.dim(I)})")
         em.gap()
         em.line("@triton.jit")
-        if self.momentum:
-            with em.indent(f"def _step(p, out, row, {', '.join(self.coeffs)}):"):
+        then = ", then the soft threshold" if self.threshold else ""
+        with em.indent(f"def _step(p, out, row, {', '.join(self.coeffs)}):"):
+            if self.momentum:
                 em.line('"""out = the state after the token (out may be p): M_i ← beta M_i − lr a_i ⊗ δ_i, then')
-                em.line('W_i ← decay W_i + scale M_i."""')
+                em.line(f'W_i ← decay W_i + scale M_i{then}."""')
                 self.rank_one_steps("beta", "-lr")
                 em.line("_scale_add(p, out + PARAMS_SIZE, out, decay, scale, PARAMS_SIZE)  # the weights")
-                if self.threshold:
-                    em.line("_soft_threshold(out, threshold, PARAMS_SIZE)")
-        else:
-            with em.indent(f"def _step(p, out, row, {', '.join(self.coeffs)}):"):
-                em.line('"""out = the state after the token: W_i ← decay W_i − step a_i ⊗ δ_i' +
-                        (", then the soft threshold" if self.threshold else "") + ' (out may be p)."""')
+            else:
+                em.line(f'"""out = the state after the token: W_i ← decay W_i − step a_i ⊗ δ_i{then} (out may be p)."""')
                 self.rank_one_steps("decay", "-step")
-                if self.threshold:
-                    em.line("_soft_threshold(out, threshold, PARAMS_SIZE)")
+            if self.threshold:
+                em.line("_soft_threshold(out, threshold, PARAMS_SIZE)")
         em.gap()
         em.line("@triton.jit")
         with em.indent("def _memory_backward(p, row, dy, dz, da, work, EXTRA: tl.constexpr):"):
@@ -555,7 +553,7 @@ class SequentialKernels:
         em.line("row = saved + (i_bh * T + t) * ROW_SIZE")
         em.line("read = saved + (i_bh * T + t) * ROW_SIZE if SHARED else reads + (i_bh * T + t) * READ_SIZE")
         em.line("a_t = tl.load(decay + i_bh * T + t)")
-        em.line(f"eta = tl.load({'lr' if self.momentum else 'step'} + i_bh * T + t)")
+        em.line(f"eta = tl.load({self.step_role} + i_bh * T + t)")
         em.line("_copy(do + x_t * V, work + DO_AT, V)")
         if self.after:
             em.line("# the read at W_t: its weights' cotangent joins Ŵ first")
@@ -587,11 +585,10 @@ class SequentialKernels:
             em.line(f"_vec_mat(row + A{i}_AT, dstate + {w}, {f'dstate + {b}' if b else 'dstate'}, "
                     f"work + AW{i}_AT, {self.dim(I)}, {self.dim(O)}, {b is not None}, False)")
             em.line(f"_mat_vec(dstate + {w}, row + D{i}_AT, work + WD{i}_AT, {self.dim(I)}, {self.dim(O)}, False)")
-        eta = "LR" if self.momentum else "STEP"
-        with em.indent(f"if NEED_{eta}:"):
+        with em.indent(f"if NEED_{self.step_role.upper()}:"):
             for i, (_, O) in enumerate(self.sizes, 1):
                 em.line(f"b_ds {'=' if i == 1 else '+='} _dot(work + AW{i}_AT, row + D{i}_AT, {self.dim(O)})")
-            em.line(f"tl.store(d{eta.lower()} + i_bh * T + t, -b_ds)")
+            em.line(f"tl.store(d{self.step_role} + i_bh * T + t, -b_ds)")
         if self.momentum:
             em.line("# M_t = beta_t M_(t-1) − lr_t u_t: beta's cotangent, then M̂_(t-1) = beta_t M̂_t")
             with em.indent("if NEED_BETA:"):
@@ -728,9 +725,9 @@ class SequentialKernels:
                     em.line(f"{ident(g, 'gh')} = {ident(g, 'g')}.transpose(1, 2)  # gate {comment(g)} [B, H, T]")
             em.line("ones = torch.ones(B, H, T, dtype=torch.float32, device=k.device)")
             for role, expr in self.coeffs.items():
-                span = lv.retention.span if role in ("decay", "scale") else lv.algorithm.span
                 text = to_torch(expr, heads) if expr.free_symbols else repr(float(expr))
-                em.line(f"{role} = ({text}) * ones  {where(span) or '#'} {COEFFICIENT_TEXT[role]}, [B, H, T]")
+                em.line(f"{role} = ({text}) * ones  {where(coefficient_span(lv, role)) or '#'} "
+                        f"{COEFFICIENT_TEXT[role]}, [B, H, T]")
             gates = "".join(f"{ident(g, 'g')}.transpose(1, 2), " for g in self.bias_gates)
             restarts = ", *(restart_states or ())" if self.nested else ""
             em.line(f"{where(lv.span)} level {comment(lv.name)}: the tokens in order".strip())
